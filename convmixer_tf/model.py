@@ -1,0 +1,220 @@
+"""ConvMixer ("Patches Are All You Need?") with the Keras functional API and stock layers only.
+
+    import convmixer_tf
+    model = convmixer_tf.ConvMixer256_8(input_shape=(32, 32, 3), classes=10)
+    model = convmixer_tf.ConvMixer(dim=128, depth=4, kernel_size=5, patch_size=2, classes=10)
+
+Numerics follow the paper's PyTorch code so converted checkpoints give the same logits:
+BatchNorm epsilon 1e-5 and momentum 0.9 (PyTorch's 0.1), exact erf GELU.
+"""
+
+import os
+
+import keras
+from keras import layers
+
+from convmixer_tf import presets
+
+# PyTorch BatchNorm2d defaults, in Keras terms (Keras momentum = 1 - PyTorch momentum).
+BN_EPSILON = 1e-5
+BN_MOMENTUM = 0.9
+
+ACTIVATIONS = ("gelu", "relu")
+POOLINGS = (None, "avg", "max")
+
+BASE_DOCSTRING = """Instantiates the {name} architecture (Trockman & Kolter, 2022).
+
+    {description}
+
+    Args:
+        include_top: whether to end with global average pooling and the `predictions` Dense.
+        include_preprocessing: whether the model normalises its input itself (ImageNet
+            mean/std); the model then takes raw pixels in [0, 255], float or uint8.
+        weights: `None` (random initialisation) or the path of a weights file to load.
+        input_tensor: optional Keras tensor to use as the image input.
+        input_shape: `(height, width, channels)`; `None` sizes accept any image size.
+            Defaults to `(None, None, 3)`.
+        pooling: with `include_top=False`, `None` returns the feature map, `"avg"` or `"max"`
+            a pooled vector.
+        classes: number of classes of the `predictions` layer.
+        classifier_activation: activation of the `predictions` layer; `None` returns logits.
+        name: the model's name.
+
+    Returns:
+        A `keras.Model`. Its input is named `images`; the top Dense (float32 under mixed
+        precision) is named `predictions`.
+"""
+
+
+def _check_positive(**kwargs):
+    for arg, value in kwargs.items():
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise ValueError(f"`{arg}` must be a positive integer. Received {arg}={value!r}")
+
+
+def _image_input(input_tensor, input_shape, patch_size):
+    """Returns the model's image input, checking `input_shape` against `patch_size`."""
+    if input_shape is None:
+        if input_tensor is not None and len(input_tensor.shape) == 4:
+            input_shape = tuple(input_tensor.shape[1:])
+        else:
+            input_shape = (None, None, 3)
+    input_shape = tuple(input_shape)
+    if len(input_shape) != 3:
+        raise ValueError(
+            "`input_shape` must be (height, width, channels) (channels_last). "
+            f"Received input_shape={input_shape}"
+        )
+    for axis, size in zip(("height", "width"), input_shape[:2]):
+        if size is not None and size < patch_size:
+            raise ValueError(
+                f"`patch_size` ({patch_size}) is larger than the input {axis} ({size}). "
+                f"Received input_shape={input_shape}, patch_size={patch_size}"
+            )
+    if input_shape[2] is None or input_shape[2] < 1:
+        raise ValueError(f"`input_shape` needs a known channel count. Received {input_shape}")
+    if input_tensor is None:
+        return layers.Input(shape=input_shape, name="images")
+    if not keras.backend.is_keras_tensor(input_tensor):
+        return layers.Input(tensor=input_tensor, shape=input_shape, name="images")
+    return input_tensor
+
+
+def conv_mixer_block(x, dim, kernel_size, activation, name):
+    """One ConvMixer layer: a residual depthwise (spatial) mix, then a pointwise (channel) mix."""
+    residual = x
+    x = layers.DepthwiseConv2D(kernel_size, padding="same", name=name + "_depthwise")(x)
+    x = layers.Activation(activation, name=name + "_depthwise_act")(x)
+    x = layers.BatchNormalization(
+        epsilon=BN_EPSILON, momentum=BN_MOMENTUM, name=name + "_depthwise_bn"
+    )(x)
+    x = layers.Add(name=name + "_add")([x, residual])
+    x = layers.Conv2D(dim, 1, name=name + "_pointwise")(x)
+    x = layers.Activation(activation, name=name + "_pointwise_act")(x)
+    return layers.BatchNormalization(
+        epsilon=BN_EPSILON, momentum=BN_MOMENTUM, name=name + "_pointwise_bn"
+    )(x)
+
+
+def ConvMixer(
+    dim,
+    depth,
+    kernel_size=9,
+    patch_size=7,
+    activation="gelu",
+    include_top=True,
+    include_preprocessing=True,
+    weights=None,
+    input_tensor=None,
+    input_shape=None,
+    pooling=None,
+    classes=1000,
+    classifier_activation="softmax",
+    name="convmixer",
+):
+    """Instantiates a ConvMixer of width `dim` and `depth` blocks.
+
+    The general builder behind every named variant; see `ConvMixer1536_20` for the arguments
+    shared with `keras.applications`. `kernel_size` is the depthwise kernel, `patch_size` the
+    patch embedding's kernel and stride, `activation` "gelu" (exact) or "relu".
+    """
+    _check_positive(dim=dim, depth=depth, kernel_size=kernel_size, patch_size=patch_size)
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"`activation` must be one of {ACTIVATIONS}. Received {activation!r}")
+    if pooling not in POOLINGS:
+        raise ValueError(f"`pooling` must be one of {POOLINGS}. Received pooling={pooling!r}")
+    if include_top:
+        _check_positive(classes=classes)
+    if weights is not None and not (isinstance(weights, (str, os.PathLike))):
+        raise ValueError(f"`weights` must be None or a file path. Received weights={weights!r}")
+
+    inputs = _image_input(input_tensor, input_shape, patch_size)
+    x = inputs
+    if include_preprocessing:
+        # One fused multiply-add: (x / 255 - mean) / std, per channel.
+        channels = inputs.shape[-1]
+        mean = presets.IMAGENET_MEAN if channels == 3 else (0.5,) * channels
+        std = presets.IMAGENET_STD if channels == 3 else (0.5,) * channels
+        x = layers.Rescaling(
+            scale=[1.0 / (255.0 * s) for s in std],
+            offset=[-m / s for m, s in zip(mean, std)],
+            name="preprocessing",
+        )(x)
+
+    x = layers.Conv2D(dim, patch_size, strides=patch_size, name="stem_conv")(x)
+    x = layers.Activation(activation, name="stem_act")(x)
+    x = layers.BatchNormalization(epsilon=BN_EPSILON, momentum=BN_MOMENTUM, name="stem_bn")(x)
+    for i in range(depth):
+        x = conv_mixer_block(x, dim, kernel_size, activation, name=f"block{i}")
+
+    if include_top:
+        x = layers.GlobalAveragePooling2D(name="avg_pool")(x)
+        # float32 head: stable logits/softmax under mixed precision.
+        x = layers.Dense(
+            classes, activation=classifier_activation, dtype="float32", name="predictions"
+        )(x)
+    elif pooling == "avg":
+        x = layers.GlobalAveragePooling2D(name="avg_pool")(x)
+    elif pooling == "max":
+        x = layers.GlobalMaxPooling2D(name="max_pool")(x)
+
+    if input_tensor is not None:
+        sources = keras.utils.get_source_inputs(input_tensor)
+        inputs = sources[0] if len(sources) == 1 else sources
+    model = keras.Model(inputs, x, name=name)
+
+    if weights is not None:
+        from convmixer_tf import weights as weights_lib
+
+        weights_lib.load_weights(model, weights)
+    return model
+
+
+def _variant(config_name, function_name, description):
+    config = presets.MODEL_CONFIGS[config_name]
+
+    def builder(
+        include_top=True,
+        include_preprocessing=True,
+        weights=None,
+        input_tensor=None,
+        input_shape=None,
+        pooling=None,
+        classes=1000,
+        classifier_activation="softmax",
+        name=config_name,
+    ):
+        return ConvMixer(
+            **config,
+            include_top=include_top,
+            include_preprocessing=include_preprocessing,
+            weights=weights,
+            input_tensor=input_tensor,
+            input_shape=input_shape,
+            pooling=pooling,
+            classes=classes,
+            classifier_activation=classifier_activation,
+            name=name,
+        )
+
+    builder.__name__ = builder.__qualname__ = function_name
+    builder.__doc__ = BASE_DOCSTRING.format(name=function_name, description=description)
+    return builder
+
+
+ConvMixer1536_20 = _variant(
+    "convmixer_1536_20", "ConvMixer1536_20", "h=1536, depth 20, kernel 9, patch 7, GELU: 51.6M."
+)
+ConvMixer768_32 = _variant(
+    "convmixer_768_32", "ConvMixer768_32", "h=768, depth 32, kernel 7, patch 7, ReLU: 21.1M."
+)
+ConvMixer1024_20 = _variant(
+    "convmixer_1024_20_ks9_p14",
+    "ConvMixer1024_20",
+    "h=1024, depth 20, kernel 9, patch 14, GELU: 24.4M.",
+)
+ConvMixer256_8 = _variant(
+    "convmixer_256_8_ks5_p2",
+    "ConvMixer256_8",
+    "The paper's CIFAR-10 model: h=256, depth 8, kernel 5, patch 2, GELU: 0.59M (10 classes).",
+)

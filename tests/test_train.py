@@ -1,0 +1,57 @@
+import subprocess
+import sys
+
+import keras
+import numpy as np
+import pytest
+
+from convmixer_tf import cli, data, schedules
+from convmixer_tf.train import TrainConfig, train
+
+
+def test_digits_ship_offline_as_uint8_rgb():
+    (x_train, y_train), (x_test, y_test) = data.load_digits(image_size=24)
+    assert x_train.dtype == np.uint8 and x_train.shape[1:] == (24, 24, 3)
+    assert len(x_train) + len(x_test) == 1797 and set(np.unique(y_test)) == set(range(10))
+    assert x_train.max() > 200
+
+
+def test_one_cycle_schedule_points():
+    lr = schedules.OneCycle(max_lr=1.0, total_steps=100)
+    values = [float(lr(s)) for s in (0, 20, 40, 60, 80, 90, 100)]
+    np.testing.assert_allclose(values, [0, 0.5, 1.0, 0.525, 0.05, 0.025, 0], atol=1e-6)
+    again = schedules.OneCycle.from_config(lr.get_config())
+    assert float(again(30)) == pytest.approx(float(lr(30)))
+
+
+def test_short_training_run_learns(tmp_path):
+    config = TrainConfig(
+        image_size=16, dim=32, depth=2, epochs=4, batch_size=32, max_lr=0.01,
+        output_dir=str(tmp_path), verbose=0,
+    )
+    result = train(config)
+    losses = result["history"].history["loss"]
+    assert losses[-1] < 0.7 * losses[0]
+    assert result["test_accuracy"] > 0.8
+    loaded = keras.saving.load_model(result["model_path"])
+    (_, _), (x_test, _) = data.load_digits(16)
+    np.testing.assert_allclose(
+        loaded.predict(x_test[:8], verbose=0), result["model"].predict(x_test[:8], verbose=0),
+        rtol=1e-4, atol=1e-4,
+    )
+
+
+def test_cli_help_and_bad_flags(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        cli.train_main(["--help"])
+    assert exit_info.value.code == 0
+    assert "--epochs" in capsys.readouterr().out
+    for argv in (["--epochs", "zero"], ["--precision", "float8"], ["--no-such-flag"]):
+        with pytest.raises(SystemExit) as exit_info:
+            cli.train_main(argv)
+        assert exit_info.value.code == 2
+    with pytest.raises(SystemExit):
+        cli.train_main(["--epochs", "0"])
+    assert "--epochs must be >= 1" in capsys.readouterr().err
+    assert cli.train_main(["--variant", "convmixer_9_9", "--output-dir", "/nonexistent"]) == 2
+    assert "Unknown variant" in capsys.readouterr().err
