@@ -30,7 +30,9 @@ BASE_DOCSTRING = """Instantiates the {name} architecture (Trockman & Kolter, 202
         include_top: whether to end with global average pooling and the `predictions` Dense.
         include_preprocessing: whether the model normalises its input itself (ImageNet
             mean/std); the model then takes raw pixels in [0, 255], float or uint8.
-        weights: `None` (random initialisation) or the path of a weights file to load.
+        weights: `None` (random initialisation) or the path of a local file to load: `.keras`,
+            `.weights.h5`, or an official/timm PyTorch checkpoint (`.pth`, `.pth.tar`; needs
+            torch). Another `classes` than the file's loads the backbone only.
         input_tensor: optional Keras tensor to use as the image input.
         input_shape: `(height, width, channels)`; `None` sizes accept any image size.
             Defaults to `(None, None, 3)`.
@@ -166,7 +168,8 @@ def ConvMixer(
     if weights is not None:
         from convmixer_tf import weights as weights_lib
 
-        weights_lib.load_weights(model, weights)
+        # "auto": another `classes` than the file's loads the backbone only (fine-tuning).
+        weights_lib.load_weights(model, weights, skip_head="auto")
     return model
 
 
