@@ -30,6 +30,7 @@ setup(
     entry_points={
         "console_scripts": [
             "convmixer-train=convmixer_tf.cli:train_main",
+            "convmixer-convert=convmixer_tf.cli:convert_main",
         ]
     },
 )

@@ -7,6 +7,7 @@ from convmixer_tf.model import (
     ConvMixer1024_20,
     ConvMixer1536_20,
 )
+from convmixer_tf.imagenet import decode_predictions
 from convmixer_tf.presets import MODEL_CONFIGS
 
 __version__ = "0.1.0"
@@ -18,4 +19,5 @@ __all__ = [
     "ConvMixer1024_20",
     "ConvMixer1536_20",
     "MODEL_CONFIGS",
+    "decode_predictions",
 ]

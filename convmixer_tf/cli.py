@@ -47,5 +47,56 @@ def train_main(argv=None):
     return 0
 
 
+def convert_main(argv=None):
+    """`convmixer-convert`: a PyTorch ConvMixer checkpoint (official or timm) -> .keras/.weights.h5."""
+    parser = argparse.ArgumentParser(
+        description=convert_main.__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
+    parser.add_argument("checkpoint", help=".pth / .pth.tar / .pt / .bin (/ .safetensors)")
+    parser.add_argument("output", help="where to write: a .keras model or .weights.h5 weights")
+    parser.add_argument("--activation", choices=("gelu", "relu"), default=None,
+                        help="not stored in weights; default: the named variant's (768/32: relu), "
+                        "else gelu")
+    parser.add_argument("--include-preprocessing", default=True,
+                        action=argparse.BooleanOptionalAction,
+                        help="the model takes 0-255 pixels and normalises them itself")
+    parser.add_argument("--classifier-activation", choices=("softmax", "none"), default="softmax")
+    parser.add_argument("--ema", action="store_true", help="prefer the state_dict_ema weights")
+    parser.add_argument("--trust-checkpoint", action="store_true",
+                        help="torch.load with weights_only=False (runs pickled code: trusted "
+                        "files only)")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing output")
+    args = parser.parse_args(argv)
+
+    from convmixer_tf import convert
+
+    activation = None if args.classifier_activation == "none" else args.classifier_activation
+    try:
+        model, path = convert.convert_checkpoint(
+            args.checkpoint,
+            args.output,
+            overwrite=args.overwrite,
+            activation=args.activation,
+            prefer_ema=args.ema,
+            trust_checkpoint=args.trust_checkpoint,
+            include_preprocessing=args.include_preprocessing,
+            classifier_activation=activation,
+        )
+    except (ValueError, FileNotFoundError, FileExistsError, ImportError) as error:
+        print(f"convmixer-convert: error: {error}", file=sys.stderr)
+        return 2
+    block = model.get_layer("block0_depthwise")
+    print(
+        f"converted: dim={model.get_layer('stem_conv').filters} "
+        f"depth={sum(1 for l in model.layers if l.name.endswith('_add'))} "
+        f"kernel_size={block.kernel_size[0]} "
+        f"patch_size={model.get_layer('stem_conv').kernel_size[0]} "
+        f"activation={model.get_layer('stem_act').get_config()['activation']} "
+        f"classes={model.output_shape[-1]}"
+    )
+    print(f"saved: {path}")
+    return 0
+
+
 if __name__ == "__main__":
     sys.exit(train_main())

@@ -245,15 +245,15 @@ def _convert_module(state_dict, keras_name, prefix, params, layer):
     arrays = []
     for (param, perm), variable in zip(params, layer.weights, strict=True):
         key = prefix + param
-        need = tuple(variable.shape)
+        need = tuple(int(n) for n in variable.shape)
         if key not in state_dict:
             return None, f"Checkpoint is missing key {key!r} (for `{keras_name}`, Keras shape {need})."
         array = state_dict[key]
         value = array if perm is None else np.transpose(array, perm)
         if tuple(value.shape) != need:
-            need_torch = need if perm is None else tuple(np.array(need)[np.argsort(perm)])
+            need_torch = need if perm is None else tuple(need[i] for i in np.argsort(perm))
             return None, (
-                f"Checkpoint key {key!r} has shape {tuple(array.shape)}, but `{keras_name}` needs "
+                f"Checkpoint key {key!r} has shape {tuple(map(int, array.shape))}, but `{keras_name}` needs "
                 f"{need_torch} in PyTorch layout (Keras {need})."
             )
         arrays.append(np.ascontiguousarray(value, dtype=np.float32))
@@ -386,3 +386,11 @@ def convert_checkpoint(path, output, overwrite=False, activation=None, prefer_em
     model = build_from_checkpoint(path, activation=activation, prefer_ema=prefer_ema,
                                   trust_checkpoint=trust_checkpoint, **model_kwargs)
     return model, save_atomic(model, output, overwrite=overwrite)
+
+
+if __name__ == "__main__":
+    import sys
+
+    from convmixer_tf import cli
+
+    sys.exit(cli.convert_main())
