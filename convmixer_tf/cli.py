@@ -50,7 +50,9 @@ def train_main(argv=None):
 def convert_main(argv=None):
     """`convmixer-convert`: a PyTorch ConvMixer checkpoint (official or timm) -> .keras/.weights.h5."""
     parser = argparse.ArgumentParser(
-        description=convert_main.__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter
+        prog="convmixer-convert",
+        description=convert_main.__doc__,
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter
     )
     parser.add_argument("checkpoint", help=".pth / .pth.tar / .pt / .bin (/ .safetensors)")
     parser.add_argument("output", help="where to write: a .keras model or .weights.h5 weights")

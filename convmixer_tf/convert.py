@@ -235,8 +235,7 @@ def _describe(state_dict):
         f"The checkpoint is a {found['layout']}-layout ConvMixer dim={found['dim']} "
         f"depth={found['depth']} kernel_size={found['kernel_size']} "
         f"patch_size={found['patch_size']} classes={found['classes']}: build that architecture "
-        "(convert.build_from_checkpoint does), or use include_top=False or another `classes` to "
-        "load the backbone only."
+        "(convert.build_from_checkpoint does)."
     )
 
 
@@ -290,6 +289,9 @@ def keras_weights_from_state_dict(state_dict, model, skip_head=False):
                 stacklevel=3,
             )
             continue
+        if error and is_head:
+            error += (" include_top=False or skip_head=True (the builders' weights=: another "
+                      "`classes`) loads the backbone only.")
         if error:
             raise ValueError(f"{error} {_describe(state_dict)}")
         result[keras_name] = arrays

@@ -195,8 +195,10 @@ def test_wrong_class_count_errors_or_loads_the_backbone(timm_ckpt):
     reference, path = timm_ckpt
     config = reduced("convmixer_1536_20")
     strict = convmixer_tf.ConvMixer(**config, classes=5)
-    with pytest.raises(ValueError, match=r"'head.weight' has shape \(10, 24\).*\(5, 24\)"):
+    with pytest.raises(ValueError, match=r"'head.weight' has shape \(10, 24\).*\(5, 24\)"
+                       r".*skip_head=True"):
         weights_lib.load_weights(strict, path)
+    weights_lib.load_weights(strict, path, skip_head=True)  # explicit: backbone only, silently
     with pytest.warns(UserWarning, match="backbone only"):
         new_head = keras_model(config, path, classes=5)
     full = keras_model(config, path)
