@@ -10,16 +10,14 @@ only when a PyTorch file is read. The mapping itself works on numpy arrays.
 
 import os
 import re
-import tempfile
 import warnings
 
 import numpy as np
 
-from convmixer_tf import presets
+from convmixer_tf import presets, saving
 
 TORCH_SUFFIXES = (".pth", ".pth.tar", ".pt", ".bin")
 SAFETENSORS_SUFFIX = ".safetensors"
-KERAS_OUTPUT_SUFFIXES = (".keras", ".weights.h5")
 LAYOUTS = ("official", "timm")
 
 # Checkpoint wrappers (timm's train.py saves `state_dict` and `state_dict_ema`), most usual first.
@@ -353,31 +351,6 @@ def build_from_checkpoint(path, activation=None, prefer_ema=False, trust_checkpo
     return assign_weights(model, keras_weights_from_state_dict(state_dict, model, "auto"))
 
 
-def save_atomic(model, output, overwrite=False):
-    """Saves `model` to `output` (`.keras` or `.weights.h5`) via a temp file and a rename; an
-    existing file is replaced only with `overwrite=True`."""
-    output = os.fspath(output)
-    suffix = next((s for s in KERAS_OUTPUT_SUFFIXES if output.endswith(s)), None)
-    if suffix is None:
-        raise ValueError(f"Output must end with one of {KERAS_OUTPUT_SUFFIXES}. Received {output!r}")
-    if os.path.exists(output) and not overwrite:
-        raise FileExistsError(f"{output!r} exists; pass overwrite=True (--overwrite) to replace it")
-    directory = os.path.dirname(os.path.abspath(output))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(suffix=suffix, dir=directory, prefix=".convert-")
-    os.close(fd)
-    try:
-        if suffix == ".keras":
-            model.save(tmp)
-        else:
-            model.save_weights(tmp)
-        os.replace(tmp, output)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-    return output
-
-
 def convert_checkpoint(path, output, overwrite=False, activation=None, prefer_ema=False,
                        trust_checkpoint=False, **model_kwargs):
     """Converts a PyTorch checkpoint to `output` (`.keras` or `.weights.h5`); returns
@@ -387,7 +360,7 @@ def convert_checkpoint(path, output, overwrite=False, activation=None, prefer_em
         raise FileExistsError(f"{output!r} exists; pass overwrite=True (--overwrite) to replace it")
     model = build_from_checkpoint(path, activation=activation, prefer_ema=prefer_ema,
                                   trust_checkpoint=trust_checkpoint, **model_kwargs)
-    return model, save_atomic(model, output, overwrite=overwrite)
+    return model, saving.save_atomic(model, output, overwrite=overwrite)
 
 
 if __name__ == "__main__":

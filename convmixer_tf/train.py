@@ -9,11 +9,10 @@
 
 import dataclasses
 import os
-import tempfile
 
 import keras
 
-from convmixer_tf import data, model as model_lib, presets, schedules
+from convmixer_tf import data, model as model_lib, presets, saving, schedules
 
 
 @dataclasses.dataclass
@@ -71,16 +70,7 @@ def save_model(model, path):
     mid-save never replaces a good model with half a file."""
     clean = keras.models.clone_model(model)
     clean.set_weights(model.get_weights())
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    fd, tmp = tempfile.mkstemp(suffix=".keras", dir=os.path.dirname(os.path.abspath(path)))
-    os.close(fd)
-    try:
-        clean.save(tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-    return path
+    return saving.save_atomic(clean, path, overwrite=True)
 
 
 def train(config):
