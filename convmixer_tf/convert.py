@@ -244,14 +244,14 @@ def _convert_module(state_dict, keras_name, prefix, params, layer):
         key = prefix + param
         need = tuple(int(n) for n in variable.shape)
         if key not in state_dict:
-            return None, f"Checkpoint is missing key {key!r} (for `{keras_name}`, Keras shape {need})."
+            return None, f"Checkpoint is missing key {key!r} (`{keras_name}`, Keras shape {need})."
         array = state_dict[key]
         value = array if perm is None else np.transpose(array, perm)
         if tuple(value.shape) != need:
             need_torch = need if perm is None else tuple(need[i] for i in np.argsort(perm))
             return None, (
-                f"Checkpoint key {key!r} has shape {tuple(map(int, array.shape))}, but `{keras_name}` needs "
-                f"{need_torch} in PyTorch layout (Keras {need})."
+                f"Checkpoint key {key!r} has shape {tuple(map(int, array.shape))}, but "
+                f"`{keras_name}` needs {need_torch} in PyTorch layout (Keras {need})."
             )
         arrays.append(np.ascontiguousarray(value, dtype=np.float32))
     return arrays, None
