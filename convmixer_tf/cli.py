@@ -48,7 +48,7 @@ def train_main(argv=None):
 
 
 def convert_main(argv=None):
-    """`convmixer-convert`: a PyTorch ConvMixer checkpoint (official or timm) -> .keras/.weights.h5."""
+    """`convmixer-convert`: PyTorch ConvMixer checkpoint (official/timm) -> .keras/.weights.h5."""
     parser = argparse.ArgumentParser(
         prog="convmixer-convert",
         description=convert_main.__doc__,

@@ -211,7 +211,9 @@ def infer_config(state_dict):
     kernel_size = state_dict[block0 + "0.fn.0.weight"].shape[-1]
     head = _module_prefixes(layout, depth)[-1][1] + "weight"
     classes = int(state_dict[head].shape[0]) if head in state_dict else None
-    config = dict(dim=int(dim), depth=depth, kernel_size=int(kernel_size), patch_size=int(patch_size))
+    config = dict(
+        dim=int(dim), depth=depth, kernel_size=int(kernel_size), patch_size=int(patch_size)
+    )
     activation = known_activation(**config) or "gelu"
     return dict(config, activation=activation, classes=classes, in_channels=int(in_channels),
                 layout=layout)
@@ -320,7 +322,7 @@ def load_checkpoint(model, path, skip_head=False, prefer_ema=False, trust_checkp
 
 def build_from_checkpoint(path, activation=None, prefer_ema=False, trust_checkpoint=False,
                           **model_kwargs):
-    """Builds the ConvMixer a checkpoint holds (architecture inferred from its tensors) and loads it.
+    """Builds the ConvMixer a checkpoint holds (architecture read from its tensors), loaded.
 
     `activation` cannot be read from weights: by default the named variant's (ReLU for 768/32),
     else GELU. `model_kwargs` go to `convmixer_tf.ConvMixer` (e.g. `include_preprocessing`,

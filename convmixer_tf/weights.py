@@ -37,7 +37,8 @@ def _keras_file_weights(model, path, skip_head):
             problem = (
                 f"{path!r} has no layer {layer.name!r}"
                 if source_layer is None
-                else f"layer {layer.name!r} of {path!r} has weight shapes {got}, the model needs {need}"
+                else f"layer {layer.name!r} of {path!r} has weight shapes {got}, the model "
+                f"needs {need}"
             )
             if is_head and skip_head == "auto":
                 warnings.warn(f"{problem}: loaded the backbone only.", stacklevel=3)

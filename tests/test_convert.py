@@ -43,7 +43,8 @@ def torch_model(config, layout="timm", classes=CLASSES, seed=0):
 
 def save_checkpoint(model, path, wrap=True):
     """As a DistributedDataParallel run's training checkpoint: `module.` keys in a wrapper."""
-    state = {"module." + k: v for k, v in model.state_dict().items()} if wrap else model.state_dict()
+    state = model.state_dict()
+    state = {"module." + k: v for k, v in state.items()} if wrap else state
     torch.save({"state_dict": state, "epoch": 7, "args": argparse.Namespace(lr=0.01)} if wrap
                else state, path)
     return str(path)
