@@ -123,12 +123,15 @@ def random_flip(image, seed, prob=0.5):
 
 
 def _affine(image, matrix):
-    """Samples `image` at output->input `matrix` (8 projective params), bilinear, filling
-    outside pixels with timm's mean colour (ImageProjectiveTransform fills only a scalar, so
-    the image is shifted by the fill colour and back)."""
+    """PIL `Image.transform(AFFINE, matrix)`: output pixel (x, y) samples the input at
+    (a x + b y + c, d x + e y + f) with PIL's pixel centres at +0.5, bilinear, filling outside
+    pixels with timm's mean colour (ImageProjectiveTransform fills only a scalar, so the image
+    is shifted by the fill colour and back)."""
+    a, b, c, d, e, f = [tf.cast(v, tf.float32) for v in matrix]
+    matrix = tf.stack([a, b, c + 0.5 * (a + b - 1.0), d, e, f + 0.5 * (d + e - 1.0), 0.0, 0.0])
     fill = tf.constant(FILL, tf.float32)
     out = tf.raw_ops.ImageProjectiveTransformV3(
-        images=(image - fill)[None], transforms=tf.cast(matrix, tf.float32)[None],
+        images=(image - fill)[None], transforms=matrix[None],
         output_shape=tf.shape(image)[:2], fill_value=0.0, interpolation="BILINEAR",
     )[0]
     return out + fill
@@ -137,10 +140,10 @@ def _affine(image, matrix):
 def _rotate(image, degrees):
     """PIL `Image.rotate(degrees)`: counter-clockwise about the centre."""
     shape = tf.cast(tf.shape(image), tf.float32)
-    cx, cy = (shape[1] - 1) / 2, (shape[0] - 1) / 2
+    cx, cy = shape[1] / 2, shape[0] / 2
     a = -degrees * math.pi / 180.0
     c, s = tf.cos(a), tf.sin(a)
-    return _affine(image, [c, s, cx - c * cx - s * cy, -s, c, cy + s * cx - c * cy, 0.0, 0.0])
+    return _affine(image, [c, s, cx - c * cx - s * cy, -s, c, cy + s * cx - c * cy])
 
 
 # ---------------------------------------------------------------- colour (PIL semantics)
@@ -230,10 +233,10 @@ def _rand_augment_op(image, index, level, sign):
         lambda: _contrast(image, enhance),
         lambda: _brightness(image, enhance),
         lambda: _sharpness(image, enhance),
-        lambda: _to_pixels(_affine(image, [1.0, shear, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0])),
-        lambda: _to_pixels(_affine(image, [1.0, 0.0, 0.0, shear, 1.0, 0.0, 0.0, 0.0])),
-        lambda: _to_pixels(_affine(image, [1.0, 0.0, translate * w, 0.0, 1.0, 0.0, 0.0, 0.0])),
-        lambda: _to_pixels(_affine(image, [1.0, 0.0, 0.0, 0.0, 1.0, translate * h, 0.0, 0.0])),
+        lambda: _to_pixels(_affine(image, [1.0, shear, 0.0, 0.0, 1.0, 0.0])),
+        lambda: _to_pixels(_affine(image, [1.0, 0.0, 0.0, shear, 1.0, 0.0])),
+        lambda: _to_pixels(_affine(image, [1.0, 0.0, translate * w, 0.0, 1.0, 0.0])),
+        lambda: _to_pixels(_affine(image, [1.0, 0.0, 0.0, 0.0, 1.0, translate * h])),
     ]
     out = tf.switch_case(index, branches)
     return tf.ensure_shape(out, image.shape)
