@@ -3,11 +3,12 @@
 Per-image `Dataset.map` with AUTOTUNE parallelism, same op count (2) and comparable strength
 (timm m9 vs Keras factor 0.9), uint8 random images; prints images/s and the ratio.
 
-    python scripts/benchmark_augment.py [--sizes 32 224]
+    PYTHONPATH=. python scripts/benchmark_augment.py [--sizes 32 224]
 
-Measured here (2 shared CPU cores, TF 2.21, Keras 3.15): 32 px 1911 vs 666 images/s (2.9x),
-224 px 487 vs 34 images/s (14x). Keras's layer computes all 11 of its ops for every image
-and selects with `where`; ours runs only the drawn op (`tf.switch_case`).
+Measured here (2 CPU cores shared with other jobs, so noisy; TF 2.21, Keras 3.15; every drawn
+op applied, prob=1.0), two runs: 32 px 2086 vs 623 and 4347 vs 878 images/s (3.3x, 5.0x);
+224 px 639 vs 56 and 897 vs 28 images/s (11x, 32x). Keras's layer computes all 11 of its ops
+for every image and selects with `where`; ours runs only the drawn op (`tf.switch_case`).
 """
 
 import argparse
@@ -39,8 +40,9 @@ def main():
     args = parser.parse_args()
     layer = keras.layers.RandAugment(value_range=(0, 255), num_ops=2, factor=0.9, seed=1)
     for size in args.sizes:
-        count = max(200, 3000 * 32 * 32 // (size * size))
-        ours = images_per_second(lambda x, s: augment.rand_augment(x, s, 2, 9.0), size, count)
+        count = max(400, 3000 * 32 * 32 // (size * size))
+        ours = images_per_second(lambda x, s: augment.rand_augment(x, s, 2, 9.0, prob=1.0),
+                                  size, count)
         theirs = images_per_second(lambda x, s: layer(x, training=True), size, count)
         print(f"{size:4d} px: convmixer_tf {ours:7.0f} images/s, keras.layers.RandAugment "
               f"{theirs:7.0f} images/s, ratio {ours / theirs:.1f}x")
