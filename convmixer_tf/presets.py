@@ -27,3 +27,87 @@ MODEL_CONFIGS = {
 PREPROCESSING = dict(
     input_size=224, crop_pct=0.96, interpolation="bicubic", mean=IMAGENET_MEAN, std=IMAGENET_STD
 )
+
+# Training recipes as TrainConfig field values (`convmixer-train --preset NAME`; explicit flags
+# win). Every number says where it comes from.
+TRAIN_PRESETS = {
+    # The official CIFAR-10 script (github.com/locuslab/convmixer-cifar10, train.py + README):
+    # its README's longer run, "more than 94%" in 100 epochs:
+    #   python train.py --lr-max=0.05 --ra-n=2 --ra-m=12 --wd=0.005 --scale=1.0 --jitter=0.2
+    #                   --reprob=0.2 --epochs=100
+    "cifar10": dict(
+        dataset="cifar10",  # tfds name; prepare offline (docs/training.md)
+        image_size=32,
+        variant="convmixer_256_8_ks5_p2",  # script defaults --hdim 256 --depth 8 --psize 2 --conv-ks 5
+        epochs=100,  # README command
+        batch_size=512,  # script default --batch-size 512
+        max_lr=0.05,  # README --lr-max=0.05; one-cycle 0 -> max at 2/5 -> max/20 at 4/5 -> 0
+        weight_decay=0.005,  # README --wd=0.005 (AdamW, decoupled, on every weight)
+        decay_all_weights=True,  # torch optim.AdamW(model.parameters()): BN and bias decayed
+        adam_epsilon=1e-8,  # torch AdamW default
+        label_smoothing=0.0,  # plain nn.CrossEntropyLoss()
+        clip_norm=0.0,  # --clip-norm not passed in the README commands: no clipping
+        crop_scale=0.0,  # README --scale=1.0 with ratio (1, 1): RandomResizedCrop is identity
+        hflip=0.5,  # RandomHorizontalFlip(p=0.5)
+        # torchvision RandAugment(num_ops=2, magnitude=12) uses 31 bins: level 12/30 = 0.4,
+        # i.e. 4 on timm's 0-10 scale; torchvision applies every drawn op and adds no noise.
+        randaug_n=2, randaug_m=4.0, randaug_mstd=0.0, randaug_prob=1.0,
+        color_jitter=0.2,  # README --jitter=0.2: ColorJitter(0.2, 0.2, 0.2)
+        erase_prob=0.2,  # README --reprob=0.2: torchvision RandomErasing(p=0.2), value 0 after
+        erase_mode="mean",  # normalisation, i.e. the mean colour
+        mixup=0.0, cutmix=0.0,  # the script has no mixup/cutmix (its README says so)
+        eval_crop_pct=1.0,  # test: ToTensor + Normalize only
+        name="convmixer_cifar10",
+    ),
+    # The paper's ImageNet-1k run of ConvMixer-1536/20 (81.37%): the timm command line in
+    # github.com/locuslab/convmixer README ("exactly the settings we used"):
+    #   distributed_train.sh 10 --model convmixer_1536_20 -b 64 -j 10 --opt adamw --epochs 150
+    #   --sched onecycle --amp --input-size 3 224 224 --lr 0.01 --aa rand-m9-mstd0.5-inc1
+    #   --cutmix 0.5 --mixup 0.5 --reprob 0.25 --remode pixel --num-classes 1000
+    #   --warmup-epochs 0 --opt-eps=1e-3 --clip-grad 1.0
+    # and, for what it leaves out, the defaults of that repo's pytorch-image-models/train.py.
+    "imagenet": dict(
+        dataset="imagenet2012",  # tfds, manual download (docs/training.md)
+        image_size=224,  # --input-size 3 224 224
+        variant="convmixer_1536_20",  # --model (use 768_32 with epochs=300, ReLU, per README)
+        epochs=150,  # --epochs 150
+        batch_size=640,  # -b 64 per GPU x 10 GPUs (timm -b is per process)
+        max_lr=0.01,  # --lr 0.01, --sched onecycle (the same piecewise-linear schedule)
+        weight_decay=2e-5,  # timm train.py default --weight-decay 2e-5 (not overridden)
+        decay_all_weights=False,  # timm create_optimizer: no decay on BN / bias (1-D) weights
+        adam_epsilon=1e-3,  # --opt-eps=1e-3
+        label_smoothing=0.1,  # timm default --smoothing 0.1
+        clip_norm=1.0,  # --clip-grad 1.0 (--clip-mode norm)
+        crop_scale=0.08, crop_ratio=4 / 3,  # timm defaults --scale 0.08 1.0 --ratio 3/4 4/3
+        hflip=0.5,  # timm default --hflip 0.5
+        randaug_n=2, randaug_m=9.0, randaug_mstd=0.5, randaug_prob=0.5,  # rand-m9-mstd0.5-inc1
+        color_jitter=0.0,  # timm skips --color-jitter when --aa is set
+        erase_prob=0.25, erase_mode="pixel",  # --reprob 0.25 --remode pixel
+        mixup=0.5, cutmix=0.5,  # --mixup 0.5 --cutmix 0.5 (Beta alphas)
+        mix_prob=1.0, mix_switch_prob=0.5,  # timm defaults --mixup-prob 1 --mixup-switch-prob 0.5
+        eval_crop_pct=PREPROCESSING["crop_pct"],  # timm default_cfg crop_pct 0.96, bicubic
+        name="convmixer_imagenet",
+    ),
+}
+
+
+def apply_train_preset(config, explicit=None):
+    """`config` (a TrainConfig) with its `preset` recipe filled in, `preset` cleared.
+
+    A preset sets every field it names except those in `explicit` (the CLI passes the flags
+    given on the command line). Without `explicit`, fields whose value differs from the
+    TrainConfig default count as explicit, so `TrainConfig(preset="cifar10", epochs=5)` trains
+    5 epochs; to force a default value over a preset, pass it in `explicit`.
+    """
+    import dataclasses
+
+    if not config.preset:
+        return config
+    if config.preset not in TRAIN_PRESETS:
+        raise ValueError(f"Unknown preset; choose one of {sorted(TRAIN_PRESETS)}. "
+                         f"Received preset={config.preset!r}")
+    if explicit is None:
+        explicit = {f.name for f in dataclasses.fields(config)
+                    if getattr(config, f.name) != f.default}
+    values = {k: v for k, v in TRAIN_PRESETS[config.preset].items() if k not in explicit}
+    return dataclasses.replace(config, preset="", **values)

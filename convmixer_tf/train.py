@@ -12,7 +12,7 @@ import os
 
 import keras
 
-from convmixer_tf import data, model as model_lib, presets, saving, schedules
+from convmixer_tf import augment, data, model as model_lib, presets, saving, schedules
 
 
 @dataclasses.dataclass
@@ -20,6 +20,11 @@ class TrainConfig:
     """Every knob of a run; each default says why it is what it is."""
 
     dataset: str = "digits"  # ships inside scikit-learn: runs offline, learns in a minute
+    # ... or a prepared tfds name (cifar10, tfds:imagenette, ...) or an image folder path.
+    data_dir: str = ""  # where tfds data sets are prepared; "" = tfds default
+    preset: str = ""  # a presets.TRAIN_PRESETS recipe (cifar10, imagenet); given flags win
+    validation_split: float = 0.1  # held out when a folder / tfds set has no test split
+    eval_crop_pct: float = 1.0  # test: short side to size / crop_pct, centre crop (timm)
     image_size: int = 32  # digits are 8x8; 32 gives patch_size 2 a 16x16 token grid
     variant: str = ""  # a MODEL_CONFIGS name; empty = the small model below
     dim: int = 128  # small enough for 2 CPU cores, wide enough for >97% on digits
@@ -32,12 +37,43 @@ class TrainConfig:
     max_lr: float = 0.005  # one-cycle peak, AdamW
     weight_decay: float = 0.01
     label_smoothing: float = 0.1  # paper recipe
-    clip_norm: float = 1.0  # paper's CIFAR script clips gradient norm at 1
+    clip_norm: float = 1.0  # paper's CIFAR script clips gradient norm at 1; 0 = no clipping
+    adam_epsilon: float = 1e-7  # Keras default; the ImageNet recipe uses 1e-3 (timm --opt-eps)
+    decay_all_weights: bool = True  # False: no weight decay on 1-D weights (BN, bias), as timm
+    # Augmentation (convmixer_tf.augment, in tf.data); all off by default: digits need none.
+    crop_scale: float = 0.0  # random resized crop of area [crop_scale, 1]; 0 = off
+    crop_ratio: float = 4 / 3  # its aspect ratio range [1 / crop_ratio, crop_ratio]
+    hflip: float = 0.0  # horizontal flip probability
+    randaug_n: int = 0  # RandAugment ops per image; 0 = off
+    randaug_m: float = 9.0  # RandAugment magnitude, timm's 0-10 scale
+    randaug_mstd: float = 0.5  # magnitude noise std (timm mstd)
+    randaug_prob: float = 0.5  # probability each drawn op is applied
+    color_jitter: float = 0.0  # brightness/contrast/saturation jitter strength
+    erase_prob: float = 0.0  # random erasing probability
+    erase_mode: str = "pixel"  # pixel (noise, timm) or mean (mean colour, torchvision)
+    mixup: float = 0.0  # mixup Beta alpha; 0 = off
+    cutmix: float = 0.0  # cutmix Beta alpha; 0 = off
+    mix_prob: float = 1.0  # probability a batch is mixed
+    mix_switch_prob: float = 0.5  # cutmix instead of mixup, when both are on
     precision: str = "float32"  # or mixed_float16 / mixed_bfloat16
     seed: int = 0
     output_dir: str = "saved_models"  # <output_dir>/<name>.keras
     name: str = "convmixer_digits"
     verbose: str = "auto"  # Keras progress bar
+
+
+def augment_config(config):
+    """The `augment.AugmentConfig` of a TrainConfig (raises ValueError on bad values)."""
+    if config.crop_ratio < 1.0:
+        raise ValueError(f"crop_ratio must be >= 1. Received crop_ratio={config.crop_ratio!r}")
+    if not 0.0 <= config.crop_scale <= 1.0:
+        raise ValueError(f"crop_scale must be in [0, 1]. Received {config.crop_scale!r}")
+    return augment.AugmentConfig(
+        crop_scale=(config.crop_scale, 1.0) if config.crop_scale else None,
+        crop_ratio=(1.0 / config.crop_ratio, config.crop_ratio),
+        **{f.name: getattr(config, f.name) for f in dataclasses.fields(augment.AugmentConfig)
+           if f.name not in ("crop_scale", "crop_ratio")},
+    )
 
 
 def build_model(config, num_classes, input_shape):
@@ -75,23 +111,29 @@ def save_model(model, path):
 
 def train(config):
     """Runs `config`; returns dict(model, history, test_accuracy, model_path)."""
+    config = presets.apply_train_preset(config)
     keras.utils.set_random_seed(config.seed)
     keras.mixed_precision.set_global_policy(config.precision)
-    if config.dataset != "digits":
-        raise ValueError(f"Unknown dataset. Received dataset={config.dataset!r}")
-    (x_train, y_train), (x_test, y_test) = data.load_digits(config.image_size, seed=config.seed)
-    num_classes = len(data.DIGITS_CLASS_NAMES)
-    train_ds = data.make_dataset(x_train, y_train, config.batch_size, True, num_classes, config.seed)
-    test_ds = data.make_dataset(x_test, y_test, config.batch_size, False, num_classes)
+    datasets = data.build_datasets(
+        config.dataset, image_size=config.image_size, global_batch_size=config.batch_size,
+        augment=augment_config(config), data_dir=config.data_dir or None, seed=config.seed,
+        validation_split=config.validation_split, eval_crop_pct=config.eval_crop_pct,
+    )
+    train_ds, test_ds = datasets.train, datasets.test
 
-    model = build_model(config, num_classes, x_train.shape[1:])
-    steps = config.epochs * (len(y_train) // config.batch_size)
+    model = build_model(config, datasets.num_classes, (config.image_size, config.image_size, 3))
+    steps = config.epochs * datasets.steps_per_epoch
+    optimizer = keras.optimizers.AdamW(
+        schedules.OneCycle(config.max_lr, steps),
+        weight_decay=config.weight_decay,
+        epsilon=config.adam_epsilon,
+        global_clipnorm=config.clip_norm,
+    )
+    if not config.decay_all_weights:
+        optimizer.exclude_from_weight_decay(
+            var_list=[v for v in model.trainable_variables if len(v.shape) <= 1])
     model.compile(
-        optimizer=keras.optimizers.AdamW(
-            schedules.OneCycle(config.max_lr, steps),
-            weight_decay=config.weight_decay,
-            global_clipnorm=config.clip_norm,
-        ),
+        optimizer=optimizer,
         loss=keras.losses.CategoricalCrossentropy(
             from_logits=True, label_smoothing=config.label_smoothing
         ),
