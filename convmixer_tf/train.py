@@ -13,7 +13,7 @@ import tempfile
 
 import keras
 
-from convmixer_tf import data, model as model_lib, presets, schedules
+from convmixer_tf import callbacks as callbacks_lib, data, distribute, model as model_lib, presets, schedules
 
 
 @dataclasses.dataclass
@@ -39,6 +39,11 @@ class TrainConfig:
     output_dir: str = "saved_models"  # <output_dir>/<name>.keras
     name: str = "convmixer_digits"
     verbose: str = "auto"  # Keras progress bar
+    # Distribution and fault tolerance (docs/distributed.md). batch_size is the GLOBAL batch.
+    strategy: str = "default"  # or mirrored (all local GPUs) / multi_worker (TF_CONFIG)
+    xla: str = "auto"  # on / off; auto = on when a GPU is visible (slow on CPU)
+    run_dir: str = "runs"  # <run_dir>/<name>/: backup/, checkpoints/, logs/, history.csv
+    steps_per_epoch: int = 0  # 0 = the whole training split each epoch
 
 
 def build_model(config, num_classes, input_shape):
@@ -84,7 +89,13 @@ def save_model(model, path):
 
 
 def train(config):
-    """Runs `config`; returns dict(model, history, test_accuracy, model_path)."""
+    """Runs `config`; returns dict(model, history, test_accuracy, model_path).
+
+    Rerunning the same config after a crash resumes from `<run_dir>/<name>/backup/`."""
+    # First: MultiWorkerMirroredStrategy must exist before any other TF op runs.
+    strategy = distribute.make_strategy(config.strategy)
+    xla = distribute.resolve_xla(config.xla)
+    distribute.global_batch_size(config.batch_size, strategy)
     keras.utils.set_random_seed(config.seed)
     keras.mixed_precision.set_global_policy(config.precision)
     if config.dataset != "digits":
@@ -94,26 +105,37 @@ def train(config):
     train_ds = data.make_dataset(x_train, y_train, config.batch_size, True, num_classes, config.seed)
     test_ds = data.make_dataset(x_test, y_test, config.batch_size, False, num_classes)
 
-    model = build_model(config, num_classes, x_train.shape[1:])
-    steps = config.epochs * (len(y_train) // config.batch_size)
-    model.compile(
-        optimizer=keras.optimizers.AdamW(
-            schedules.OneCycle(config.max_lr, steps),
-            weight_decay=config.weight_decay,
-            global_clipnorm=config.clip_norm,
-        ),
-        loss=keras.losses.CategoricalCrossentropy(
-            from_logits=True, label_smoothing=config.label_smoothing
-        ),
-        metrics=["accuracy"],
-    )
-    history = model.fit(
+    steps_per_epoch = len(y_train) // config.batch_size
+    if config.steps_per_epoch:  # a fresh shuffle's first batches, every epoch
+        steps_per_epoch = min(steps_per_epoch, config.steps_per_epoch)
+        train_ds = train_ds.take(steps_per_epoch)
+    steps = config.epochs * steps_per_epoch
+    with strategy.scope():
+        model = build_model(config, num_classes, x_train.shape[1:])
+        trainer = distribute.make_trainer(model)
+        trainer.compile(
+            optimizer=keras.optimizers.AdamW(
+                schedules.OneCycle(config.max_lr, steps),
+                weight_decay=config.weight_decay,
+                global_clipnorm=config.clip_norm,
+            ),
+            loss=keras.losses.CategoricalCrossentropy(
+                from_logits=True, label_smoothing=config.label_smoothing
+            ),
+            metrics=["accuracy"],
+            jit_compile=xla,
+        )
+    is_chief, task_id = distribute.task_info()
+    history = trainer.fit(
         train_ds,
         epochs=config.epochs,
         validation_data=test_ds,
         shuffle=False,  # the tf.data pipeline shuffles
         verbose=config.verbose,
+        callbacks=callbacks_lib.make_callbacks(
+            os.path.join(config.run_dir, config.name), is_chief=is_chief, task_id=task_id
+        ),
     )
-    _, test_accuracy = model.evaluate(test_ds, verbose=0)
+    _, test_accuracy = trainer.evaluate(test_ds, verbose=0)
     model_path = save_model(model, os.path.join(config.output_dir, config.name + ".keras"))
     return dict(model=model, history=history, test_accuracy=test_accuracy, model_path=model_path)
