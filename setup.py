@@ -31,6 +31,7 @@ setup(
     entry_points={
         "console_scripts": [
             "convmixer-train=convmixer_tf.cli:train_main",
+            "convmixer-evaluate=convmixer_tf.cli:evaluate_main",
         ]
     },
 )

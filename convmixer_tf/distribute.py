@@ -137,6 +137,19 @@ class ReplicaTrainer(keras.Model):
             self._forward_backward_fn = None
         super().compile(*args, jit_compile=False, **kwargs)
 
+    def _maybe_symbolic_build(self, iterator=None, data_batch=None):
+        # Keras all-reduces (MEAN) a real input batch across replicas only to learn its shapes;
+        # under MultiWorkerMirroredStrategy that collective fails. A local replica's batch has
+        # the same structure and dtypes, which is all the symbolic build needs.
+        if iterator is not None:
+            for _, _, it in iterator:
+                batch = next(it)
+                data_batch = keras.tree.map_structure(
+                    lambda v: self.distribute_strategy.experimental_local_results(v)[0], batch
+                )
+                break
+        super()._maybe_symbolic_build(data_batch=data_batch)
+
     def _forward_backward(self, trainable, non_trainable, x, y, sample_weight, loss_scale):
         tf = _tf()
         with tf.GradientTape() as tape:
@@ -174,7 +187,19 @@ class ReplicaTrainer(keras.Model):
         replicas = tf.distribute.get_strategy().num_replicas_in_sync
         batch = tf.shape(tf.nest.flatten(x)[0])[0]
         self._loss_tracker.update_state(loss * tf.cast(replicas, loss.dtype), sample_weight=batch)
-        return self.compute_metrics(x, y, y_pred, sample_weight=sample_weight)
+        return self._multi_worker_safe(self.compute_metrics(x, y, y_pred, sample_weight))
+
+    def test_step(self, data):
+        return self._multi_worker_safe(super().test_step(data))
+
+    def _multi_worker_safe(self, logs):
+        # Under MultiWorkerMirroredStrategy Keras reduces every log with
+        # strategy.reduce("MEAN", v, axis=0), which fails on scalars (tensorflow#72388):
+        # give them a leading axis of 1; the reduced result is the scalar again.
+        tf = _tf()
+        if not isinstance(self.distribute_strategy, tf.distribute.MultiWorkerMirroredStrategy):
+            return logs
+        return keras.tree.map_structure(lambda v: tf.reshape(v, [1]) if v.shape.rank == 0 else v, logs)
 
     @staticmethod
     def _sync_non_trainable(variables, values):
