@@ -12,6 +12,7 @@ backup's metadata names its weights file, so a kill between two writes leaves th
 
 import csv
 import glob
+import hashlib
 import json
 import math
 import os
@@ -88,12 +89,19 @@ class AtomicBackupAndRestore(keras.callbacks.BackupAndRestore):
 
     def on_train_begin(self, logs=None):
         self._finished = False
+        for stale in glob.glob(os.path.join(self.backup_dir, ".tmp-*")):  # from a killed save
+            os.remove(stale)
         metadata = self.read_metadata()
         if metadata is None:
             return
         if not self.model.built:
             raise ValueError("BackupAndRestore needs a built model before fit()")
         weights = os.path.join(self.backup_dir, metadata["weights"])
+        if metadata.get("signature", self._signature()) != self._signature():
+            raise ValueError(
+                f"Cannot resume from the backup in {self.backup_dir}: it was written by a "
+                "different model (other layers or shapes). Delete it, or use another run name."
+            )
         if self.model.optimizer is not None and not self.model.optimizer.built:
             self.model.optimizer.build(self.model.trainable_variables)
         try:
@@ -127,11 +135,18 @@ class AtomicBackupAndRestore(keras.callbacks.BackupAndRestore):
         )
         _write_json(
             self._training_metadata_path,
-            {"epoch": self._current_epoch, "batch": self._last_batch_seen, "weights": name},
+            {"epoch": self._current_epoch, "batch": self._last_batch_seen, "weights": name,
+             "signature": self._signature()},
         )
         for old in glob.glob(os.path.join(self.backup_dir, "*.weights.h5")):
             if os.path.basename(old) != name:
                 os.remove(old)
+
+    def _signature(self):
+        """Fingerprint of the model's variables (paths and shapes): Keras's load_weights
+        skips mismatched sublayers with a mere warning."""
+        shapes = [(v.path, list(v.shape)) for v in self.model.weights]
+        return hashlib.sha256(json.dumps(shapes).encode()).hexdigest()[:16]
 
     def on_train_end(self, logs=None):
         if self._finished:
@@ -141,11 +156,9 @@ class AtomicBackupAndRestore(keras.callbacks.BackupAndRestore):
 def _save_functional(trainer, path):
     """Saves the plain functional model (no trainer, no optimizer) to `path` atomically."""
     from convmixer_tf import distribute
+    from convmixer_tf.train import save_model  # here: train imports this module
 
-    model = distribute.inner_model(trainer)
-    clean = keras.models.clone_model(model)
-    clean.set_weights(model.get_weights())
-    return atomic_write(path, clean.save)
+    return save_model(distribute.inner_model(trainer), path)
 
 
 class AtomicModelCheckpoint(keras.callbacks.ModelCheckpoint):

@@ -74,7 +74,7 @@ def build_model(config, num_classes, input_shape):
 def save_model(model, path):
     """Saves an uncompiled copy of `model` to `path` atomically (tmp file + rename), so a crash
     mid-save never replaces a good model with half a file."""
-    clean = keras.models.clone_model(model)
+    clean = keras.Model.from_config(model.get_config())  # clone_model would keep compile()
     clean.set_weights(model.get_weights())
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     fd, tmp = tempfile.mkstemp(suffix=".keras", dir=os.path.dirname(os.path.abspath(path)))
