@@ -105,6 +105,14 @@ def global_batch_size(batch_size, strategy):
     return batch_size
 
 
+def shardable(dataset, batch_size):
+    """`dataset` with only full batches when a `keras.distribution` (JAX DataParallel) is set:
+    its batches must split evenly over the devices, so the last partial one is dropped."""
+    if keras.distribution.distribution() is None:
+        return dataset
+    return dataset.unbatch().batch(batch_size, drop_remainder=True)
+
+
 class ReplicaTrainer(keras.Model):
     """Trains a (functional) `model` under any `tf.distribute` strategy, with or without XLA.
 

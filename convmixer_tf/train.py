@@ -110,6 +110,7 @@ def train(config):
         steps_per_epoch = min(steps_per_epoch, config.steps_per_epoch)
         train_ds = train_ds.take(steps_per_epoch)
     steps = config.epochs * steps_per_epoch
+    test_ds = distribute.shardable(test_ds, config.batch_size)
     with strategy.scope():
         model = build_model(config, num_classes, x_train.shape[1:])
         trainer = distribute.make_trainer(model)
@@ -131,7 +132,7 @@ def train(config):
         epochs=config.epochs,
         validation_data=test_ds,
         shuffle=False,  # the tf.data pipeline shuffles
-        verbose=config.verbose,
+        verbose=int(config.verbose) if str(config.verbose).isdigit() else config.verbose,
         callbacks=callbacks_lib.make_callbacks(
             os.path.join(config.run_dir, config.name), is_chief=is_chief, task_id=task_id
         ),
