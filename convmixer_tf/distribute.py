@@ -69,14 +69,13 @@ def _check_tf_config(raw):
         raise ValueError(f"TF_CONFIG task {tf_config['task']} is not in cluster {workers}")
 
 
-def task_info():
-    """`(is_chief, task_id)` of this process in a multi-worker cluster (`(True, 0)` alone)."""
-    raw = os.environ.get("TF_CONFIG")
-    if not raw:
+def task_info(strategy):
+    """`(is_chief, task_id)` of this process: `(True, 0)` unless `strategy` is multi-worker."""
+    resolver = getattr(strategy, "cluster_resolver", None)
+    if resolver is None or not resolver.task_type:
         return True, 0
-    task = json.loads(raw).get("task", {})
-    kind, index = task.get("type", "worker"), int(task.get("index", 0))
-    has_chief = "chief" in json.loads(raw).get("cluster", {})
+    has_chief = "chief" in resolver.cluster_spec().as_dict()
+    kind, index = resolver.task_type, int(resolver.task_id)
     return kind == "chief" or (not has_chief and kind == "worker" and index == 0), index
 
 

@@ -126,7 +126,7 @@ def train(config):
             metrics=["accuracy"],
             jit_compile=xla,
         )
-    is_chief, task_id = distribute.task_info()
+    is_chief, task_id = distribute.task_info(strategy)
     history = trainer.fit(
         train_ds,
         epochs=config.epochs,

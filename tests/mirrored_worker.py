@@ -57,6 +57,8 @@ def fit(build, strategy, xla, precision, stock=False, optimizer=None):
             keras.losses.CategoricalCrossentropy(from_logits=True),
             jit_compile=xla,
         )
+    if precision == "mixed_float16":  # dynamic loss scaling is on
+        assert isinstance(trainer.optimizer, keras.optimizers.LossScaleOptimizer)
     initial = model.get_weights()
     history = trainer.fit(dataset(), epochs=2, verbose=0)
     spread = 0.0
