@@ -15,6 +15,7 @@ setup(
     install_requires=[
         "tensorflow==2.21.0",
         "keras==3.15.1",
+        "tensorboard==2.21.0",  # TensorBoard logs of every run (TF does not depend on it)
         "tensorflow-datasets==4.9.10",
         "tensorflow-serving-api==2.21.0",
         "ai-edge-litert==2.3.0",
@@ -31,6 +32,7 @@ setup(
         "console_scripts": [
             "convmixer-train=convmixer_tf.cli:train_main",
             "convmixer-convert=convmixer_tf.cli:convert_main",
+            "convmixer-evaluate=convmixer_tf.cli:evaluate_main",
         ]
     },
 )

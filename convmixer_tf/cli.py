@@ -5,6 +5,13 @@ import dataclasses
 import sys
 
 PRECISIONS = ("float32", "mixed_float16", "mixed_bfloat16")
+# Flags restricted to a set of values (mirrors distribute.STRATEGIES / XLA_MODES, which this
+# module does not import so that `--help` stays fast).
+CHOICES = {
+    "precision": PRECISIONS,
+    "strategy": ("default", "mirrored", "multi_worker"),
+    "xla": ("auto", "on", "off"),
+}
 
 
 def _config_parser(config_cls, description, only_given=False):
@@ -21,8 +28,8 @@ def _config_parser(config_cls, description, only_given=False):
             parser.add_argument(flag, default=shown, action=argparse.BooleanOptionalAction)
         else:
             kwargs = dict(default=shown, type=type(default))
-            if field.name == "precision":
-                kwargs["choices"] = PRECISIONS
+            if field.name in CHOICES:
+                kwargs["choices"] = CHOICES[field.name]
             parser.add_argument(flag, **kwargs)
     return parser
 
@@ -43,8 +50,8 @@ def train_main(argv=None):
         augment_config(config)
     except ValueError as error:
         parser.error(str(error))
-    for name in ("epochs", "batch_size", "image_size", "dim", "depth"):
-        if getattr(config, name) < 1:
+    for name in ("epochs", "batch_size", "image_size", "dim", "depth", "steps_per_epoch"):
+        if getattr(config, name) < (0 if name == "steps_per_epoch" else 1):
             parser.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(config, name)}")
 
     try:
@@ -107,6 +114,35 @@ def convert_main(argv=None):
         f"classes={model.output_shape[-1]}"
     )
     print(f"saved: {path}")
+    return 0
+
+
+def evaluate_main(argv=None):
+    """`convmixer-evaluate`: top-1 / top-5 accuracy of a saved .keras model on a test split."""
+    parser = argparse.ArgumentParser(
+        description=evaluate_main.__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
+    parser.add_argument("model", help="a .keras file saved by convmixer-train")
+    parser.add_argument("--dataset", default="digits",
+                        help="digits, a prepared tfds name or an image folder")
+    parser.add_argument("--data-dir", default=None, help="where tfds data sets are prepared")
+    parser.add_argument("--image-size", type=int, default=0, help="0 = the model's input size")
+    parser.add_argument("--batch-size", type=int, default=64)
+    args = parser.parse_args(argv)
+    if args.batch_size < 1 or args.image_size < 0:
+        parser.error("--batch-size must be >= 1 and --image-size >= 0")
+
+    from convmixer_tf.evaluate import evaluate_saved_model
+
+    try:
+        result = evaluate_saved_model(
+            args.model, args.dataset, args.image_size, args.batch_size, args.data_dir
+        )
+    except (ValueError, FileNotFoundError) as error:
+        print(f"convmixer-evaluate: error: {error}", file=sys.stderr)
+        return 2
+    print(f"{result['examples']} test images of {args.dataset}: "
+          f"top-1 {result['top1']:.2%}, top-5 {result['top5']:.2%}")
     return 0
 
 

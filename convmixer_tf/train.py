@@ -12,7 +12,8 @@ import os
 
 import keras
 
-from convmixer_tf import augment, data, model as model_lib, presets, saving, schedules
+from convmixer_tf import augment, data, distribute, model as model_lib, presets, saving, schedules
+from convmixer_tf import callbacks as callbacks_lib
 
 
 @dataclasses.dataclass
@@ -60,6 +61,11 @@ class TrainConfig:
     output_dir: str = "saved_models"  # <output_dir>/<name>.keras
     name: str = "convmixer_digits"
     verbose: str = "auto"  # Keras progress bar
+    # Distribution and fault tolerance (docs/distributed.md). batch_size is the GLOBAL batch.
+    strategy: str = "default"  # or mirrored (all local GPUs) / multi_worker (TF_CONFIG)
+    xla: str = "auto"  # on / off; auto = on when a GPU is visible (slow on CPU)
+    run_dir: str = "runs"  # <run_dir>/<name>/: backup/, checkpoints/, logs/, history.csv
+    steps_per_epoch: int = 0  # 0 = the whole training split each epoch
 
 
 def augment_config(config):
@@ -104,14 +110,20 @@ def build_model(config, num_classes, input_shape):
 def save_model(model, path):
     """Saves an uncompiled copy of `model` to `path` atomically (tmp file + rename), so a crash
     mid-save never replaces a good model with half a file."""
-    clean = keras.models.clone_model(model)
+    clean = keras.Model.from_config(model.get_config())  # clone_model would keep compile()
     clean.set_weights(model.get_weights())
     return saving.save_atomic(clean, path, overwrite=True)
 
 
 def train(config):
-    """Runs `config`; returns dict(model, history, test_accuracy, model_path)."""
+    """Runs `config`; returns dict(model, history, test_accuracy, model_path).
+
+    Rerunning the same config after a crash resumes from `<run_dir>/<name>/backup/`."""
     config = presets.apply_train_preset(config)
+    # First: MultiWorkerMirroredStrategy must exist before any other TF op runs.
+    strategy = distribute.make_strategy(config.strategy)
+    xla = distribute.resolve_xla(config.xla)
+    distribute.global_batch_size(config.batch_size, strategy)
     keras.utils.set_random_seed(config.seed)
     keras.mixed_precision.set_global_policy(config.precision)
     datasets = data.build_datasets(
@@ -121,31 +133,46 @@ def train(config):
     )
     train_ds, test_ds = datasets.train, datasets.test
 
-    model = build_model(config, datasets.num_classes, (config.image_size, config.image_size, 3))
-    steps = config.epochs * datasets.steps_per_epoch
-    optimizer = keras.optimizers.AdamW(
-        schedules.OneCycle(config.max_lr, steps),
-        weight_decay=config.weight_decay,
-        epsilon=config.adam_epsilon,
-        global_clipnorm=config.clip_norm,
-    )
-    if not config.decay_all_weights:
-        optimizer.exclude_from_weight_decay(
-            var_list=[v for v in model.trainable_variables if len(v.shape) <= 1])
-    model.compile(
-        optimizer=optimizer,
-        loss=keras.losses.CategoricalCrossentropy(
-            from_logits=True, label_smoothing=config.label_smoothing
-        ),
-        metrics=["accuracy"],
-    )
-    history = model.fit(
+    steps_per_epoch = datasets.steps_per_epoch
+    if config.steps_per_epoch:  # a fresh shuffle's first batches, every epoch
+        steps_per_epoch = min(steps_per_epoch, config.steps_per_epoch)
+        train_ds = train_ds.take(steps_per_epoch)
+    steps = config.epochs * steps_per_epoch
+    test_ds = distribute.shardable(test_ds, config.batch_size)
+    with strategy.scope():
+        model = build_model(
+            config, datasets.num_classes, (config.image_size, config.image_size, 3)
+        )
+        trainer = distribute.make_trainer(model)
+        optimizer = keras.optimizers.AdamW(
+            schedules.OneCycle(config.max_lr, steps),
+            weight_decay=config.weight_decay,
+            epsilon=config.adam_epsilon,
+            global_clipnorm=config.clip_norm,
+        )
+        if not config.decay_all_weights:
+            optimizer.exclude_from_weight_decay(
+                var_list=[v for v in model.trainable_variables if len(v.shape) <= 1]
+            )
+        trainer.compile(
+            optimizer=optimizer,
+            loss=keras.losses.CategoricalCrossentropy(
+                from_logits=True, label_smoothing=config.label_smoothing
+            ),
+            metrics=["accuracy"],
+            jit_compile=xla,
+        )
+    is_chief, task_id = distribute.task_info(strategy)
+    history = trainer.fit(
         train_ds,
         epochs=config.epochs,
         validation_data=test_ds,
         shuffle=False,  # the tf.data pipeline shuffles
-        verbose=config.verbose,
+        verbose=int(config.verbose) if str(config.verbose).isdigit() else config.verbose,
+        callbacks=callbacks_lib.make_callbacks(
+            os.path.join(config.run_dir, config.name), is_chief=is_chief, task_id=task_id
+        ),
     )
-    _, test_accuracy = model.evaluate(test_ds, verbose=0)
+    _, test_accuracy = trainer.evaluate(test_ds, verbose=0)
     model_path = save_model(model, os.path.join(config.output_dir, config.name + ".keras"))
     return dict(model=model, history=history, test_accuracy=test_accuracy, model_path=model_path)

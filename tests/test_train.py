@@ -27,7 +27,7 @@ def test_one_cycle_schedule_points():
 def test_short_training_run_learns(tmp_path):
     config = TrainConfig(
         image_size=16, dim=32, depth=2, epochs=4, batch_size=32, max_lr=0.01,
-        output_dir=str(tmp_path), verbose=0,
+        output_dir=str(tmp_path), run_dir=str(tmp_path / "runs"), verbose=0,
     )
     result = train(config)
     losses = result["history"].history["loss"]
