@@ -30,6 +30,8 @@ setup(
     entry_points={
         "console_scripts": [
             "convmixer-train=convmixer_tf.cli:train_main",
+            "convmixer-export=convmixer_tf.cli:export_main",
+            "convmixer-predict=convmixer_tf.cli:predict_main",
         ]
     },
 )

@@ -441,3 +441,28 @@ def export_saved_model(model_path=None, export_root="saved_models", name=None, m
     log(f"exported SavedModel: {final} (version {version})")
     return dict(path=final, version=version, report=report, configs=configs)
 
+
+
+def read_image_file(path):
+    """A file's pixels as uint8 [H, W, 3] (any format Pillow reads), with a clear error for a
+    missing, corrupt or non-image file."""
+    from PIL import Image, UnidentifiedImageError
+
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"no such image file: {path}")
+    try:
+        with Image.open(path) as image:
+            image.load()
+            return np.asarray(image.convert("RGB"), dtype=np.uint8)
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as error:
+        raise ValueError(f"cannot read {path} as an image: {error}") from error
+
+
+def latest_version_dir(path):
+    """A SavedModel directory: `path` itself, or its highest integer version subdirectory."""
+    if os.path.isfile(os.path.join(path, "saved_model.pb")):
+        return path
+    versions = list_versions(path)
+    if not versions:
+        raise FileNotFoundError(f"no SavedModel (saved_model.pb or <version>/) in {path}")
+    return os.path.join(path, str(versions[-1]))
