@@ -127,7 +127,7 @@ class ServingModule:
         self.image_size = tuple(int(s) for s in image_size)
         self.top_k = min(int(top_k), len(class_names))
         self.min_size = min_image_size(model)
-        channels = model.input_shape[-1]
+        self.channels = channels = model.input_shape[-1]
         self.endpoints = {
             SIGNATURE_FLOAT: (self._serve_float, tf.TensorSpec(
                 [None, None, None, channels], tf.float32, name="images")),
@@ -147,6 +147,12 @@ class ServingModule:
     def _outputs(self, images):
         shape = tf.shape(images)
         checks = [
+            tf.debugging.assert_rank(images, 4, message="images must be [batch, height, width, "
+                                     f"{self.channels}]"),
+            tf.debugging.assert_equal(
+                shape[-1], self.channels,
+                message=f"images must be [batch, height, width, {self.channels}]",
+            ),
             tf.debugging.assert_positive(
                 shape[0], message="empty batch: send at least one image"
             ),
