@@ -267,7 +267,7 @@ def compare(flat, model, images, batch_size=None):
     size = runner.image_size
     if size is not None and tuple(images.shape[1:3]) != size:
         images = np.round(tf.image.resize(images.astype(np.float32), size).numpy())
-    reference = export.logits_model(model).predict(images.astype(np.float32), verbose=0)
+    reference = np.asarray(export.logits_model(model)(images.astype(np.float32), training=False))
     if runner.signature[0] < 0 and batch_size:
         got = np.concatenate([runner.predict(images[i:i + batch_size])
                               for i in range(0, len(images), batch_size)])
