@@ -28,7 +28,7 @@ def _config_parser(config_cls, description):
 
 
 def train_main(argv=None):
-    """`convmixer-train`: train (offline digits by default), evaluate, save."""
+    """`convmixer-train`: train (offline digits by default), evaluate, save, export."""
     from convmixer_tf.train import TrainConfig
 
     parser = _config_parser(TrainConfig, train_main.__doc__)
@@ -52,7 +52,8 @@ def train_main(argv=None):
         return 2
     print(f"held-out accuracy: {result['test_accuracy']:.2%}")
     print(f"saved model: {result['model_path']}")
-    return _train_export(config, result["model_path"]) if do_export else 0
+    _write_train_metadata(config, result["model_path"])
+    return export_main([result["model_path"]]) if do_export else 0
 
 
 # ---------------------------------------------------------------------------- export / predict
@@ -60,15 +61,15 @@ def train_main(argv=None):
 TFLITE_MODES = "float32,float16,dynamic_int8,int8"
 
 
-def _train_export(config, model_path):
-    """The end of the training job: metadata beside the `.keras`, then every export."""
+def _write_train_metadata(config, model_path):
+    """`<name>.json` beside the `.keras`: class names, image size and the data split, read by
+    the export (labels, calibration and held-out images)."""
     from convmixer_tf import data, export
 
     export.write_metadata(
         model_path, data.DIGITS_CLASS_NAMES, (config.image_size, config.image_size),
         dataset=config.dataset, seed=config.seed,
     )
-    return export_main([model_path])
 
 
 def _sample_images(meta, calibration_dir):
