@@ -109,6 +109,8 @@ def export_main(argv=None):
     parser.add_argument("--calibration-dir", default=None,
                         help="images for int8 calibration/validation when the metadata names "
                              "no data set")
+    parser.add_argument("--int8-io", default="float32", choices=("float32", "int8", "uint8"),
+                        help="input/output type of the int8 files (uint8 = raw pixel bytes)")
     parser.add_argument("--tolerance", type=float, default=1e-4,
                         help="max abs logit error allowed for the SavedModel")
     parser.add_argument("--min-int8-agreement", type=float, default=0.98,
@@ -144,7 +146,8 @@ def export_main(argv=None):
                 held_out = rng.integers(0, 256, (16, *meta["image_size"], 3), dtype=np.uint8)
             out_dir = os.path.join(export_dir, f"{name}_tflite")
             tflite.export_all(model, out_dir, name, calibration, held_out, meta["image_size"],
-                              modes=modes, min_int8_agreement=args.min_int8_agreement)
+                              modes=modes, min_int8_agreement=args.min_int8_agreement,
+                              int8_io=args.int8_io)
             export.write_metadata(os.path.join(out_dir, "metadata.json"), meta["class_names"],
                                   meta["image_size"])
     except (OSError, ValueError, RuntimeError) as error:

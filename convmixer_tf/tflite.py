@@ -291,15 +291,17 @@ def latency_ms(runner, image, repeats=20):
 
 
 def export_all(model, out_dir, name, representative_images, eval_images, input_size,
-               modes=MODES, log=print, min_int8_agreement=None):
+               modes=MODES, log=print, min_int8_agreement=None, int8_io="float32"):
     """Writes `<out_dir>/<name>_<mode>.tflite` (fixed 1xHxW input) and
     `<name>_<mode>_dynamic.tflite` (any batch and size) for every mode, validating each
-    against the Keras model; prints one line per file and the XNNPACK delegation table."""
+    against the Keras model; prints one line per file and the XNNPACK delegation table.
+    `int8_io` is the int8 files' input/output type (float32, int8 or uint8)."""
     results = {}
     for mode in modes:
         for dynamic in (False, True):
             shape = (None, None, None) if dynamic else (1, *input_size)
-            flat = convert(model, mode, representative_images, input_shape=shape)
+            flat = convert(model, mode, representative_images, input_shape=shape,
+                           io_type=int8_io if mode == "int8" else "float32")
             error, agreement = compare(flat, model, eval_images, batch_size=64)
             label = f"{mode}{'_dynamic' if dynamic else ''}"
             if mode == "int8" and min_int8_agreement is not None and agreement < min_int8_agreement:

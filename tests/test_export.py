@@ -146,6 +146,19 @@ def test_signatures_any_size_labels_and_bad_input(exported):
         loaded.signatures["serving_default"](images=tf.zeros([1, 16, 16, 4]))
 
 
+def test_softmax_head_is_detected_and_logits_recovered():
+    model = ConvMixer(dim=8, depth=1, kernel_size=3, patch_size=2, input_shape=(16, 16, 3),
+                      classes=4, classifier_activation="softmax")
+    assert export.output_activation(model) == "softmax"
+    assert export.output_activation(tiny_model()) is None
+    module = export.ServingModule(model, list("abcd"), (16, 16), top_k=3)
+    x = np.random.default_rng(5).uniform(0, 255, (2, 16, 16, 3)).astype(np.float32)
+    out = module._serve_float(tf.constant(x))
+    np.testing.assert_allclose(out["probabilities"].numpy(), model(x).numpy(), atol=1e-6)
+    np.testing.assert_allclose(tf.nn.softmax(out["logits"]).numpy(), model(x).numpy(), atol=1e-6)
+    assert out["classes"].shape == (2, 3)
+
+
 def _tree_digest(path):
     digest = hashlib.sha256()
     for folder, _, files in sorted(os.walk(path)):
