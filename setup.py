@@ -33,6 +33,8 @@ setup(
             "convmixer-train=convmixer_tf.cli:train_main",
             "convmixer-convert=convmixer_tf.cli:convert_main",
             "convmixer-evaluate=convmixer_tf.cli:evaluate_main",
+            "convmixer-export=convmixer_tf.cli:export_main",
+            "convmixer-predict=convmixer_tf.cli:predict_main",
         ]
     },
 )

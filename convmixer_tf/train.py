@@ -116,7 +116,7 @@ def save_model(model, path):
 
 
 def train(config):
-    """Runs `config`; returns dict(model, history, test_accuracy, model_path).
+    """Runs `config`; returns dict(model, history, test_accuracy, model_path, class_names).
 
     Rerunning the same config after a crash resumes from `<run_dir>/<name>/backup/`."""
     config = presets.apply_train_preset(config)
@@ -175,4 +175,10 @@ def train(config):
     )
     _, test_accuracy = trainer.evaluate(test_ds, verbose=0)
     model_path = save_model(model, os.path.join(config.output_dir, config.name + ".keras"))
-    return dict(model=model, history=history, test_accuracy=test_accuracy, model_path=model_path)
+    return dict(
+        model=model,
+        history=history,
+        test_accuracy=test_accuracy,
+        model_path=model_path,
+        class_names=datasets.class_names,
+    )

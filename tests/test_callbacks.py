@@ -84,7 +84,7 @@ def test_sigkill_mid_epoch_then_same_command_resumes(tmp_path):
     run = tmp_path / "runs" / "job"
     argv = [
         sys.executable, os.path.join(ROOT, "tests", "resume_worker.py"),
-        "--name", "job", "--image-size", "16", "--dim", "8", "--depth", "1",
+        "--name", "job", "--no-export", "--image-size", "16", "--dim", "8", "--depth", "1",
         "--kernel-size", "3", "--epochs", "3", "--steps-per-epoch", "3", "--batch-size", "16",
         "--xla", "off", "--verbose", "0", "--output-dir", str(tmp_path / "models"),
         "--run-dir", str(tmp_path / "runs"),

@@ -138,7 +138,7 @@ def test_multi_worker_two_processes_end_identical(tmp_path):
     for index in range(2):
         tf_config = {"cluster": {"worker": workers}, "task": {"type": "worker", "index": index}}
         argv = [
-            sys.executable, "-m", "convmixer_tf.cli", "--strategy", "multi_worker",
+            sys.executable, "-m", "convmixer_tf.cli", "--no-export", "--strategy", "multi_worker",
             "--xla", "on", "--image-size", "16", "--dim", "8", "--depth", "1",
             "--kernel-size", "3", "--epochs", "2", "--steps-per-epoch", "3",
             "--batch-size", "32", "--verbose", "0", "--output-dir", str(tmp_path / f"w{index}"),

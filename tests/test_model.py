@@ -3,7 +3,6 @@ import pytest
 
 import keras
 import convmixer_tf
-from convmixer_tf import model as model_lib
 
 
 def tiny(**kwargs):

@@ -1,0 +1,264 @@
+import hashlib
+import importlib.util
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from convmixer_tf import cli, export
+from convmixer_tf.model import ConvMixer
+
+CLASS_NAMES = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def tiny_model(seed=0):
+    """A random-weight ConvMixer with non-trivial BatchNorm statistics, returning logits."""
+    tf.keras.utils.set_random_seed(seed)
+    model = ConvMixer(dim=8, depth=1, kernel_size=3, patch_size=2, input_shape=(16, 16, 3),
+                      classes=10, classifier_activation=None, name="tiny")
+    rng = np.random.default_rng(seed)
+    for layer in model.layers:
+        if layer.name.endswith("_bn"):
+            gamma, beta, mean, var = layer.get_weights()
+            layer.set_weights([gamma * rng.uniform(0.5, 2, gamma.shape),
+                               beta + rng.normal(0, 0.3, beta.shape),
+                               mean + rng.normal(0, 0.3, mean.shape),
+                               var * rng.uniform(0.5, 2, var.shape)])
+    return model
+
+
+def png(image):
+    return tf.io.encode_png(np.asarray(image, np.uint8)).numpy()
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    """One validated export of a tiny model with metadata (class names), shared by the tests."""
+    root = tmp_path_factory.mktemp("export")
+    model = tiny_model()
+    model_path = str(root / "tiny.keras")
+    model.save(model_path)
+    export.write_metadata(model_path, CLASS_NAMES, (16, 16))
+    images = np.random.default_rng(1).integers(0, 256, (4, 16, 16, 3)).astype(np.uint8)
+    lines = []
+    result = export.export_saved_model(model_path, str(root), "tiny", sample_images=images,
+                                       log=lines.append)
+    return dict(root=str(root), model=model, model_path=model_path, result=result, lines=lines)
+
+
+def test_layout_validation_warmup_and_configs(exported):
+    from google.protobuf import text_format
+    from tensorflow_serving.apis import prediction_log_pb2
+    from tensorflow_serving.config import model_server_config_pb2
+
+    root, result = exported["root"], exported["result"]
+    version_dir = os.path.join(root, "tiny", "1")
+    assert result["version"] == 1 and result["path"] == version_dir
+    assert os.path.isfile(os.path.join(version_dir, "saved_model.pb"))
+    assert os.path.isdir(os.path.join(version_dir, "variables"))
+    # Validation ran both loaders on all three signatures and printed the logit error.
+    assert len(result["report"]) == 6
+    assert all(r["max_abs_logit_error"] <= 1e-4 for r in result["report"].values())
+    assert any("tf1 session loader" in line and "max abs logit error" in line
+               for line in exported["lines"])
+
+    warmup = os.path.join(version_dir, "assets.extra", "tf_serving_warmup_requests")
+    logs = [prediction_log_pb2.PredictionLog.FromString(r.numpy())
+            for r in tf.data.TFRecordDataset(warmup)]
+    signatures = {log.predict_log.request.model_spec.signature_name for log in logs}
+    assert signatures == {"serving_default", "serving_uint8", "serving_image_bytes"}
+    assert all(log.predict_log.request.model_spec.name == "tiny" for log in logs)
+
+    config = model_server_config_pb2.ModelServerConfig()
+    with open(os.path.join(root, "models.config")) as f:
+        text_format.Parse(f.read(), config)
+    (entry,) = config.model_config_list.config
+    assert (entry.name, entry.base_path, entry.model_platform) == (
+        "tiny", "/models/tiny", "tensorflow")
+    with open(os.path.join(root, "batching_parameters.txt")) as f:
+        assert "max_batch_size { value: 32 }" in f.read()
+
+
+def test_saved_model_cli_show_all(exported):
+    cli_path = os.path.join(os.path.dirname(sys.executable), "saved_model_cli")
+    out = subprocess.run([cli_path, "show", "--all", "--dir", exported["result"]["path"]],
+                         capture_output=True, text=True, check=True).stdout
+    sections = {}
+    for block in out.split("signature_def['")[1:]:
+        sections[block.split("'")[0]] = block
+    assert {"serving_default", "serving_uint8", "serving_image_bytes"} <= set(sections)
+    assert "output_0" not in out
+    float_sig = sections["serving_default"]
+    assert "inputs['images'] tensor_info:\n        dtype: DT_FLOAT\n        shape: (-1, -1, -1, 3)" \
+        in float_sig
+    assert "dtype: DT_UINT8" in sections["serving_uint8"]
+    assert ("inputs['image_bytes'] tensor_info:\n        dtype: DT_STRING\n        shape: (-1)"
+            in sections["serving_image_bytes"])
+    for sig in ("serving_default", "serving_uint8", "serving_image_bytes"):
+        block = sections[sig]
+        assert "outputs['classes'] tensor_info:\n        dtype: DT_STRING\n        shape: (-1, 5)" \
+            in block
+        assert "outputs['logits'] tensor_info:\n        dtype: DT_FLOAT\n        shape: (-1, 10)" \
+            in block
+        for name in ("probabilities", "scores", "class_ids"):
+            assert f"outputs['{name}']" in block
+        assert "tensorflow/serving/predict" in block
+
+
+def test_signatures_any_size_labels_and_bad_input(exported):
+    loaded = tf.saved_model.load(exported["result"]["path"])
+    model = exported["model"]
+    images = np.random.default_rng(2).integers(0, 256, (3, 24, 20, 3)).astype(np.uint8)
+    out = loaded.signatures["serving_default"](images=tf.constant(images, tf.float32))
+    np.testing.assert_allclose(out["logits"].numpy(),
+                               export.logits_model(model).predict(images, verbose=0), atol=1e-5)
+    np.testing.assert_allclose(out["probabilities"].numpy().sum(-1), 1.0, atol=1e-5)
+    top = out["logits"].numpy().argmax(-1)
+    assert [c.decode() for c in out["classes"].numpy()[:, 0]] == [CLASS_NAMES[i] for i in top]
+    out8 = loaded.signatures["serving_uint8"](images=tf.constant(images))
+    np.testing.assert_array_equal(out8["class_ids"].numpy(), out["class_ids"].numpy())
+
+    # Bytes of any size are decoded and resized to the training size (16x16).
+    small = images[:, :16, :16]
+    big = tf.image.resize(small.astype(np.float32), (48, 48), method="nearest").numpy()
+    got = loaded.signatures["serving_image_bytes"](
+        image_bytes=tf.constant([png(small[0]), png(big[1])]))
+    assert got["classes"].shape == (2, 5)
+    np.testing.assert_allclose(got["logits"].numpy()[0],
+                               export.logits_model(model).predict(small[:1], verbose=0)[0],
+                               atol=1e-5)
+
+    bad_calls = [
+        ("serving_default", dict(images=tf.zeros([0, 16, 16, 3])), "empty batch"),
+        ("serving_uint8", dict(images=tf.zeros([1, 1, 1, 3], tf.uint8)), "patch size"),
+        ("serving_image_bytes", dict(image_bytes=tf.constant([], tf.string)), "empty batch"),
+        ("serving_image_bytes", dict(image_bytes=tf.constant([b"not an image"])), "JPEG or PNG"),
+        ("serving_image_bytes", dict(image_bytes=tf.constant([png(small[0])[:40]])), "PNG|png"),
+    ]
+    for signature, kwargs, message in bad_calls:
+        with pytest.raises(tf.errors.InvalidArgumentError, match=message):
+            loaded.signatures[signature](**kwargs)
+    with pytest.raises((ValueError, tf.errors.InvalidArgumentError), match="16, 3|height"):
+        loaded.signatures["serving_default"](images=tf.zeros([1, 16, 16, 4]))
+
+
+def test_softmax_head_is_detected_and_logits_recovered():
+    model = ConvMixer(dim=8, depth=1, kernel_size=3, patch_size=2, input_shape=(16, 16, 3),
+                      classes=4, classifier_activation="softmax")
+    assert export.output_activation(model) == "softmax"
+    assert export.output_activation(tiny_model()) is None
+    module = export.ServingModule(model, list("abcd"), (16, 16), top_k=3)
+    x = np.random.default_rng(5).uniform(0, 255, (2, 16, 16, 3)).astype(np.float32)
+    out = module._serve_float(tf.constant(x))
+    np.testing.assert_allclose(out["probabilities"].numpy(), model(x).numpy(), atol=1e-6)
+    np.testing.assert_allclose(tf.nn.softmax(out["logits"]).numpy(), model(x).numpy(), atol=1e-6)
+    assert out["classes"].shape == (2, 3)
+
+
+def _tree_digest(path):
+    digest = hashlib.sha256()
+    for folder, _, files in sorted(os.walk(path)):
+        for name in sorted(files):
+            with open(os.path.join(folder, name), "rb") as f:
+                digest.update(name.encode() + f.read())
+    return digest.hexdigest()
+
+
+def test_new_version_per_export_and_failures_leave_versions_untouched(exported, capsys):
+    root, model_path = exported["root"], exported["model_path"]
+    model_dir = os.path.join(root, "tiny")
+    before = _tree_digest(os.path.join(model_dir, "1"))
+    # The CLI: a second export is version 2, written beside version 1.
+    assert cli.export_main([model_path, "--tflite-modes", "none"]) == 0
+    assert export.list_versions(model_dir) == [1, 2]
+    assert "version 2" in capsys.readouterr().out
+
+    # A failing validation (a tolerance no export can meet) publishes nothing.
+    with pytest.raises(export.ExportError, match="validation failed"):
+        export.export_saved_model(model_path, root, "tiny", tolerance=-1.0, log=lambda _: None)
+    # Metadata that contradicts the model fails before anything is written.
+    bad_meta = os.path.join(root, "bad.keras")
+    exported["model"].save(bad_meta)
+    export.write_metadata(bad_meta, ["a", "b"], (16, 16))
+    assert cli.export_main([bad_meta, "--name", "tiny", "--tflite-modes", "none"]) == 1
+    assert "lists 2 class names but the model has 10" in capsys.readouterr().err
+
+    assert export.list_versions(model_dir) == [1, 2]
+    assert sorted(os.listdir(model_dir)) == ["1", "2"]  # no partial or temp dir left
+    assert _tree_digest(os.path.join(model_dir, "1")) == before
+
+
+def test_export_cli_bad_input(tmp_path, capsys):
+    assert cli.export_main([str(tmp_path / "missing.keras")]) == 1
+    assert "no such model file" in capsys.readouterr().err
+    corrupt = tmp_path / "corrupt.keras"
+    corrupt.write_bytes(b"this is not a zip archive")
+    assert cli.export_main([str(corrupt)]) == 1
+    assert "cannot load" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_info:
+        cli.export_main([str(corrupt), "--tflite-modes", "float32,int4"])
+    assert exit_info.value.code == 2
+
+
+def _load_client():
+    spec = importlib.util.spec_from_file_location(
+        "serving_client", os.path.join(ROOT, "scripts", "serving_client.py"))
+    client = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(client)
+    return client
+
+
+def test_serving_client_requests_offline(exported, tmp_path, capsys):
+    import base64
+
+    client = _load_client()
+    images = np.random.default_rng(3).integers(0, 256, (2, 16, 16, 3)).astype(np.uint8)
+    paths = []
+    for i, image in enumerate(images):
+        paths.append(str(tmp_path / f"img{i}.png"))
+        with open(paths[-1], "wb") as f:
+            f.write(png(image))
+    encoded = client.read_bytes(paths)
+
+    request = client.predict_request("tiny", encoded, version=1)
+    assert request.model_spec.name == "tiny" and request.model_spec.version.value == 1
+    assert request.model_spec.signature_name == "serving_image_bytes"
+    assert list(tf.make_ndarray(request.inputs["image_bytes"])) == encoded
+    body = client.rest_body(encoded)
+    assert base64.b64decode(body["instances"][1]["image_bytes"]["b64"]) == encoded[1]
+
+    rows = client.offline_rest(os.path.join(exported["root"], "tiny"), body)
+    top = export.logits_model(exported["model"]).predict(images, verbose=0).argmax(-1)
+    assert [r["classes"][0] for r in rows] == [CLASS_NAMES[i] for i in top]
+    assert client.main(["--offline", os.path.join(exported["root"], "tiny"), *paths]) == 0
+    assert CLASS_NAMES[top[0]] in capsys.readouterr().out
+
+    text = tmp_path / "notes.txt"
+    text.write_text("hello")
+    assert client.main(["--offline", exported["root"], str(text)]) == 1
+    assert "not a JPEG or PNG" in capsys.readouterr().err
+    assert client.main(["--rest", "http://127.0.0.1:9", paths[0]]) == 1
+
+
+def test_predict_cli_on_saved_model(exported, tmp_path, capsys):
+    from PIL import Image
+
+    image = np.random.default_rng(4).integers(0, 256, (20, 20, 3)).astype(np.uint8)
+    Image.fromarray(image).save(tmp_path / "a.bmp")  # not JPEG/PNG: re-encoded for the model
+    Image.fromarray(image).save(tmp_path / "a.png")
+    model_dir = os.path.join(exported["root"], "tiny")
+    assert cli.predict_main([model_dir, str(tmp_path / "a.bmp"), str(tmp_path / "a.png")]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    labels = [line.split(":")[1].rsplit("(", 1)[0] for line in lines]
+    assert len(lines) == 2 and labels[0] == labels[1]
+    assert lines[0].endswith("ms)") and lines[0].split()[1] in CLASS_NAMES
+
+    (tmp_path / "bad.png").write_bytes(b"\x89PNG\r\n\x1a\ntruncated")
+    assert cli.predict_main([model_dir, str(tmp_path / "bad.png")]) == 2
+    assert "cannot read" in capsys.readouterr().err
+    assert cli.predict_main([str(tmp_path), str(tmp_path / "a.png")]) == 2
+    assert "no SavedModel" in capsys.readouterr().err
