@@ -16,31 +16,12 @@ import hashlib
 import json
 import math
 import os
-import tempfile
 
 import keras
 
+from convmixer_tf.saving import atomic_write
+
 _METADATA = "training_metadata.json"
-
-
-def atomic_write(path, write):
-    """Calls `write(tmp_path)` then renames the temporary file onto `path`; a crash or kill at
-    any point leaves either the old `path` or the new one, never half a file."""
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    # Keep the suffix: Keras picks the format from it (.keras, .weights.h5).
-    suffix = next(s for s in (".weights.h5", ".keras", ".json", "") if path.endswith(s))
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=suffix, dir=directory)
-    os.close(fd)
-    try:
-        write(tmp)
-        with open(tmp, "rb+") as f:  # the rename is only durable after the data is
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-    return path
 
 
 def _write_json(path, obj):

@@ -6,6 +6,10 @@ import os
 import sys
 import time
 
+# Entry points only (not the library): hide TensorFlow's C++ info/warning lines so the user
+# sees Keras's progress bar and our results. An explicit TF_CPP_MIN_LOG_LEVEL wins.
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
 PRECISIONS = ("float32", "mixed_float16", "mixed_bfloat16")
 # Flags restricted to a set of values (mirrors distribute.STRATEGIES / XLA_MODES, which this
 # module does not import so that `--help` stays fast).

@@ -26,6 +26,8 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from convmixer_tf import saving
+
 SIGNATURE_FLOAT = "serving_default"
 SIGNATURE_UINT8 = "serving_uint8"
 SIGNATURE_BYTES = "serving_image_bytes"
@@ -426,6 +428,7 @@ def export_saved_model(model_path=None, export_root="saved_models", name=None, m
     model_dir = os.path.join(export_root, name)
     os.makedirs(model_dir, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=TMP_PREFIX, dir=model_dir)
+    os.chmod(tmp, saving.default_mode(0o777))  # readable by the serving user, like mkdir
     try:
         ServingModule(model, class_names, image_size, top_k=top_k).save(tmp)
         warm = np.asarray(sample_images[:1], np.uint8)
