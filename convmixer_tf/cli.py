@@ -76,6 +76,8 @@ def train_main(argv=None):
     print(f"held-out accuracy: {result['test_accuracy']:.2%}")
     print(f"saved model: {result['model_path']}")
     _write_train_metadata(config, result)
+    if not result["is_chief"]:  # multi-worker: the chief alone publishes the exports
+        return 0
     return export_main([result["model_path"]]) if do_export else 0
 
 

@@ -116,7 +116,8 @@ def save_model(model, path):
 
 
 def train(config):
-    """Runs `config`; returns dict(model, history, test_accuracy, model_path, class_names).
+    """Runs `config`; returns dict(model, history, test_accuracy, model_path, class_names,
+    is_chief).
 
     Rerunning the same config after a crash resumes from `<run_dir>/<name>/backup/`."""
     config = presets.apply_train_preset(config)
@@ -181,4 +182,5 @@ def train(config):
         test_accuracy=test_accuracy,
         model_path=model_path,
         class_names=datasets.class_names,
+        is_chief=is_chief,
     )
