@@ -67,6 +67,9 @@ def parse_args(argv=None):
     p.add_argument("--backend", choices=("tensorflow", "jax"), default="tensorflow",
                    help="Keras backend for our side; jax is the GPU path (XLA, bfloat16)")
     p.add_argument("--no-torch", action="store_true", help="skip the PyTorch side")
+    p.add_argument("--ablations", action="store_true",
+                   help="train: also each speed-up alone (fused BN, GELU gradient, bf16, input "
+                        "pipeline), to measure what each one brings")
     p.add_argument("--rounds", type=int, default=0, help="override the rounds of every section")
     p.add_argument("--json", default="", help="also write the results to this JSON file")
     args = p.parse_args(argv)
@@ -150,6 +153,8 @@ def table(title, header, rows):
 
 
 def keras_model(cfg, precision="float32", fast=False):
+    """Our ConvMixer for `cfg`; `fast` is False, True (every `performance.accelerate` swap) or
+    a dict of `accelerate` switches."""
     import keras
 
     from convmixer_tf import model as model_lib, performance
@@ -161,7 +166,9 @@ def keras_model(cfg, precision="float32", fast=False):
             activation=cfg["activation"], input_shape=(cfg["image"], cfg["image"], 3),
             classes=cfg["classes"], classifier_activation=None,
         )
-        return performance.accelerate(model) if fast else model
+        if not fast:
+            return model
+        return performance.accelerate(model, **(fast if isinstance(fast, dict) else {}))
     finally:
         keras.mixed_precision.set_global_policy("float32")
 
@@ -254,7 +261,7 @@ def _tf_dataset(cfg, n_images=512):
     return ds.prefetch(tf.data.AUTOTUNE)
 
 
-def _keras_train_candidate(cfg, args, precision, fast, jit_compile=False):
+def _keras_train_candidate(cfg, args, precision, fast, jit_compile=False, pipeline=True):
     import keras
 
     model = keras_model(cfg, precision, fast)
@@ -265,7 +272,11 @@ def _keras_train_candidate(cfg, args, precision, fast, jit_compile=False):
     )
     steps = cfg["steps"]
     if args.backend == "tensorflow":
+        import tensorflow as tf
+
         ds = _tf_dataset(cfg)
+        if not pipeline:  # one batch, materialised once: no input work on the step's path
+            ds = tf.data.Dataset.from_tensors(next(iter(ds))).cache().repeat()
 
         def run():
             model.fit(ds, steps_per_epoch=steps, epochs=1, verbose=0)
@@ -318,8 +329,20 @@ def train_section(cfg, args, peak):
     cands = {}
     if args.backend == "tensorflow":
         cands["keras fp32 (stock layers)"] = _keras_train_candidate(cfg, args, "float32", False)
+        if args.ablations:
+            cands["keras fp32 + fused BN"] = _keras_train_candidate(
+                cfg, args, "float32", dict(gelu=False))
+            cands["keras fp32 + GELU grad"] = _keras_train_candidate(
+                cfg, args, "float32", dict(batchnorm=False))
         cands["keras fp32 + fused BN/GELU"] = _keras_train_candidate(cfg, args, "float32", True)
-        cands["keras bf16 + fused BN/GELU"] = _keras_train_candidate(
+        if args.ablations:
+            cands["keras fp32 + fused BN/GELU, no input pipeline"] = _keras_train_candidate(
+                cfg, args, "float32", True, pipeline=False)
+            cands["keras bf16 (stock layers)"] = _keras_train_candidate(
+                cfg, args, "mixed_bfloat16", False)
+            cands["keras bf16 + fused BN/GELU, bf16 depthwise"] = _keras_train_candidate(
+                cfg, args, "mixed_bfloat16", dict(depthwise_float32=False))
+        cands["keras bf16 + fused BN/GELU, fp32 depthwise"] = _keras_train_candidate(
             cfg, args, "mixed_bfloat16", True)
     else:
         cands["keras-jax fp32 (XLA)"] = _keras_train_candidate(cfg, args, "float32", False, True)
