@@ -2,6 +2,7 @@
 
     from convmixer_tf import performance
     performance.configure_threads(2)               # before TF runs its first op
+    keras.mixed_precision.set_global_policy(performance.recommended_precision())
     model = performance.accelerate(model)          # same function, faster training kernels
     ...fit...
     model = performance.standardize(model)         # stock Keras layers again, for saving/export
@@ -52,6 +53,16 @@ def cpu_flags():
     except OSError:
         pass
     return set()
+
+
+def recommended_precision(flags=None):
+    """The Keras dtype policy to train with on this CPU: "mixed_bfloat16" where the CPU has
+    native bfloat16 dot products (AVX512-BF16 or AMX), else "float32". Use it together with
+    `accelerate` (BENCHMARKS.md: bfloat16 with the stock layers is slower than float32)."""
+    flags = cpu_flags() if flags is None else set(flags)
+    if flags & {"avx512_bf16", "amx_bf16"}:
+        return "mixed_bfloat16"
+    return "float32"
 
 
 def _tensorflow_backend():

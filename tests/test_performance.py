@@ -102,6 +102,13 @@ def test_cpu_flags_is_a_set():
     assert isinstance(performance.cpu_flags(), set)
 
 
+def test_recommended_precision_needs_native_bf16():
+    assert performance.recommended_precision({"avx2", "avx512f"}) == "float32"
+    assert performance.recommended_precision({"avx512f", "avx512_bf16"}) == "mixed_bfloat16"
+    assert performance.recommended_precision({"amx_bf16"}) == "mixed_bfloat16"
+    assert performance.recommended_precision() in ("float32", "mixed_bfloat16")
+
+
 def test_configure_threads_rejects_after_init():
     # TF is initialised in this process already: TF itself refuses the change; say so clearly.
     with pytest.raises(RuntimeError):
