@@ -10,7 +10,8 @@
 `accelerate` swaps layers for exactly equivalent, faster formulations, keeping the weights and the
 layer names: BatchNormalization -> `FusedBatchNormalization` (TF's FusedBatchNormV3 kernel instead
 of Keras's moments + batch_normalization chain of small ops) and the exact-erf GELU activation ->
-`GELU` (one erf, with a hand-written gradient instead of autodiff through five elementwise ops).
+`GELU` (a hand-written gradient instead of autodiff through five elementwise ops, forward and
+gradient each compiled by XLA into one fused loop: XLA only sees elementwise math there).
 Under a bfloat16 policy the depthwise convolutions compute in float32 (TF's bfloat16 depthwise
 filter gradient is ~3x slower on CPU). Outside the TensorFlow backend the layers fall back to the
 stock Keras code.
@@ -120,17 +121,37 @@ class FusedBatchNormalization(layers.BatchNormalization):
         return tf.cast(y, self.compute_dtype)
 
 
-def _gelu_exact_tf(x):
+_GELU_KERNELS = {}
+
+
+def _gelu_kernels(xla):
+    """(forward, gradient) float32 GELU functions; with `xla` each is one XLA-fused CPU loop
+    (a few elementwise ops: none of XLA's CPU convolution weaknesses apply)."""
+    if xla not in _GELU_KERNELS:
+        import tensorflow as tf
+
+        def forward(x):
+            return x * (0.5 + 0.5 * tf.math.erf(x * SQRT_HALF))
+
+        def gradient(x, dy):
+            cdf = 0.5 + 0.5 * tf.math.erf(x * SQRT_HALF)
+            return dy * (cdf + x * (INV_SQRT_2PI * tf.exp(-0.5 * tf.square(x))))
+
+        if xla:
+            forward = tf.function(forward, jit_compile=True, reduce_retracing=True)
+            gradient = tf.function(gradient, jit_compile=True, reduce_retracing=True)
+        _GELU_KERNELS[xla] = (forward, gradient)
+    return _GELU_KERNELS[xla]
+
+
+def _gelu_exact_tf(x, xla):
     import tensorflow as tf
+
+    forward, gradient = _gelu_kernels(xla)
 
     @tf.custom_gradient
     def gelu(x):
-        cdf = 0.5 + 0.5 * tf.math.erf(x * SQRT_HALF)
-
-        def grad(dy):
-            return dy * (cdf + x * (INV_SQRT_2PI * tf.exp(-0.5 * tf.square(x))))
-
-        return x * cdf, grad
+        return forward(x), lambda dy: gradient(x, dy)
 
     return gelu(x)
 
@@ -138,15 +159,23 @@ def _gelu_exact_tf(x):
 @keras.saving.register_keras_serializable(package="convmixer_tf")
 class GELU(layers.Layer):
     """Exact (erf) GELU, x * Phi(x), with an analytic gradient on the TF backend: the same
-    function as `Activation("gelu")`, in fewer kernels. Float32 math under mixed precision."""
+    function as `Activation("gelu")`, in fewer kernels; `xla=True` fuses the forward and the
+    gradient into one XLA loop each. Float32 math under mixed precision."""
+
+    def __init__(self, xla=True, **kwargs):
+        super().__init__(**kwargs)
+        self.xla = bool(xla)
 
     def call(self, inputs):
         if not _tensorflow_backend():
             return keras.activations.gelu(inputs, approximate=False)
         import tensorflow as tf
 
-        y = _gelu_exact_tf(tf.cast(inputs, "float32"))
+        y = _gelu_exact_tf(tf.cast(inputs, "float32"), self.xla)
         return tf.cast(y, self.compute_dtype)
+
+    def get_config(self):
+        return {**super().get_config(), "xla": self.xla}
 
     def compute_output_shape(self, input_shape):
         return input_shape
@@ -161,7 +190,7 @@ def _is_exact_gelu(layer):
     )
 
 
-def _fast_clone(layer, batchnorm=True, gelu=True, depthwise_float32=True):
+def _fast_clone(layer, batchnorm=True, gelu=True, gelu_xla=True, depthwise_float32=True):
     config = layer.get_config()
     if depthwise_float32 and type(layer) is layers.DepthwiseConv2D:
         if layer.compute_dtype == "bfloat16":
@@ -171,7 +200,7 @@ def _fast_clone(layer, batchnorm=True, gelu=True, depthwise_float32=True):
     if batchnorm and type(layer) is layers.BatchNormalization:
         return FusedBatchNormalization.from_config(config)
     if gelu and _is_exact_gelu(layer):
-        return GELU(name=config["name"], dtype=config.get("dtype"))
+        return GELU(xla=gelu_xla, name=config["name"], dtype=config.get("dtype"))
     return layer.__class__.from_config(config)
 
 
@@ -190,15 +219,13 @@ def _clone(model, clone_function):
     return clone
 
 
-def accelerate(model, batchnorm=True, gelu=True, depthwise_float32=True):
+def accelerate(model, batchnorm=True, gelu=True, gelu_xla=True, depthwise_float32=True):
     """A copy of a functional `model` with the faster, equivalent layers (each switch picks one
     swap) and the same weights and layer names. Compile the returned model."""
-    return _clone(
-        model,
-        lambda layer: _fast_clone(
-            layer, batchnorm=batchnorm, gelu=gelu, depthwise_float32=depthwise_float32
-        ),
+    options = dict(
+        batchnorm=batchnorm, gelu=gelu, gelu_xla=gelu_xla, depthwise_float32=depthwise_float32
     )
+    return _clone(model, lambda layer: _fast_clone(layer, **options))
 
 
 def standardize(model):

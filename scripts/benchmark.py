@@ -349,6 +349,8 @@ def train_section(cfg, args, peak):
             cands["keras fp32 + fused BN"] = _keras_train_candidate(
                 cfg, args, "float32", dict(gelu=False))
             cands["keras fp32 + GELU grad"] = _keras_train_candidate(
+                cfg, args, "float32", dict(batchnorm=False, gelu_xla=False))
+            cands["keras fp32 + GELU grad, XLA-fused"] = _keras_train_candidate(
                 cfg, args, "float32", dict(batchnorm=False))
         cands["keras fp32 + fused BN/GELU"] = _keras_train_candidate(cfg, args, "float32", True)
         if args.ablations:

@@ -113,3 +113,37 @@ def test_configure_threads_rejects_after_init():
     # TF is initialised in this process already: TF itself refuses the change; say so clearly.
     with pytest.raises(RuntimeError):
         performance.configure_threads(1, 1)
+
+
+MIRRORED_SCRIPT = """
+import os, sys
+import tensorflow as tf
+cpu = tf.config.list_physical_devices("CPU")[0]
+tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
+import numpy as np, keras
+from convmixer_tf import model as model_lib, performance
+strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
+with strategy.scope():
+    model = performance.accelerate(model_lib.ConvMixer(
+        16, 1, 3, 2, input_shape=(8, 8, 3), classes=3, classifier_activation=None))
+    model.compile(optimizer="adam", loss=keras.losses.CategoricalCrossentropy(from_logits=True))
+x = np.random.default_rng(0).random((16, 8, 8, 3)).astype("float32") * 255
+y = np.eye(3, dtype="float32")[np.arange(16) % 3]
+history = model.fit(x, y, batch_size=8, epochs=2, verbose=0)
+assert strategy.num_replicas_in_sync == 2
+assert all(np.isfinite(history.history["loss"])), history.history
+print("OK")
+"""
+
+
+def test_accelerated_model_trains_under_mirrored_strategy():
+    """The XLA-fused GELU kernels sit inside each replica's step: no collective in them."""
+    import os
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", PYTHONPATH=root)
+    proc = subprocess.run([sys.executable, "-c", MIRRORED_SCRIPT], capture_output=True,
+                          text=True, timeout=180, env=env, cwd=root)
+    assert proc.returncode == 0 and "OK" in proc.stdout, proc.stderr[-3000:]
