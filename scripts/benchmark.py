@@ -443,10 +443,11 @@ def infer_section(cfg, args, peak):
         x = np.random.default_rng(0).standard_normal(
             (batch, cfg["image"], cfg["image"], 3)).astype("float32")
         cands = {}
-        cands["keras fp32"] = _keras_infer_candidate(ours["fp32"], x, args)
+        ours_name = "keras" if args.backend == "tensorflow" else "keras-jax"
+        cands[f"{ours_name} fp32"] = _keras_infer_candidate(ours["fp32"], x, args)
         if "fused" in ours:
             cands["keras fp32 + fused BN"] = _keras_infer_candidate(ours["fused"], x, args)
-        cands["keras bf16"] = _keras_infer_candidate(ours["bf16"], x, args)
+        cands[f"{ours_name} bf16"] = _keras_infer_candidate(ours["bf16"], x, args)
         if ref is not None:
             cands["torch eager fp32"] = _torch_infer_candidate(ref, x, args)
             cands["torch eager bf16 autocast"] = _torch_infer_candidate(ref, x, args, bf16=True)
