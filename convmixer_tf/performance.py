@@ -28,14 +28,16 @@ INV_SQRT_2PI = 1.0 / math.sqrt(2.0 * math.pi)
 
 
 def configure_threads(intra_op=None, inter_op=None):
-    """Sets TF's thread pools (must run before TF's first op). `None` intra means every core;
-    inter-op 1 keeps the two pools from oversubscribing a small CPU (ConvMixer is one chain)."""
+    """Sets TF's thread pools (must run before TF's first op): `intra_op` threads per op (`None`:
+    every core) and `inter_op` ops at once (`None`: TF's default, the core count; 1 measured no
+    faster for ConvMixer's single chain of ops, see BENCHMARKS.md)."""
     import tensorflow as tf
 
     intra_op = intra_op or os.cpu_count() or 1
     try:
         tf.config.threading.set_intra_op_parallelism_threads(intra_op)
-        tf.config.threading.set_inter_op_parallelism_threads(inter_op or 1)
+        if inter_op:
+            tf.config.threading.set_inter_op_parallelism_threads(inter_op)
     except RuntimeError as error:
         raise RuntimeError(
             "configure_threads() must run before TensorFlow executes its first op "
