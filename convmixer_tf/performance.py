@@ -231,5 +231,6 @@ def accelerate(model, batchnorm=True, gelu=True, gelu_xla=True, depthwise_float3
 
 
 def standardize(model):
-    """The inverse of `accelerate`: stock Keras layers only (for saving, TF Serving, TFLite)."""
+    """The inverse of `accelerate`: stock Keras layers only (for saving, TF Serving, TFLite).
+    Depthwise layers that `accelerate` moved to float32 under a bfloat16 policy stay float32."""
     return _clone(model, _stock_clone)
