@@ -13,7 +13,7 @@ import os
 import keras
 
 from convmixer_tf import augment, data, distribute, model as model_lib, presets, saving, schedules
-from convmixer_tf import callbacks as callbacks_lib
+from convmixer_tf import callbacks as callbacks_lib, performance
 
 
 @dataclasses.dataclass
@@ -57,6 +57,7 @@ class TrainConfig:
     mix_prob: float = 1.0  # probability a batch is mixed
     mix_switch_prob: float = 0.5  # cutmix instead of mixup, when both are on
     precision: str = "float32"  # or mixed_float16 / mixed_bfloat16
+    fast_layers: bool = True  # performance.accelerate: same function, ~1.9x faster CPU training
     seed: int = 0
     output_dir: str = "saved_models"  # <output_dir>/<name>.keras
     name: str = "convmixer_digits"
@@ -108,9 +109,11 @@ def build_model(config, num_classes, input_shape):
 
 
 def save_model(model, path):
-    """Saves an uncompiled copy of `model` to `path` atomically (tmp file + rename), so a crash
-    mid-save never replaces a good model with half a file."""
-    clean = keras.Model.from_config(model.get_config())  # clone_model would keep compile()
+    """Saves an uncompiled copy of `model` with stock Keras layers only (see
+    `performance.standardize`) to `path` atomically, so a crash mid-save never replaces a good
+    model with half a file, and the file loads anywhere without this package."""
+    # Stock layers; from_config drops the compile state (optimizer, custom LR schedule).
+    clean = keras.Model.from_config(performance.standardize(model).get_config())
     clean.set_weights(model.get_weights())
     return saving.save_atomic(clean, path, overwrite=True)
 
@@ -144,6 +147,8 @@ def train(config):
         model = build_model(
             config, datasets.num_classes, (config.image_size, config.image_size, 3)
         )
+        if config.fast_layers:
+            model = performance.accelerate(model)
         trainer = distribute.make_trainer(model)
         optimizer = keras.optimizers.AdamW(
             schedules.OneCycle(config.max_lr, steps),

@@ -1,3 +1,6 @@
+import json
+import zipfile
+
 import keras
 import numpy as np
 import pytest
@@ -31,6 +34,12 @@ def test_short_training_run_learns(tmp_path):
     assert losses[-1] < 0.7 * losses[0]
     assert result["test_accuracy"] > 0.8
     loaded = keras.saving.load_model(result["model_path"])
+    with zipfile.ZipFile(result["model_path"]) as archive:
+        saved = json.loads(archive.read("config.json"))
+    assert "compile_config" not in saved or not saved["compile_config"]
+    stock = {"InputLayer", "Rescaling", "Conv2D", "Activation", "BatchNormalization",
+             "DepthwiseConv2D", "Add", "GlobalAveragePooling2D", "Dense"}
+    assert {layer["class_name"] for layer in saved["config"]["layers"]} <= stock
     (_, _), (x_test, _) = data.load_digits(16)
     np.testing.assert_allclose(
         loaded.predict(x_test[:8], verbose=0), result["model"].predict(x_test[:8], verbose=0),
