@@ -3,6 +3,7 @@
     import convmixer_tf
     model = convmixer_tf.ConvMixer256_8(input_shape=(32, 32, 3), classes=10)
     model = convmixer_tf.ConvMixer(dim=128, depth=4, kernel_size=5, patch_size=2, classes=10)
+    model = build_from_checkpoint("convmixer_1536_20_ks9_p7.pth.tar")  # architecture read from it
 
 Numerics follow the paper's PyTorch code so converted checkpoints give the same logits:
 BatchNorm epsilon 1e-5 and momentum 0.9 (PyTorch's 0.1), exact erf GELU.
@@ -13,13 +14,13 @@ import os
 import keras
 from keras import layers
 
-from convmixer_tf import presets
+from convmixer_tf import artifacts, checkpoints, presets
 
 # PyTorch BatchNorm2d defaults, in Keras terms (Keras momentum = 1 - PyTorch momentum).
 BN_EPSILON = 1e-5
 BN_MOMENTUM = 0.9
 
-ACTIVATIONS = ("gelu", "relu")
+ACTIVATIONS = presets.ACTIVATIONS
 POOLINGS = (None, "avg", "max")
 
 BASE_DOCSTRING = """Instantiates the {name} architecture (Trockman & Kolter, 2022).
@@ -166,10 +167,8 @@ def ConvMixer(
     model = keras.Model(inputs, x, name=name)
 
     if weights is not None:
-        from convmixer_tf import weights as weights_lib
-
         # "auto": another `classes` than the file's loads the backbone only (fine-tuning).
-        weights_lib.load_weights(model, weights, skip_head="auto")
+        checkpoints.load_weights(model, weights, skip_head="auto")
     return model
 
 
@@ -221,3 +220,55 @@ ConvMixer256_8 = _variant(
     "ConvMixer256_8",
     "The paper's CIFAR-10 model: h=256, depth 8, kernel 5, patch 2, GELU: 0.59M (10 classes).",
 )
+
+
+def build_from_checkpoint(path, activation=None, prefer_ema=False, trust_checkpoint=False,
+                          **model_kwargs):
+    """Builds the ConvMixer a PyTorch checkpoint holds (architecture read from its tensors),
+    loaded.
+
+    `activation` cannot be read from weights: by default the named variant's (ReLU for 768/32),
+    else GELU. `model_kwargs` go to `ConvMixer` (e.g. `include_preprocessing`,
+    `classifier_activation`, `input_shape`, `include_top=False`, `classes` for a new head).
+    """
+    state_dict = checkpoints.load_state_dict(
+        path, prefer_ema=prefer_ema, trust_checkpoint=trust_checkpoint
+    )
+    return _from_state_dict(state_dict, activation, **model_kwargs)[0]
+
+
+def _from_state_dict(state_dict, activation=None, **model_kwargs):
+    """(loaded model, its architecture dict) for a normalised PyTorch state dict."""
+    config = checkpoints.infer_config(state_dict)
+    include_top = model_kwargs.get("include_top", True)
+    classes = model_kwargs.pop("classes", config["classes"])
+    if include_top and classes is None:
+        raise ValueError(
+            "The checkpoint has no classifier head; pass include_top=False, or `classes` for a "
+            "new, randomly initialised head."
+        )
+    arch = dict(dim=config["dim"], depth=config["depth"], kernel_size=config["kernel_size"],
+                patch_size=config["patch_size"], activation=activation or config["activation"])
+    model_kwargs.setdefault("input_shape", (None, None, config["in_channels"]))
+    model_kwargs.setdefault("name", presets.variant_name(**arch))
+    model = ConvMixer(**arch, classes=classes or 1000, **model_kwargs)
+    # Another `classes` (or a headless checkpoint): the backbone only, with a warning.
+    checkpoints.assign_weights(
+        model, checkpoints.keras_weights_from_state_dict(state_dict, model, "auto")
+    )
+    return model, dict(arch, classes=int(model.output_shape[-1]) if include_top else None)
+
+
+def convert_checkpoint(path, output, overwrite=False, activation=None, prefer_ema=False,
+                       trust_checkpoint=False, **model_kwargs):
+    """Converts a PyTorch checkpoint to `output` (`.keras` or `.weights.h5`); returns
+    `(model, output, architecture)`. The model takes 0-255 pixels unless
+    `include_preprocessing=False`."""
+    output = os.fspath(output)
+    if os.path.exists(output) and not overwrite:  # fail before the (slow) conversion
+        raise FileExistsError(f"{output!r} exists; pass overwrite=True (--overwrite) to replace it")
+    state_dict = checkpoints.load_state_dict(
+        path, prefer_ema=prefer_ema, trust_checkpoint=trust_checkpoint
+    )
+    model, arch = _from_state_dict(state_dict, activation, **model_kwargs)
+    return model, artifacts.save_model(model, output, overwrite=overwrite), arch

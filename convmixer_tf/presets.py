@@ -5,6 +5,10 @@ arXiv:2201.09792, Table 1 and Sec. 3) and timm's `timm/models/convmixer.py`; the
 kernel and patch size only when they differ from the ImageNet default (k9, p7), as timm does.
 """
 
+ACTIVATIONS = ("gelu", "relu")  # what the paper used: GELU, and ReLU for ConvMixer-768/32
+
+
+
 # ImageNet normalisation used by the official and timm checkpoints (timm IMAGENET_DEFAULT_*).
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -22,11 +26,9 @@ MODEL_CONFIGS = {
     "convmixer_256_8_ks5_p2": dict(dim=256, depth=8, kernel_size=5, patch_size=2, activation="gelu"),
 }
 
-# How the ImageNet checkpoints were evaluated (timm default_cfg): resize the short side to
-# size / crop_pct with bicubic interpolation, centre-crop `size`, normalise with mean/std.
-PREPROCESSING = dict(
-    input_size=224, crop_pct=0.96, interpolation="bicubic", mean=IMAGENET_MEAN, std=IMAGENET_STD
-)
+# How the ImageNet checkpoints were evaluated (timm default_cfg crop_pct): resize the short side
+# to size / crop_pct (bicubic, `preprocessing.INTERPOLATION`), centre-crop the size.
+IMAGENET_CROP_PCT = 0.96
 
 # Training recipes as TrainConfig field values (`convmixer-train --preset NAME`; explicit flags
 # win). Every number says where it comes from.
@@ -85,29 +87,21 @@ TRAIN_PRESETS = {
         erase_prob=0.25, erase_mode="pixel",  # --reprob 0.25 --remode pixel
         mixup=0.5, cutmix=0.5,  # --mixup 0.5 --cutmix 0.5 (Beta alphas)
         mix_prob=1.0, mix_switch_prob=0.5,  # timm defaults --mixup-prob 1 --mixup-switch-prob 0.5
-        eval_crop_pct=PREPROCESSING["crop_pct"],  # timm default_cfg crop_pct 0.96, bicubic
+        eval_crop_pct=IMAGENET_CROP_PCT,  # timm default_cfg crop_pct 0.96, bicubic
         name="convmixer_imagenet",
     ),
 }
 
 
-def apply_train_preset(config, explicit=None):
-    """`config` (a TrainConfig) with its `preset` recipe filled in, `preset` cleared.
-
-    A preset sets every field it names except those in `explicit` (the CLI passes the flags
-    given on the command line). Without `explicit`, fields whose value differs from the
-    TrainConfig default count as explicit, so `TrainConfig(preset="cifar10", epochs=5)` trains
-    5 epochs; to force a default value over a preset, pass it in `explicit`.
-    """
-    import dataclasses
-
-    if not config.preset:
-        return config
-    if config.preset not in TRAIN_PRESETS:
-        raise ValueError(f"Unknown preset; choose one of {sorted(TRAIN_PRESETS)}. "
-                         f"Received preset={config.preset!r}")
-    if explicit is None:
-        explicit = {f.name for f in dataclasses.fields(config)
-                    if getattr(config, f.name) != f.default}
-    values = {k: v for k, v in TRAIN_PRESETS[config.preset].items() if k not in explicit}
-    return dataclasses.replace(config, preset="", **values)
+def variant_name(dim, depth, kernel_size, patch_size, activation="gelu"):
+    """The MODEL_CONFIGS name of this architecture, else timm's naming rule for it
+    (`convmixer_<dim>_<depth>`, then `_ks<k>` / `_p<p>` where they differ from 9 / 7)."""
+    arch = dict(dim=dim, depth=depth, kernel_size=kernel_size, patch_size=patch_size,
+                activation=activation)
+    for name, config in MODEL_CONFIGS.items():
+        if config == arch:
+            return name
+    name = f"convmixer_{dim}_{depth}"
+    name += f"_ks{kernel_size}" if kernel_size != 9 else ""
+    name += f"_p{patch_size}" if patch_size != 7 else ""
+    return name + ("_relu" if activation == "relu" else "")

@@ -10,7 +10,7 @@ warm-up, and the median over rounds is reported, so load changes hit ours and to
 frameworks get the same number of threads (`--threads`, default 2). Results print as Markdown
 tables (and `--json PATH` writes them); BENCHMARKS.md has the commands and the numbers.
 torch is an optional extra (`pip install convmixer_tf[torch]`); its side is the paper's model from
-convmixer_tf/reference_torch.py (the same modules timm uses), eager and, on GPU, torch.compile.
+scripts/reference_torch.py (the same modules timm uses), eager and, on GPU, torch.compile.
 """
 
 import argparse
@@ -167,11 +167,11 @@ def table(title, header, rows):
 
 
 def keras_model(cfg, precision="float32", fast=False):
-    """Our ConvMixer for `cfg`; `fast` is False, True (every `performance.accelerate` swap) or
+    """Our ConvMixer for `cfg`; `fast` is False, True (every `layers.accelerate` swap) or
     a dict of `accelerate` switches."""
     import keras
 
-    from convmixer_tf import model as model_lib, performance
+    from convmixer_tf import layers, model as model_lib
 
     keras.mixed_precision.set_global_policy(precision)
     try:
@@ -182,14 +182,14 @@ def keras_model(cfg, precision="float32", fast=False):
         )
         if not fast:
             return model
-        return performance.accelerate(model, **(fast if isinstance(fast, dict) else {}))
+        return layers.accelerate(model, **(fast if isinstance(fast, dict) else {}))
     finally:
         keras.mixed_precision.set_global_policy("float32")
 
 
 def torch_model(cfg, device="cpu"):
     """The paper's PyTorch ConvMixer (NCHW), on `device`."""
-    from convmixer_tf import reference_torch
+    import reference_torch
 
     model = reference_torch.ConvMixer(cfg["dim"], cfg["depth"], cfg["kernel_size"],
                                       cfg["patch_size"], cfg["activation"], cfg["classes"])
@@ -630,11 +630,10 @@ def setup(args):
 
     warnings.filterwarnings("ignore")
     os.environ["KERAS_BACKEND"] = args.backend
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     if args.backend == "tensorflow":
-        from convmixer_tf import performance
+        from convmixer_tf import layers
 
-        performance.configure_threads(args.threads, args.inter_op)
+        layers.configure_threads(args.threads, args.inter_op)
         import tensorflow as tf
 
         tf.get_logger().setLevel("ERROR")

@@ -1,4 +1,4 @@
-"""RandAugment in tf.data: convmixer_tf.augment.rand_augment vs keras.layers.RandAugment.
+"""RandAugment in tf.data: convmixer_tf.training.augment.rand_augment vs keras.layers.RandAugment.
 
 Per-image `Dataset.map` with AUTOTUNE parallelism, same op count (2) and comparable strength
 (timm m9 vs Keras factor 0.9), uint8 random images; prints images/s and the ratio.
@@ -18,7 +18,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from convmixer_tf import augment
+from convmixer_tf.training import augment
 
 
 def images_per_second(fn, size, count):

@@ -13,7 +13,6 @@ import os
 import sys
 
 os.environ["KERAS_BACKEND"] = "jax"
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def main(argv=None):

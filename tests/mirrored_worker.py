@@ -16,7 +16,8 @@ tf.config.set_logical_device_configuration(
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
 
-from convmixer_tf import distribute, model as model_lib  # noqa: E402
+from convmixer_tf import model as model_lib
+from convmixer_tf.training import distribute  # noqa: E402
 
 STEPS, BATCH = 6, 16
 

@@ -10,7 +10,8 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import keras  # noqa: E402
 
-from convmixer_tf import callbacks, cli  # noqa: E402
+from convmixer_tf import cli
+from convmixer_tf.training import callbacks  # noqa: E402
 
 
 class PauseAt(keras.callbacks.Callback):

@@ -3,9 +3,9 @@ import pytest
 import tensorflow as tf
 from PIL import Image, ImageEnhance, ImageOps
 
-from convmixer_tf import augment as A
 from convmixer_tf import cli, presets
-from convmixer_tf.train import TrainConfig, augment_config
+from convmixer_tf.training import augment as A
+from convmixer_tf.training.config import AugmentConfig, TrainConfig
 
 SEEDS = [tf.constant([s, 7], tf.int64) for s in range(12)]
 
@@ -22,7 +22,7 @@ def test_mixup_labels_sum_to_one_and_equal_pixel_weights():
     images, labels, values = _constant_batch()
     mixed_any = False
     for seed in SEEDS:
-        out, soft = A.mix_batch(images, labels, seed, A.AugmentConfig(mixup=0.5))
+        out, soft = A.mix_batch(images, labels, seed, AugmentConfig(mixup=0.5))
         soft = soft.numpy()
         np.testing.assert_allclose(soft.sum(1), 1.0, atol=1e-6)
         lam = soft[np.arange(8), np.arange(8)]
@@ -39,7 +39,7 @@ def test_cutmix_label_weight_is_the_pasted_area():
     images, labels, values = _constant_batch(size=16)
     areas = []
     for seed in SEEDS:
-        out, soft = A.mix_batch(images, labels, seed, A.AugmentConfig(cutmix=1.0))
+        out, soft = A.mix_batch(images, labels, seed, AugmentConfig(cutmix=1.0))
         out, soft = out.numpy(), soft.numpy()
         np.testing.assert_allclose(soft.sum(1), 1.0, atol=1e-6)
         for i in range(8):
@@ -52,11 +52,11 @@ def test_cutmix_label_weight_is_the_pasted_area():
 
 def test_mix_prob_zero_and_switch_prob():
     images, labels, _ = _constant_batch()
-    out, soft = A.mix_batch(images, labels, SEEDS[0], A.AugmentConfig(mixup=1.0, mix_prob=0.0))
+    out, soft = A.mix_batch(images, labels, SEEDS[0], AugmentConfig(mixup=1.0, mix_prob=0.0))
     np.testing.assert_array_equal(out, images)
     np.testing.assert_array_equal(soft, labels)
     # With both on and switch prob 1, every mixed batch is a cutmix: pixels stay pure values.
-    config = A.AugmentConfig(mixup=1.0, cutmix=1.0, mix_switch_prob=1.0)
+    config = AugmentConfig(mixup=1.0, cutmix=1.0, mix_switch_prob=1.0)
     for seed in SEEDS[:4]:
         out, _ = A.mix_batch(images, labels, seed, config)
         assert set(np.unique(out.numpy())) <= set(10.0 * np.arange(1, 9))
@@ -142,35 +142,35 @@ def test_crop_flip_and_jitter():
 
 def test_augment_config_rejects_bad_values():
     for kwargs in (dict(hflip=-0.1), dict(erase_prob=1.5), dict(mixup=-1.0),
-                   dict(randaug_m=11), dict(erase_mode="zeros"), dict(crop_scale=(0.5, 0.1))):
+                   dict(randaug_m=11), dict(erase_mode="zeros"), dict(crop_scale=1.5), dict(crop_ratio=0.5)):
         with pytest.raises(ValueError):
-            A.AugmentConfig(**kwargs)
-    assert not A.AugmentConfig().per_image and not A.AugmentConfig().per_batch
+            AugmentConfig(**kwargs)
+    assert not AugmentConfig().per_image and not AugmentConfig().per_batch
 
 
 def test_presets_resolve_to_the_documented_numbers():
-    imagenet = presets.apply_train_preset(TrainConfig(preset="imagenet", epochs=5))
-    assert imagenet.epochs == 5 and imagenet.preset == ""  # given value wins
+    imagenet = TrainConfig.create(preset="imagenet", epochs=5)
+    assert imagenet.epochs == 5  # given value wins
     assert (imagenet.max_lr, imagenet.batch_size, imagenet.weight_decay) == (0.01, 640, 2e-5)
     assert (imagenet.adam_epsilon, imagenet.clip_norm, imagenet.label_smoothing) == (1e-3, 1, 0.1)
-    aug = augment_config(imagenet)
+    aug = imagenet.augment
     assert (aug.randaug_n, aug.randaug_m, aug.randaug_mstd) == (2, 9.0, 0.5)
     assert (aug.mixup, aug.cutmix, aug.erase_prob, aug.erase_mode) == (0.5, 0.5, 0.25, "pixel")
-    assert aug.crop_scale == (0.08, 1.0) and aug.crop_ratio == pytest.approx((0.75, 4 / 3))
+    assert aug.crop_scale == 0.08 and aug.crop_ratio == pytest.approx(4 / 3)
     assert imagenet.variant == "convmixer_1536_20" and imagenet.eval_crop_pct == 0.96
     assert not imagenet.decay_all_weights
-    cifar = presets.apply_train_preset(TrainConfig(preset="cifar10"),
-                                       explicit={"label_smoothing"})
+    cifar = TrainConfig.create(preset="cifar10", label_smoothing=0.1)
     assert (cifar.max_lr, cifar.batch_size, cifar.epochs, cifar.weight_decay) == (0.05, 512, 100,
                                                                                   0.005)
     assert cifar.label_smoothing == 0.1  # explicitly kept at the default
     assert (cifar.randaug_n, cifar.color_jitter, cifar.erase_prob, cifar.mixup) == (2, 0.2, 0.2, 0)
     with pytest.raises(ValueError, match="Unknown preset"):
-        presets.apply_train_preset(TrainConfig(preset="imagenet21k"))
+        TrainConfig.create(preset="imagenet21k")
 
 
 def test_cli_rejects_bad_augmentation_flags(capsys):
     for argv, message in ((["--hflip", "-0.5"], "probability"), (["--preset", "x"], "preset"),
+                          (["--crop-ratio", "0.5"], "crop_ratio"), (["--epochs", "0"], "epochs"),
                           (["--erase-mode", "zeros"], "erase_mode")):
         with pytest.raises(SystemExit) as exit_info:
             cli.train_main(argv)

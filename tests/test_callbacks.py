@@ -13,7 +13,8 @@ import keras
 import numpy as np
 import pytest
 
-from convmixer_tf import callbacks, cli, data, evaluate, model as model_lib
+from convmixer_tf import cli, model as model_lib
+from convmixer_tf.training import callbacks, data, evaluate, train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -49,7 +50,7 @@ def test_atomic_write_keeps_old_file_when_writer_fails_or_is_killed(tmp_path):
     marker = tmp_path / "writing"
     script = (
         "import time, sys\n"
-        "from convmixer_tf.callbacks import atomic_write\n"
+        "from convmixer_tf.artifacts import atomic_write\n"
         "def write(tmp):\n"
         "    open(tmp, 'w').write('ha')\n"
         f"    open({str(marker)!r}, 'w').close()\n"
@@ -139,7 +140,8 @@ def test_nan_stops_training_without_touching_backup_or_checkpoints(tmp_path):
                 for v in self.model.trainable_variables:
                     v.assign(np.full(v.shape, np.nan, v.dtype))
 
-    run_cbs = callbacks.make_callbacks(str(tmp_path), monitor="val_loss", tensorboard=False)
+    run_cbs = callbacks.make_callbacks(str(tmp_path), train.save_trained_model, monitor="val_loss",
+                                       tensorboard=False)
     history = model.fit(x, y, batch_size=16, epochs=4, validation_data=(x, y), verbose=0,
                         callbacks=[PoisonAtEpoch1()] + run_cbs)
     assert history.epoch == [0, 1]  # TerminateOnNaN stopped in epoch 1
@@ -154,8 +156,9 @@ def test_nan_stops_training_without_touching_backup_or_checkpoints(tmp_path):
     fresh.compile(keras.optimizers.SGD(0.01),
                   keras.losses.CategoricalCrossentropy(from_logits=True), metrics=["accuracy"])
     history = fresh.fit(x, y, batch_size=16, epochs=3, validation_data=(x, y), verbose=0,
-                        callbacks=callbacks.make_callbacks(str(tmp_path), monitor="val_loss",
-                                                           tensorboard=False))
+                        callbacks=callbacks.make_callbacks(
+                            str(tmp_path), train.save_trained_model, monitor="val_loss",
+                            tensorboard=False))
     assert history.epoch == [1, 2] and np.isfinite(history.history["loss"]).all()
     assert _history_epochs(tmp_path / "history.csv") == [0, 1, 2]
 
@@ -197,9 +200,9 @@ def test_evaluate_reports_top1_top5_and_fails_clearly(tmp_path, capsys):
     (tmp_path / "bad.keras").write_bytes(b"not a zip")
     truncated = tmp_path / "truncated.keras"
     truncated.write_bytes(path.read_bytes()[:2000])
-    for bad, message in ((tmp_path / "missing.keras", "No model file"),
+    for bad, message in ((tmp_path / "missing.keras", "no such model file"),
                          (tmp_path / "bad.keras", "not a .keras model file"),
-                         (truncated, "not a .keras model file|Cannot load")):
+                         (truncated, "not a .keras model file|cannot load")):
         assert cli.evaluate_main([str(bad)]) == 2
         err = capsys.readouterr().err
         assert "convmixer-evaluate: error:" in err

@@ -7,8 +7,9 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 from PIL import Image
 
-from convmixer_tf import augment, data
-from convmixer_tf.train import TrainConfig, train
+from convmixer_tf.training import augment, data
+from convmixer_tf.training.config import AugmentConfig, TrainConfig
+from convmixer_tf.training.train import train
 
 COLOURS = {"cat": (200, 30, 30), "dog": (30, 200, 30), "emu": (30, 30, 200)}
 
@@ -141,7 +142,7 @@ def test_digits_build_datasets_shapes_batches_and_determinism():
     with pytest.raises(ValueError, match="larger than the training set"):
         data.build_datasets("digits", global_batch_size=4096)
 
-    config = augment.AugmentConfig(crop_scale=(0.35, 1), hflip=0.5, randaug_n=2,
+    config = AugmentConfig(crop_scale=0.35, hflip=0.5, randaug_n=2,
                                    erase_prob=0.25, mixup=0.8, cutmix=1.0)
 
     def first(seed):

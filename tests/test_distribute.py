@@ -15,7 +15,8 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from convmixer_tf import cli, distribute, model as model_lib
+from convmixer_tf import cli, model as model_lib
+from convmixer_tf.training import distribute
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # XLA vs no XLA after the same 12 AdamW steps (weights move by up to ~0.7): float32 only

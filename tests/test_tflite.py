@@ -4,7 +4,9 @@ import keras
 import numpy as np
 import pytest
 
-from convmixer_tf import cli, data, export, tflite
+from convmixer_tf import artifacts, cli
+from convmixer_tf.deploy import logits, tflite
+from convmixer_tf.training import data
 from convmixer_tf.model import ConvMixer
 
 
@@ -28,7 +30,7 @@ def trained(digits16):
 
 def test_float32_fixed_and_dynamic_sizes(trained, digits16):
     _, (x_test, _) = digits16
-    reference = export.logits_model(trained)
+    reference = logits.logits_model(trained)
     fixed = tflite.LiteRTModel(tflite.convert(trained, "float32", input_shape=(1, 16, 16)))
     assert fixed.signature == (1, 16, 16, 3) and fixed.image_size == (16, 16)
     np.testing.assert_allclose(fixed.predict(x_test[:4]),  # batch 4 runs as 4 x 1
@@ -111,7 +113,7 @@ def test_predict_cli_on_tflite(trained, digits16, tmp_path, capsys):
     _, (x_test, y_test) = digits16
     path = tflite.save(tflite.convert(trained, "float32", input_shape=(1, 16, 16)),
                        str(tmp_path / "tiny_float32.tflite"))
-    export.write_metadata(str(tmp_path / "metadata.json"), [f"digit{i}" for i in range(10)],
+    artifacts.write_metadata(str(tmp_path / "metadata.json"), [f"digit{i}" for i in range(10)],
                           (16, 16))
     Image.fromarray(x_test[0]).resize((40, 40)).save(tmp_path / "a.jpg", quality=95)
     Image.fromarray(x_test[1]).save(tmp_path / "b.png")

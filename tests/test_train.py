@@ -5,8 +5,10 @@ import keras
 import numpy as np
 import pytest
 
-from convmixer_tf import cli, data, schedules
-from convmixer_tf.train import TrainConfig, train
+from convmixer_tf import cli
+from convmixer_tf.training import data, schedules
+from convmixer_tf.training.config import TrainConfig
+from convmixer_tf.training.train import train
 
 
 def test_digits_ship_offline_as_uint8_rgb():
@@ -58,6 +60,13 @@ def test_cli_help_and_bad_flags(capsys):
         assert exit_info.value.code == 2
     with pytest.raises(SystemExit):
         cli.train_main(["--epochs", "0"])
-    assert "--epochs must be >= 1" in capsys.readouterr().err
-    assert cli.train_main(["--variant", "convmixer_9_9", "--output-dir", "/nonexistent"]) == 2
-    assert "Unknown variant" in capsys.readouterr().err
+    assert "epochs must be >= 1" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_info:  # at parse time, before any work
+        cli.train_main(["--variant", "convmixer_9_9", "--output-dir", "/nonexistent"])
+    assert exit_info.value.code == 2 and "Unknown variant" in capsys.readouterr().err
+    # Every flag has a description (from the config's comments) and shows its default.
+    with pytest.raises(SystemExit):
+        cli.train_main(["--help"])
+    help_text = " ".join(capsys.readouterr().out.split())
+    assert "--dim DIM width h" in help_text and "(default: 128)" in help_text
+    assert "--randaug-n RANDAUG_N RandAugment: ops per image" in help_text

@@ -19,17 +19,10 @@ import os
 
 import keras
 
-from convmixer_tf.saving import atomic_write
+from convmixer_tf.artifacts import atomic_write, write_json
+from convmixer_tf.training import distribute
 
 _METADATA = "training_metadata.json"
-
-
-def _write_json(path, obj):
-    def write(tmp):
-        with open(tmp, "w") as f:
-            json.dump(obj, f)
-
-    return atomic_write(path, write)
 
 
 def _finite(logs):
@@ -114,7 +107,7 @@ class AtomicBackupAndRestore(keras.callbacks.BackupAndRestore):
             os.path.join(self.backup_dir, name),
             lambda tmp: self.model.save_weights(tmp, overwrite=True),
         )
-        _write_json(
+        write_json(
             self._training_metadata_path,
             {"epoch": self._current_epoch, "batch": self._last_batch_seen, "weights": name,
              "signature": self._signature()},
@@ -134,18 +127,14 @@ class AtomicBackupAndRestore(keras.callbacks.BackupAndRestore):
             super().on_train_end(logs)
 
 
-def _save_functional(trainer, path):
-    """Saves the plain functional model (no trainer, no optimizer) to `path` atomically."""
-    from convmixer_tf import distribute
-    from convmixer_tf.train import save_model  # here: train imports this module
-
-    return save_model(distribute.inner_model(trainer), path)
-
-
 class AtomicModelCheckpoint(keras.callbacks.ModelCheckpoint):
-    """`keras.callbacks.ModelCheckpoint` that writes the plain functional model atomically
-    (loadable with `keras.saving.load_model`, no custom objects), never a non-finite one, and,
-    with `save_best_only`, remembers the best value across restarts in `<path>.json`."""
+    """`keras.callbacks.ModelCheckpoint` that writes the plain functional model (the trainer's
+    inner model) with `save_model(model, path)` (atomic, stock layers), never a non-finite one,
+    and, with `save_best_only`, remembers the best value across restarts in `<path>.json`."""
+
+    def __init__(self, filepath, save_model, **kwargs):
+        super().__init__(filepath, **kwargs)
+        self._save = save_model
 
     def on_train_begin(self, logs=None):
         super().on_train_begin(logs)
@@ -162,9 +151,9 @@ class AtomicModelCheckpoint(keras.callbacks.ModelCheckpoint):
         filepath = self._get_file_path(epoch, batch, logs)
         if not self._should_save_model(epoch, batch, logs, filepath):
             return
-        _save_functional(self.model, filepath)
+        self._save(distribute.inner_model(self.model), filepath)
         if self.save_best_only:
-            _write_json(
+            write_json(
                 os.path.splitext(filepath)[0] + ".json",
                 {"monitor": self.monitor, "best": float(self.best), "epoch": epoch + 1},
             )
@@ -201,7 +190,7 @@ class ResumableCSVLogger(keras.callbacks.CSVLogger):
             self.append_header = False
 
 
-def make_callbacks(run_dir, monitor="val_accuracy", tensorboard=True, is_chief=True,
+def make_callbacks(run_dir, save_model, monitor="val_accuracy", tensorboard=True, is_chief=True,
                    task_id=0):
     """The run directory's callbacks, in the order their `on_epoch_end` must run: the backup
     last, so a kill before it only makes the restart redo (and re-log) that epoch.
@@ -221,9 +210,10 @@ def make_callbacks(run_dir, monitor="val_accuracy", tensorboard=True, is_chief=T
     if tensorboard:
         callbacks.append(keras.callbacks.TensorBoard(os.path.join(run_dir, "logs")))
     callbacks += [
-        AtomicModelCheckpoint(os.path.join(checkpoints, "last.keras")),
+        AtomicModelCheckpoint(os.path.join(checkpoints, "last.keras"), save_model),
         AtomicModelCheckpoint(
             os.path.join(checkpoints, "best.keras"),
+            save_model,
             monitor=monitor,
             mode="max" if "acc" in monitor else "min",
             save_best_only=True,

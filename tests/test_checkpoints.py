@@ -15,9 +15,8 @@ import pytest
 torch = pytest.importorskip("torch")
 
 import convmixer_tf  # noqa: E402
-from convmixer_tf import cli, convert, presets  # noqa: E402
-from convmixer_tf import reference_torch as rt  # noqa: E402
-from convmixer_tf import weights as weights_lib  # noqa: E402
+from convmixer_tf import checkpoints, cli, model as model_lib, presets  # noqa: E402
+import reference_torch as rt  # noqa: E402
 
 RTOL, ATOL = 1e-4, 1e-5
 DIM, DEPTH, CLASSES = 24, 2, 10
@@ -65,7 +64,7 @@ def keras_model(config, path, **kwargs):
     return convmixer_tf.ConvMixer(**config, weights=path, **args)
 
 
-@pytest.mark.parametrize("layout", convert.LAYOUTS)
+@pytest.mark.parametrize("layout", checkpoints.LAYOUTS)
 @pytest.mark.parametrize("variant", sorted(presets.MODEL_CONFIGS))
 def test_converted_logits_match_pytorch(variant, layout, tmp_path):
     config = reduced(variant)
@@ -96,7 +95,7 @@ def test_build_from_checkpoint_infers_the_architecture(tmp_path):
     config = dict(dim=16, depth=3, kernel_size=5, patch_size=3, activation="gelu")
     reference = torch_model(config, "official", classes=6)
     path = save_checkpoint(reference, tmp_path / "c.pt", wrap=False)
-    model = convert.build_from_checkpoint(
+    model = model_lib.build_from_checkpoint(
         path, include_preprocessing=False, classifier_activation=None
     )
     assert model.output_shape == (None, 6)
@@ -117,11 +116,11 @@ def shapes_only(variant, layout):
     return state
 
 
-@pytest.mark.parametrize("layout", convert.LAYOUTS)
+@pytest.mark.parametrize("layout", checkpoints.LAYOUTS)
 @pytest.mark.parametrize("variant", ["convmixer_1536_20", "convmixer_768_32",
                                      "convmixer_1024_20_ks9_p14"])
 def test_infer_config_of_the_published_variants(variant, layout):
-    config = convert.infer_config(shapes_only(variant, layout))
+    config = checkpoints.infer_config(shapes_only(variant, layout))
     expected = dict(presets.MODEL_CONFIGS[variant], classes=1000, in_channels=3, layout=layout)
     assert config == expected  # 768/32 comes back ReLU, the others GELU
 
@@ -132,10 +131,10 @@ def test_wrappers_prefixes_and_ema(tmp_path):
     ema = {k: v + 1 if v.is_floating_point() else v for k, v in plain.items()}
     torch.save({"model": {"_orig_mod." + k: v for k, v in plain.items()},
                 "state_dict_ema": {"module." + k: v for k, v in ema.items()}}, tmp_path / "w.pth")
-    loaded = convert.load_state_dict(tmp_path / "w.pth")
+    loaded = checkpoints.load_state_dict(tmp_path / "w.pth")
     assert "num_batches_tracked" not in " ".join(loaded)
     np.testing.assert_array_equal(loaded["stem.0.weight"], plain["stem.0.weight"].numpy())
-    ema_loaded = convert.load_state_dict(tmp_path / "w.pth", prefer_ema=True)
+    ema_loaded = checkpoints.load_state_dict(tmp_path / "w.pth", prefer_ema=True)
     np.testing.assert_array_equal(ema_loaded["head.bias"], ema["head.bias"].numpy())
 
 
@@ -147,8 +146,8 @@ def test_pickled_objects_need_trust(tmp_path):
     reference = torch_model(reduced("convmixer_768_32"))
     torch.save({"state_dict": reference.state_dict(), "extra": NotATensor()}, tmp_path / "c.pth")
     with pytest.raises(ValueError, match="trust_checkpoint=True"):
-        convert.load_state_dict(tmp_path / "c.pth")
-    assert "head.weight" in convert.load_state_dict(tmp_path / "c.pth", trust_checkpoint=True)
+        checkpoints.load_state_dict(tmp_path / "c.pth")
+    assert "head.weight" in checkpoints.load_state_dict(tmp_path / "c.pth", trust_checkpoint=True)
 
 
 @pytest.fixture(scope="module")
@@ -163,7 +162,7 @@ def test_wrong_variant_names_the_first_key_and_both_shapes(timm_ckpt):
     model = convmixer_tf.ConvMixer(**reduced("convmixer_768_32"), classes=CLASSES)
     before = [w.copy() for w in model.get_weights()]
     with pytest.raises(ValueError) as error:
-        weights_lib.load_weights(model, path)
+        checkpoints.load_weights(model, path)
     message = str(error.value)
     assert "'blocks.0.0.fn.0.weight' has shape (24, 1, 9, 9)" in message
     assert "needs (24, 1, 7, 7) in PyTorch layout" in message
@@ -198,8 +197,8 @@ def test_wrong_class_count_errors_or_loads_the_backbone(timm_ckpt):
     strict = convmixer_tf.ConvMixer(**config, classes=5)
     with pytest.raises(ValueError, match=r"'head.weight' has shape \(10, 24\).*\(5, 24\)"
                        r".*skip_head=True"):
-        weights_lib.load_weights(strict, path)
-    weights_lib.load_weights(strict, path, skip_head=True)  # explicit: backbone only, silently
+        checkpoints.load_weights(strict, path)
+    checkpoints.load_weights(strict, path, skip_head=True)  # explicit: backbone only, silently
     with pytest.warns(UserWarning, match="backbone only"):
         new_head = keras_model(config, path, classes=5)
     full = keras_model(config, path)
@@ -240,20 +239,20 @@ def test_keras_file_loads_by_layer_name_into_a_backbone(tmp_path, timm_ckpt):
 
 def test_bad_files(tmp_path):
     with pytest.raises(FileNotFoundError, match="nope.pth"):
-        convert.load_state_dict(tmp_path / "nope.pth")
+        checkpoints.load_state_dict(tmp_path / "nope.pth")
     (tmp_path / "w.npz").write_bytes(b"x")
     with pytest.raises(ValueError, match="Unknown weights format"):
         convmixer_tf.ConvMixer(dim=8, depth=1, weights=str(tmp_path / "w.npz"))
     (tmp_path / "corrupt.pth").write_bytes(b"not a zip or pickle")
     with pytest.raises(ValueError, match="corrupt.pth"):
-        convert.load_state_dict(tmp_path / "corrupt.pth")
+        checkpoints.load_state_dict(tmp_path / "corrupt.pth")
 
 
 def test_missing_torch_says_how_to_install(tmp_path, monkeypatch):
     (tmp_path / "c.pth").write_bytes(b"x")
     monkeypatch.setitem(sys.modules, "torch", None)
     with pytest.raises(ImportError, match=r"pip install convmixer_tf\[torch\]"):
-        convert.load_state_dict(tmp_path / "c.pth")
+        checkpoints.load_state_dict(tmp_path / "c.pth")
 
 
 def test_cli_writes_keras_and_weights_atomically(tmp_path, timm_ckpt, capsys):

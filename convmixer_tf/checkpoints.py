@@ -1,8 +1,9 @@
-"""PyTorch ConvMixer checkpoints (official `nn.Sequential` or timm layout) -> Keras weights.
+"""Weights from local files into a built ConvMixer: Keras files, and PyTorch ConvMixer
+checkpoints (official `nn.Sequential` or timm layout) mapped to Keras weights. No downloads.
 
-    from convmixer_tf import convert
-    model = convert.build_from_checkpoint("convmixer_1536_20_ks9_p7.pth.tar")
-    convert.convert_checkpoint("convmixer_768_32_ks7_p7_relu.pth.tar", "convmixer_768_32.keras")
+    from convmixer_tf import checkpoints
+    checkpoints.load_weights(model, "convmixer_1536_20_ks9_p7.pth.tar")
+    state_dict = checkpoints.load_state_dict("....pth.tar"); checkpoints.infer_config(state_dict)
 
 Reading a `.pth` needs torch (`pip install convmixer_tf[torch]`); it is imported only here, and
 only when a PyTorch file is read. The mapping itself works on numpy arrays.
@@ -14,7 +15,7 @@ import warnings
 
 import numpy as np
 
-from convmixer_tf import presets, saving
+from convmixer_tf import artifacts, presets
 
 TORCH_SUFFIXES = (".pth", ".pth.tar", ".pt", ".bin")
 SAFETENSORS_SUFFIX = ".safetensors"
@@ -235,7 +236,7 @@ def _describe(state_dict):
         f"The checkpoint is a {found['layout']}-layout ConvMixer dim={found['dim']} "
         f"depth={found['depth']} kernel_size={found['kernel_size']} "
         f"patch_size={found['patch_size']} classes={found['classes']}: build that architecture "
-        "(convert.build_from_checkpoint does)."
+        "(convmixer_tf.model.build_from_checkpoint does)."
     )
 
 
@@ -311,63 +312,71 @@ def assign_weights(model, weights_by_layer):
     return model
 
 
-def load_checkpoint(model, path, skip_head=False, prefer_ema=False, trust_checkpoint=False):
-    """Loads a PyTorch ConvMixer checkpoint file into a built convmixer_tf `model`.
+# --------------------------------------------------------------------------- loading into a model
 
-    Nothing is assigned unless every key fits, so a mismatch never leaves a half-loaded model.
+KERAS_SUFFIXES = (".weights.h5", ".keras")
+SUFFIXES = KERAS_SUFFIXES + TORCH_SUFFIXES + (SAFETENSORS_SUFFIX,)
+
+
+def _keras_file_weights(model, path, skip_head):
+    """`{layer: [arrays]}` from a `.keras` model, matched by layer name so that a full model
+    loads into an `include_top=False` or new-`classes` one; clear error on any mismatch."""
+    source = artifacts.load_model(path)
+    result = {}
+    for layer in model.layers:
+        if not layer.weights:
+            continue
+        is_head = layer.name == HEAD_LAYER
+        if is_head and skip_head is True:
+            continue
+        try:
+            source_layer = source.get_layer(layer.name)
+        except ValueError:
+            source_layer = None
+        need = [tuple(w.shape) for w in layer.weights]
+        got = [tuple(w.shape) for w in source_layer.weights] if source_layer else None
+        if got != need:
+            problem = (
+                f"{path!r} has no layer {layer.name!r}"
+                if source_layer is None
+                else f"layer {layer.name!r} of {path!r} has weight shapes {got}, the model "
+                f"needs {need}"
+            )
+            if is_head and skip_head == "auto":
+                warnings.warn(f"{problem}: loaded the backbone only.", stacklevel=3)
+                continue
+            raise ValueError(f"{problem}. Build the model with the file's architecture.")
+        result[layer.name] = source_layer.get_weights()
+    return result
+
+
+def load_weights(model, path, skip_head=False, prefer_ema=False, trust_checkpoint=False):
+    """Loads `path` into `model`; a clear error, and an untouched model, if it cannot.
+
+    `skip_head`: True never loads `predictions`; "auto" loads it only if it fits (the builders'
+    `weights=` uses "auto", so another `classes` gets the backbone only). A model without
+    `predictions` (`include_top=False`) takes the backbone of a `.keras` or PyTorch file.
+    `prefer_ema` / `trust_checkpoint`: PyTorch checkpoints only, see `load_state_dict`.
     """
-    state_dict = load_state_dict(path, prefer_ema=prefer_ema, trust_checkpoint=trust_checkpoint)
-    return assign_weights(model, keras_weights_from_state_dict(state_dict, model, skip_head))
-
-
-def build_from_checkpoint(path, activation=None, prefer_ema=False, trust_checkpoint=False,
-                          **model_kwargs):
-    """Builds the ConvMixer a checkpoint holds (architecture read from its tensors), loaded.
-
-    `activation` cannot be read from weights: by default the named variant's (ReLU for 768/32),
-    else GELU. `model_kwargs` go to `convmixer_tf.ConvMixer` (e.g. `include_preprocessing`,
-    `classifier_activation`, `input_shape`, `include_top=False`, `classes` for a new head).
-    """
-    from convmixer_tf import model as model_lib
-
-    state_dict = load_state_dict(path, prefer_ema=prefer_ema, trust_checkpoint=trust_checkpoint)
-    config = infer_config(state_dict)
-    include_top = model_kwargs.get("include_top", True)
-    classes = model_kwargs.pop("classes", config["classes"])
-    if include_top and classes is None:
+    path = os.fspath(path)
+    if path == "imagenet":
         raise ValueError(
-            "The checkpoint has no classifier head; pass include_top=False, or `classes` for a "
-            "new, randomly initialised head."
+            "weights='imagenet' would need a download, which convmixer_tf never does. Pass the "
+            "path of a local checkpoint instead (docs/weights.md: convert the official PyTorch "
+            "checkpoints). Received weights='imagenet'"
         )
-    model_kwargs.setdefault("input_shape", (None, None, config["in_channels"]))
-    model = model_lib.ConvMixer(
-        dim=config["dim"],
-        depth=config["depth"],
-        kernel_size=config["kernel_size"],
-        patch_size=config["patch_size"],
-        activation=activation or config["activation"],
-        classes=classes or 1000,
-        **model_kwargs,
-    )
-    # Another `classes` (or a headless checkpoint): the backbone only, with a warning.
-    return assign_weights(model, keras_weights_from_state_dict(state_dict, model, "auto"))
-
-
-def convert_checkpoint(path, output, overwrite=False, activation=None, prefer_ema=False,
-                       trust_checkpoint=False, **model_kwargs):
-    """Converts a PyTorch checkpoint to `output` (`.keras` or `.weights.h5`); returns
-    `(model, output)`. The model takes 0-255 pixels unless `include_preprocessing=False`."""
-    output = os.fspath(output)
-    if os.path.exists(output) and not overwrite:  # fail before the (slow) conversion
-        raise FileExistsError(f"{output!r} exists; pass overwrite=True (--overwrite) to replace it")
-    model = build_from_checkpoint(path, activation=activation, prefer_ema=prefer_ema,
-                                  trust_checkpoint=trust_checkpoint, **model_kwargs)
-    return model, saving.save_atomic(model, output, overwrite=overwrite)
-
-
-if __name__ == "__main__":
-    import sys
-
-    from convmixer_tf import cli
-
-    sys.exit(cli.convert_main())
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"weights file not found. Received weights={path!r}")
+    if path.endswith(".weights.h5"):
+        model.load_weights(path)
+        return model
+    if path.endswith(".keras"):
+        weights = _keras_file_weights(model, path, skip_head)
+    elif path.endswith(SUFFIXES):
+        state_dict = load_state_dict(path, prefer_ema, trust_checkpoint)
+        weights = keras_weights_from_state_dict(state_dict, model, skip_head)
+    else:
+        raise ValueError(
+            f"Unknown weights format; expected one of {SUFFIXES}. Received weights={path!r}"
+        )
+    return assign_weights(model, weights)

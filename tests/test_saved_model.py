@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from convmixer_tf import cli, export
+from convmixer_tf import artifacts, cli
+from convmixer_tf.deploy import logits, saved_model
 from convmixer_tf.model import ConvMixer
 
 CLASS_NAMES = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
@@ -42,10 +43,10 @@ def exported(tmp_path_factory):
     model = tiny_model()
     model_path = str(root / "tiny.keras")
     model.save(model_path)
-    export.write_metadata(model_path, CLASS_NAMES, (16, 16))
+    artifacts.write_metadata(model_path, CLASS_NAMES, (16, 16))
     images = np.random.default_rng(1).integers(0, 256, (4, 16, 16, 3)).astype(np.uint8)
     lines = []
-    result = export.export_saved_model(model_path, str(root), "tiny", sample_images=images,
+    result = saved_model.export_saved_model(model_path, str(root), "tiny", sample_images=images,
                                        log=lines.append)
     return dict(root=str(root), model=model, model_path=model_path, result=result, lines=lines)
 
@@ -115,7 +116,7 @@ def test_signatures_any_size_labels_and_bad_input(exported):
     images = np.random.default_rng(2).integers(0, 256, (3, 24, 20, 3)).astype(np.uint8)
     out = loaded.signatures["serving_default"](images=tf.constant(images, tf.float32))
     np.testing.assert_allclose(out["logits"].numpy(),
-                               export.logits_model(model).predict(images, verbose=0), atol=1e-5)
+                               logits.logits_model(model).predict(images, verbose=0), atol=1e-5)
     np.testing.assert_allclose(out["probabilities"].numpy().sum(-1), 1.0, atol=1e-5)
     top = out["logits"].numpy().argmax(-1)
     assert [c.decode() for c in out["classes"].numpy()[:, 0]] == [CLASS_NAMES[i] for i in top]
@@ -129,7 +130,7 @@ def test_signatures_any_size_labels_and_bad_input(exported):
         image_bytes=tf.constant([png(small[0]), png(big[1])]))
     assert got["classes"].shape == (2, 5)
     np.testing.assert_allclose(got["logits"].numpy()[0],
-                               export.logits_model(model).predict(small[:1], verbose=0)[0],
+                               logits.logits_model(model).predict(small[:1], verbose=0)[0],
                                atol=1e-5)
 
     bad_calls = [
@@ -149,9 +150,9 @@ def test_signatures_any_size_labels_and_bad_input(exported):
 def test_softmax_head_is_detected_and_logits_recovered():
     model = ConvMixer(dim=8, depth=1, kernel_size=3, patch_size=2, input_shape=(16, 16, 3),
                       classes=4, classifier_activation="softmax")
-    assert export.output_activation(model) == "softmax"
-    assert export.output_activation(tiny_model()) is None
-    module = export.ServingModule(model, list("abcd"), (16, 16), top_k=3)
+    assert logits.output_activation(model) == "softmax"
+    assert logits.output_activation(tiny_model()) is None
+    module = saved_model.ServingModule(model, list("abcd"), (16, 16), top_k=3)
     x = np.random.default_rng(5).uniform(0, 255, (2, 16, 16, 3)).astype(np.float32)
     out = module._serve_float(tf.constant(x))
     np.testing.assert_allclose(out["probabilities"].numpy(), model(x).numpy(), atol=1e-6)
@@ -174,20 +175,20 @@ def test_new_version_per_export_and_failures_leave_versions_untouched(exported, 
     before = _tree_digest(os.path.join(model_dir, "1"))
     # The CLI: a second export is version 2, written beside version 1.
     assert cli.export_main([model_path, "--tflite-modes", "none"]) == 0
-    assert export.list_versions(model_dir) == [1, 2]
+    assert artifacts.list_versions(model_dir) == [1, 2]
     assert "version 2" in capsys.readouterr().out
 
     # A failing validation (a tolerance no export can meet) publishes nothing.
-    with pytest.raises(export.ExportError, match="validation failed"):
-        export.export_saved_model(model_path, root, "tiny", tolerance=-1.0, log=lambda _: None)
+    with pytest.raises(logits.ExportError, match="validation failed"):
+        saved_model.export_saved_model(model_path, root, "tiny", tolerance=-1.0, log=lambda _: None)
     # Metadata that contradicts the model fails before anything is written.
     bad_meta = os.path.join(root, "bad.keras")
     exported["model"].save(bad_meta)
-    export.write_metadata(bad_meta, ["a", "b"], (16, 16))
+    artifacts.write_metadata(bad_meta, ["a", "b"], (16, 16))
     assert cli.export_main([bad_meta, "--name", "tiny", "--tflite-modes", "none"]) == 1
     assert "lists 2 class names but the model has 10" in capsys.readouterr().err
 
-    assert export.list_versions(model_dir) == [1, 2]
+    assert artifacts.list_versions(model_dir) == [1, 2]
     assert sorted(os.listdir(model_dir)) == ["1", "2"]  # no partial or temp dir left
     assert _tree_digest(os.path.join(model_dir, "1")) == before
 
@@ -232,7 +233,7 @@ def test_serving_client_requests_offline(exported, tmp_path, capsys):
     assert base64.b64decode(body["instances"][1]["image_bytes"]["b64"]) == encoded[1]
 
     rows = client.offline_rest(os.path.join(exported["root"], "tiny"), body)
-    top = export.logits_model(exported["model"]).predict(images, verbose=0).argmax(-1)
+    top = logits.logits_model(exported["model"]).predict(images, verbose=0).argmax(-1)
     assert [r["classes"][0] for r in rows] == [CLASS_NAMES[i] for i in top]
     assert client.main(["--offline", os.path.join(exported["root"], "tiny"), *paths]) == 0
     assert CLASS_NAMES[top[0]] in capsys.readouterr().out

@@ -14,7 +14,6 @@ Per image (before batching): `random_resized_crop`, `random_flip`, `rand_augment
 (`CategoricalCrossentropy(label_smoothing=...)`), which commutes with mixing soft labels.
 """
 
-import dataclasses
 import math
 
 import tensorflow as tf
@@ -29,62 +28,6 @@ RAND_AUGMENT_OPS = (  # timm's `_RAND_INCREASING_TRANSFORMS`, the "inc1" op set.
     "BrightnessIncreasing", "SharpnessIncreasing", "ShearX", "ShearY", "TranslateXRel",
     "TranslateYRel",
 )
-ERASE_MODES = ("pixel", "mean")
-
-
-@dataclasses.dataclass(frozen=True)
-class AugmentConfig:
-    """Training augmentation knobs; the defaults switch everything off (the digits default)."""
-
-    crop_scale: tuple = None  # (min, max) area of a random resized crop; None = no crop
-    crop_ratio: tuple = (3 / 4, 4 / 3)  # aspect-ratio range of that crop (timm/torchvision)
-    hflip: float = 0.0  # probability of a horizontal flip
-    randaug_n: int = 0  # RandAugment: ops per image; 0 = off
-    randaug_m: float = 9.0  # magnitude on timm's 0-10 scale
-    randaug_mstd: float = 0.5  # std of the per-op Gaussian noise on the magnitude (timm mstd)
-    randaug_prob: float = 0.5  # probability each chosen op is applied (timm: 0.5)
-    color_jitter: float = 0.0  # torchvision ColorJitter(b, c, s) strength; 0 = off
-    erase_prob: float = 0.0  # random erasing probability (timm --reprob)
-    erase_mode: str = "pixel"  # "pixel": per-pixel normal noise (timm); "mean": mean colour
-    mixup: float = 0.0  # mixup Beta(alpha, alpha); 0 = off
-    cutmix: float = 0.0  # cutmix Beta(alpha, alpha); 0 = off
-    mix_prob: float = 1.0  # probability a batch is mixed at all (timm --mixup-prob)
-    mix_switch_prob: float = 0.5  # with both on: probability of cutmix (timm --mixup-switch-prob)
-
-    def __post_init__(self):
-        for name in ("hflip", "randaug_prob", "erase_prob", "mix_prob", "mix_switch_prob"):
-            value = getattr(self, name)
-            if not 0.0 <= value <= 1.0:
-                raise ValueError(f"{name} is a probability in [0, 1]. Received {name}={value!r}")
-        for name in ("randaug_n", "randaug_m", "randaug_mstd", "color_jitter", "mixup",
-                     "cutmix"):
-            value = getattr(self, name)
-            if value < 0:
-                raise ValueError(f"{name} must be >= 0. Received {name}={value!r}")
-        if self.randaug_m > 10:
-            raise ValueError(f"randaug_m is on timm's 0-10 scale. Received {self.randaug_m!r}")
-        if self.erase_mode not in ERASE_MODES:
-            raise ValueError(f"erase_mode must be one of {ERASE_MODES}. "
-                             f"Received erase_mode={self.erase_mode!r}")
-        if self.crop_scale is not None:
-            lo, hi = self.crop_scale
-            if not 0.0 < lo <= hi <= 1.0:
-                raise ValueError(f"crop_scale must satisfy 0 < min <= max <= 1. "
-                                 f"Received crop_scale={self.crop_scale!r}")
-        lo, hi = self.crop_ratio
-        if not 0.0 < lo <= hi:
-            raise ValueError(f"crop_ratio must satisfy 0 < min <= max. "
-                             f"Received crop_ratio={self.crop_ratio!r}")
-
-    @property
-    def per_image(self):
-        """True when any per-image op is on (images then leave the pipeline as float32)."""
-        return bool(self.crop_scale or self.hflip or self.randaug_n or self.color_jitter
-                    or self.erase_prob)
-
-    @property
-    def per_batch(self):
-        return bool((self.mixup or self.cutmix) and self.mix_prob)
 
 
 def _uniform(seed, shape=(), minval=0.0, maxval=1.0):
@@ -305,8 +248,8 @@ def augment_image(image, seed, config, image_size):
     """The per-image train transform: crop/resize, flip, RandAugment, jitter, erasing."""
     s_crop, s_flip, s_ra, s_jit, s_erase = _seeds(seed, 5)
     if config.crop_scale:
-        image = random_resized_crop(image, image_size, s_crop, config.crop_scale,
-                                    config.crop_ratio)
+        image = random_resized_crop(image, image_size, s_crop, (config.crop_scale, 1.0),
+                                    (1.0 / config.crop_ratio, config.crop_ratio))
     if config.hflip:
         image = random_flip(image, s_flip, config.hflip)
     if config.randaug_n:

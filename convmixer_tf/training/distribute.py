@@ -19,8 +19,7 @@ import os
 
 import keras
 
-STRATEGIES = ("default", "mirrored", "multi_worker")
-XLA_MODES = ("auto", "on", "off")
+from convmixer_tf.training.config import STRATEGIES, XLA_MODES
 
 
 def _tf():

@@ -1,11 +1,11 @@
 """Opt-in CPU training speed-ups for ConvMixer on TensorFlow, each measured in BENCHMARKS.md.
 
-    from convmixer_tf import performance
-    performance.configure_threads(2)               # before TF runs its first op
-    keras.mixed_precision.set_global_policy(performance.recommended_precision())
-    model = performance.accelerate(model)          # same function, faster training kernels
+    from convmixer_tf import layers
+    layers.configure_threads(2)               # before TF runs its first op
+    keras.mixed_precision.set_global_policy(layers.recommended_precision())
+    model = layers.accelerate(model)          # same function, faster training kernels
     ...fit...
-    model = performance.standardize(model)         # stock Keras layers again, for saving/export
+    model = layers.standardize(model)         # stock Keras layers again, for saving/export
 
 `accelerate` swaps layers for exactly equivalent, faster formulations, keeping the weights and the
 layer names: BatchNormalization -> `FusedBatchNormalization` (TF's FusedBatchNormV3 kernel instead

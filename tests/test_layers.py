@@ -5,7 +5,7 @@ import pytest
 import tensorflow as tf
 import keras
 
-from convmixer_tf import model as model_lib, performance
+from convmixer_tf import layers, model as model_lib
 
 
 def _tiny(activation="gelu"):
@@ -27,7 +27,7 @@ def _grads(model, x):
 
 def test_accelerate_swaps_layers_keeps_names_and_weights():
     model = _tiny()
-    fast = performance.accelerate(model)
+    fast = layers.accelerate(model)
     kinds = {type(l).__name__ for l in fast.layers}
     assert "FusedBatchNormalization" in kinds and "GELU" in kinds
     assert "BatchNormalization" not in kinds and "Activation" not in kinds
@@ -38,7 +38,7 @@ def test_accelerate_swaps_layers_keeps_names_and_weights():
 
 def test_accelerate_same_outputs_gradients_and_moving_stats():
     model, x = _tiny(), _images()
-    fast = performance.accelerate(model)
+    fast = layers.accelerate(model)
     out_a, grads_a = _grads(model, x)
     out_b, grads_b = _grads(fast, x)
     np.testing.assert_allclose(out_a, out_b, atol=1e-4, rtol=1e-4)
@@ -53,14 +53,14 @@ def test_accelerate_same_outputs_gradients_and_moving_stats():
 
 
 def test_relu_model_only_swaps_batchnorm():
-    fast = performance.accelerate(_tiny("relu"))
+    fast = layers.accelerate(_tiny("relu"))
     kinds = [type(l).__name__ for l in fast.layers]
     assert "GELU" not in kinds and kinds.count("Activation") == 5
 
 
 def test_standardize_round_trip_saves_with_stock_layers(tmp_path):
     model, x = _tiny(), _images()
-    back = performance.standardize(performance.accelerate(model))
+    back = layers.standardize(layers.accelerate(model))
     assert {type(l).__name__ for l in back.layers} >= {"BatchNormalization", "Activation"}
     path = str(tmp_path / "m.keras")
     back.save(path)
@@ -69,7 +69,7 @@ def test_standardize_round_trip_saves_with_stock_layers(tmp_path):
 
 
 def test_accelerated_model_saves_and_loads(tmp_path):
-    fast, x = performance.accelerate(_tiny()), _images()
+    fast, x = layers.accelerate(_tiny()), _images()
     path = str(tmp_path / "fast.keras")
     fast.save(path)
     loaded = keras.models.load_model(path)
@@ -79,7 +79,7 @@ def test_accelerated_model_saves_and_loads(tmp_path):
 
 def test_mixed_bfloat16_training_step_runs():
     keras.mixed_precision.set_global_policy("mixed_bfloat16")
-    fast = performance.accelerate(_tiny())
+    fast = layers.accelerate(_tiny())
     fast.compile(optimizer="adam", loss=keras.losses.CategoricalCrossentropy(from_logits=True))
     y = np.eye(5, dtype="float32")[[0, 1, 2, 3]]
     loss = fast.train_on_batch(_images(), y)
@@ -92,27 +92,27 @@ def test_gelu_gradient_matches_erf_formula():
     x = tf.constant(np.linspace(-6, 6, 101, dtype="float32"))
     with tf.GradientTape(persistent=True) as tape:
         tape.watch(x)
-        ours = performance.GELU()(x)
+        ours = layers.GELU()(x)
         stock = keras.activations.gelu(x, approximate=False)
     np.testing.assert_allclose(ours, stock, atol=1e-6)
     np.testing.assert_allclose(tape.gradient(ours, x), tape.gradient(stock, x), atol=1e-5)
 
 
 def test_cpu_flags_is_a_set():
-    assert isinstance(performance.cpu_flags(), set)
+    assert isinstance(layers.cpu_flags(), set)
 
 
 def test_recommended_precision_needs_native_bf16():
-    assert performance.recommended_precision({"avx2", "avx512f"}) == "float32"
-    assert performance.recommended_precision({"avx512f", "avx512_bf16"}) == "mixed_bfloat16"
-    assert performance.recommended_precision({"amx_bf16"}) == "mixed_bfloat16"
-    assert performance.recommended_precision() in ("float32", "mixed_bfloat16")
+    assert layers.recommended_precision({"avx2", "avx512f"}) == "float32"
+    assert layers.recommended_precision({"avx512f", "avx512_bf16"}) == "mixed_bfloat16"
+    assert layers.recommended_precision({"amx_bf16"}) == "mixed_bfloat16"
+    assert layers.recommended_precision() in ("float32", "mixed_bfloat16")
 
 
 def test_configure_threads_rejects_after_init():
     # TF is initialised in this process already: TF itself refuses the change; say so clearly.
     with pytest.raises(RuntimeError):
-        performance.configure_threads(1, 1)
+        layers.configure_threads(1, 1)
 
 
 MIRRORED_SCRIPT = """
@@ -121,10 +121,10 @@ import tensorflow as tf
 cpu = tf.config.list_physical_devices("CPU")[0]
 tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
 import numpy as np, keras
-from convmixer_tf import model as model_lib, performance
+from convmixer_tf import layers, model as model_lib
 strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
 with strategy.scope():
-    model = performance.accelerate(model_lib.ConvMixer(
+    model = layers.accelerate(model_lib.ConvMixer(
         16, 1, 3, 2, input_shape=(8, 8, 3), classes=3, classifier_activation=None))
     model.compile(optimizer="adam", loss=keras.losses.CategoricalCrossentropy(from_logits=True))
 x = np.random.default_rng(0).random((16, 8, 8, 3)).astype("float32") * 255

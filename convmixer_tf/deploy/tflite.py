@@ -1,6 +1,6 @@
 """TFLite / LiteRT export for edge CPUs, and a LiteRT runner that checks the result.
 
-    from convmixer_tf import tflite
+    from convmixer_tf.deploy import tflite
     flat = tflite.convert(model, "int8", representative_images=x_train[:200])
     runner = tflite.LiteRTModel(flat)               # ai_edge_litert.interpreter, XNNPACK on
     logits = runner.predict(images)                 # uint8/float pixels, any batch size
@@ -26,7 +26,8 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from convmixer_tf import export
+from convmixer_tf import artifacts
+from convmixer_tf.deploy.logits import logits_model
 
 MODES = ("float32", "float16", "dynamic_int8", "int8")
 IO_TYPES = {"float32": tf.float32, "int8": tf.int8, "uint8": tf.uint8}
@@ -47,7 +48,7 @@ def convert(model, mode="float32", representative_images=None, input_shape=(1, N
         )
     if mode == "int8" and (representative_images is None or len(representative_images) == 0):
         raise ValueError("mode='int8' needs `representative_images` (training images)")
-    logits = export.logits_model(model, fixed_shape=input_shape)
+    logits = logits_model(model, fixed_shape=input_shape)
     with tempfile.TemporaryDirectory(prefix="convmixer-tflite-") as tmp:
         # Through a SavedModel signature: variables frozen, input/output named images/logits.
         archive = keras.export.ExportArchive()
@@ -95,14 +96,8 @@ def _representative(images, input_shape):
 
 
 def save(flat, path):
-    """Writes a flatbuffer atomically (tmp file + rename) so a failed run never leaves half a
-    model where a good one was."""
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = path + ".tmp"
-    with open(tmp, "wb") as f:
-        f.write(flat)
-    os.replace(tmp, path)
-    return path
+    """Writes a flatbuffer atomically, so a failed run never leaves half a model."""
+    return artifacts.write_bytes(path, flat)
 
 
 def op_counts(flat):
@@ -267,7 +262,7 @@ def compare(flat, model, images, batch_size=None):
     size = runner.image_size
     if size is not None and tuple(images.shape[1:3]) != size:
         images = np.round(tf.image.resize(images.astype(np.float32), size).numpy())
-    reference = np.asarray(export.logits_model(model)(images.astype(np.float32), training=False))
+    reference = np.asarray(logits_model(model)(images.astype(np.float32), training=False))
     if runner.signature[0] < 0 and batch_size:
         got = np.concatenate([runner.predict(images[i:i + batch_size])
                               for i in range(0, len(images), batch_size)])

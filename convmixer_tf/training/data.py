@@ -1,7 +1,7 @@
 """Input pipelines: the offline digits default, tensorflow-datasets names and image folders.
 
-`build_datasets` is the one entry point the trainer calls; `load_digits` / `make_dataset` are
-the small in-memory helpers it uses for the default data set.
+`build_datasets` is the one entry point the trainer calls; `load_digits` reads the default data
+set. Evaluation images go through `preprocessing` (the same function serving and prediction use).
 """
 
 import collections
@@ -11,10 +11,11 @@ import os
 import numpy as np
 import tensorflow as tf
 
-from convmixer_tf import augment as augment_lib
+from convmixer_tf import preprocessing
+from convmixer_tf.training import augment as augment_lib, config
 
 DIGITS_CLASS_NAMES = tuple(str(i) for i in range(10))
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif")
+IMAGE_EXTENSIONS = preprocessing.IMAGE_EXTENSIONS
 TEST_FOLDER_NAMES = ("test", "val", "validation")
 AUTOTUNE = tf.data.AUTOTUNE
 
@@ -39,29 +40,19 @@ def load_digits(image_size=32, test_fraction=0.2, seed=0):
     return (images[train], labels[train]), (images[test], labels[test])
 
 
-def make_dataset(images, labels, batch_size, training, num_classes, seed=0):
-    """A batched `tf.data` pipeline of (uint8 images, one-hot labels), shuffled when training."""
-    ds = tf.data.Dataset.from_tensor_slices((images, labels))
-    if training:
-        ds = ds.shuffle(len(labels), seed=seed, reshuffle_each_iteration=True)
-    ds = ds.batch(batch_size, drop_remainder=training)
-    ds = ds.map(
-        lambda x, y: (x, tf.one_hot(y, num_classes)), num_parallel_calls=tf.data.AUTOTUNE
-    )
-    return ds.prefetch(tf.data.AUTOTUNE)
-
-
 @dataclasses.dataclass(frozen=True)
 class Datasets:
     """What `build_datasets` returns: the two pipelines and what a trainer needs to know."""
 
     train: tf.data.Dataset
     test: tf.data.Dataset
+    calibration: tf.data.Dataset  # training images, shuffled by the seed, eval-preprocessed
     num_classes: int
     class_names: tuple
     train_size: int
     test_size: int
     steps_per_epoch: int  # train_size // global batch (the remainder is dropped)
+    image_size: int
 
 
 # A source: examples as (image, int label) where image is either uint8 HxWx3 or encoded bytes.
@@ -79,7 +70,7 @@ def build_datasets(dataset="digits", image_size=32, global_batch_size=64, augmen
     see `_folder_source`). Images are 0-255 pixels (uint8, or float32 once augmented or
     resized; the model normalises itself), labels one-hot float32 (soft after mixup/cutmix).
 
-    Train: shuffled, augmented per image (`augment`, an `augment.AugmentConfig`; None = none),
+    Train: shuffled, augmented per image (`augment`, a `config.AugmentConfig`; None = none),
     batched by the GLOBAL batch with `drop_remainder=True` so every step has the same static
     shape (XLA compiles once), then mixed per batch. Under a `tf.distribute` strategy, Keras
     `fit` splits each global batch across replicas, so pass the global batch here. Test: resize
@@ -87,7 +78,7 @@ def build_datasets(dataset="digits", image_size=32, global_batch_size=64, augmen
     (timm's eval transform; 0.96 for the ImageNet checkpoints), no augmentation, last partial
     batch kept. Data sets without a test split hold out `validation_split` of train.
     """
-    augment = augment or augment_lib.AugmentConfig()
+    augment = augment or config.AugmentConfig()
     if not 0.0 < eval_crop_pct <= 1.0:
         raise ValueError(f"eval_crop_pct must be in (0, 1]. Received {eval_crop_pct!r}")
     if not 0.0 < validation_split < 1.0:
@@ -110,8 +101,11 @@ def build_datasets(dataset="digits", image_size=32, global_batch_size=64, augmen
 
     def decode(image):
         if source.encoded:
-            image = tf.io.decode_image(image, channels=3, expand_animations=False)
+            return preprocessing.decode_image(image)
         return tf.ensure_shape(image, [None, None, 3])
+
+    def eval_map(image, label):
+        return preprocessing.resize_centre_crop(decode(image), image_size, eval_crop_pct), label
 
     def train_map(example, seed_pair):
         image, label = example
@@ -119,7 +113,7 @@ def build_datasets(dataset="digits", image_size=32, global_batch_size=64, augmen
         if augment.crop_scale:
             image = augment_lib.augment_image(image, seed_pair, augment, image_size)
         else:
-            image = _resize_centre_crop(image, image_size, 1.0)
+            image = preprocessing.resize_centre_crop(image, image_size, 1.0)
             if augment.per_image:
                 image = augment_lib.augment_image(image, seed_pair, augment, image_size)
         return image, label
@@ -140,15 +134,17 @@ def build_datasets(dataset="digits", image_size=32, global_batch_size=64, augmen
     train = tf.data.Dataset.zip(train, batch_seeds.batch(2)).map(
         lambda xy, s: batch_map(*xy, s), num_parallel_calls=AUTOTUNE)
 
-    test = source.test.map(
-        lambda image, label: (_resize_centre_crop(decode(image), image_size, eval_crop_pct),
-                              label), num_parallel_calls=AUTOTUNE)
-    test = test.batch(global_batch_size).map(
-        lambda x, y: (x, tf.one_hot(y, num_classes)), num_parallel_calls=AUTOTUNE)
+    def evaluation(ds):
+        ds = ds.map(eval_map, num_parallel_calls=AUTOTUNE).batch(global_batch_size)
+        return ds.map(lambda x, y: (x, tf.one_hot(y, num_classes)),
+                      num_parallel_calls=AUTOTUNE).prefetch(AUTOTUNE)
+
+    calibration = source.train.shuffle(min(source.train_size, shuffle_buffer), seed=seed + 2)
     return Datasets(
-        train=train.prefetch(AUTOTUNE), test=test.prefetch(AUTOTUNE), num_classes=num_classes,
+        train=train.prefetch(AUTOTUNE), test=evaluation(source.test),
+        calibration=evaluation(calibration), num_classes=num_classes,
         class_names=tuple(source.class_names), train_size=source.train_size,
-        test_size=source.test_size, steps_per_epoch=steps,
+        test_size=source.test_size, steps_per_epoch=steps, image_size=image_size,
     )
 
 
@@ -164,22 +160,6 @@ def _parse_dataset(dataset):
     if os.sep in dataset or dataset.startswith(".") or os.path.isdir(dataset):
         return "folder", dataset
     return "tfds", dataset
-
-
-def _resize_centre_crop(image, size, crop_pct):
-    """timm's eval transform: short side to floor(size / crop_pct) (bicubic), centre crop
-    `size`. An image already `size`x`size` with crop_pct 1 passes through untouched (uint8)."""
-    static = image.shape[:2]
-    if crop_pct == 1.0 and tuple(static) == (size, size):
-        return image
-    shape = tf.cast(tf.shape(image)[:2], tf.float32)
-    scale_size = float(int(size / crop_pct))
-    ratio = scale_size / tf.reduce_min(shape)
-    new = tf.cast(tf.maximum(tf.round(shape * ratio), float(size)), tf.int32)
-    resized = tf.image.resize(tf.cast(image, tf.float32), new, method="bicubic", antialias=True)
-    top, left = (new[0] - size) // 2, (new[1] - size) // 2
-    crop = resized[top:top + size, left:left + size]
-    return tf.ensure_shape(tf.clip_by_value(tf.round(crop), 0.0, 255.0), [size, size, 3])
 
 
 # ---------------------------------------------------------------- sources

@@ -1,0 +1,156 @@
+"""The training job's configuration as data: every knob, its default and why, its checks.
+
+Pure Python (no TensorFlow import), so `convmixer-train --help` answers at once.
+`TrainConfig.create(preset=..., **values)` is the one place a `presets.TRAIN_PRESETS` recipe is
+resolved; `__post_init__` is the one validation.
+"""
+
+import dataclasses
+import os
+
+from convmixer_tf import presets
+
+ERASE_MODES = ("pixel", "mean")
+PRECISIONS = ("float32", "mixed_float16", "mixed_bfloat16")
+STRATEGIES = ("default", "mirrored", "multi_worker")
+XLA_MODES = ("auto", "on", "off")
+
+
+@dataclasses.dataclass(frozen=True)
+class AugmentConfig:
+    """Training augmentation knobs; the defaults switch everything off (the digits default)."""
+
+    crop_scale: float = 0.0  # random resized crop of area [crop_scale, 1]; 0 = no crop
+    crop_ratio: float = 4 / 3  # its aspect-ratio range [1 / crop_ratio, crop_ratio] (timm)
+    hflip: float = 0.0  # probability of a horizontal flip
+    randaug_n: int = 0  # RandAugment: ops per image; 0 = off
+    randaug_m: float = 9.0  # magnitude on timm's 0-10 scale
+    randaug_mstd: float = 0.5  # std of the per-op Gaussian noise on the magnitude (timm mstd)
+    randaug_prob: float = 0.5  # probability each chosen op is applied (timm: 0.5)
+    color_jitter: float = 0.0  # torchvision ColorJitter(b, c, s) strength; 0 = off
+    erase_prob: float = 0.0  # random erasing probability (timm --reprob)
+    erase_mode: str = "pixel"  # "pixel": per-pixel normal noise (timm); "mean": mean colour
+    mixup: float = 0.0  # mixup Beta(alpha, alpha); 0 = off
+    cutmix: float = 0.0  # cutmix Beta(alpha, alpha); 0 = off
+    mix_prob: float = 1.0  # probability a batch is mixed at all (timm --mixup-prob)
+    mix_switch_prob: float = 0.5  # with both on: probability of cutmix (timm --mixup-switch-prob)
+
+    def __post_init__(self):
+        for name in ("hflip", "randaug_prob", "erase_prob", "mix_prob", "mix_switch_prob"):
+            value = getattr(self, name)
+            if not 0.0 <= value <= 1.0:
+                raise ValueError(f"{name} is a probability in [0, 1]. Received {name}={value!r}")
+        for name in ("randaug_n", "randaug_m", "randaug_mstd", "color_jitter", "mixup",
+                     "cutmix"):
+            value = getattr(self, name)
+            if value < 0:
+                raise ValueError(f"{name} must be >= 0. Received {name}={value!r}")
+        if self.randaug_m > 10:
+            raise ValueError(f"randaug_m is on timm's 0-10 scale. Received {self.randaug_m!r}")
+        if self.erase_mode not in ERASE_MODES:
+            raise ValueError(f"erase_mode must be one of {ERASE_MODES}. "
+                             f"Received erase_mode={self.erase_mode!r}")
+        if not 0.0 <= self.crop_scale <= 1.0:
+            raise ValueError(f"crop_scale (min area of the random resized crop; 0 = off) must "
+                             f"be in [0, 1]. Received crop_scale={self.crop_scale!r}")
+        if not self.crop_ratio >= 1.0:
+            raise ValueError(f"crop_ratio (the crop's aspect ratios span [1/r, r]) must be >= 1. "
+                             f"Received crop_ratio={self.crop_ratio!r}")
+
+    @property
+    def per_image(self):
+        """True when any per-image op is on (images then leave the pipeline as float32)."""
+        return bool(self.crop_scale or self.hflip or self.randaug_n or self.color_jitter
+                    or self.erase_prob)
+
+    @property
+    def per_batch(self):
+        return bool((self.mixup or self.cutmix) and self.mix_prob)
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig(AugmentConfig):
+    """Every knob of a run (the augmentation knobs are `augment.AugmentConfig`'s); each default
+    says why it is what it is. `TrainConfig.create(preset=..., **values)` fills in a recipe."""
+
+    dataset: str = "digits"  # digits: offline (ships with scikit-learn), learns in a minute
+    # or a prepared tfds name (cifar10, tfds:imagenette, ...) or an image folder (folder:PATH)
+    data_dir: str = ""  # where tfds data sets are prepared; "" = tfds default
+    validation_split: float = 0.1  # held out when a folder / tfds set has no test split
+    eval_crop_pct: float = 1.0  # test: short side to size / crop_pct, centre crop (timm)
+    image_size: int = 32  # digits are 8x8; 32 gives patch_size 2 a 16x16 token grid
+    variant: str = ""  # a MODEL_CONFIGS name; empty = the small model below
+    dim: int = 128  # width h: small enough for 2 CPU cores, wide enough for >97% on digits
+    depth: int = 4  # ConvMixer blocks
+    kernel_size: int = 5  # the paper's CIFAR setting for small images
+    patch_size: int = 2  # patch embedding kernel and stride
+    activation: str = "gelu"  # gelu (exact, the paper) or relu (the paper's 768/32)
+    epochs: int = 12  # enough for digits to pass 97%
+    batch_size: int = 64  # the GLOBAL batch (split over replicas)
+    max_lr: float = 0.005  # one-cycle peak, AdamW
+    weight_decay: float = 0.01  # AdamW decoupled weight decay
+    label_smoothing: float = 0.1  # paper recipe
+    clip_norm: float = 1.0  # paper's CIFAR script clips gradient norm at 1; 0 = no clipping
+    adam_epsilon: float = 1e-7  # Keras default; the ImageNet recipe uses 1e-3 (timm --opt-eps)
+    decay_all_weights: bool = True  # False: no weight decay on 1-D weights (BN, bias), as timm
+    precision: str = "float32"  # or mixed_float16 / mixed_bfloat16
+    fast_layers: bool = True  # layers.accelerate: same function, ~1.9x faster CPU training
+    seed: int = 0  # data order, augmentation and initialisation
+    output_dir: str = "saved_models"  # <output_dir>/<name>.keras
+    name: str = "convmixer_digits"  # the run: <output_dir>/<name>.keras, <run_dir>/<name>/
+    verbose: str = "auto"  # Keras progress bar
+    # Distribution and fault tolerance (docs/distributed.md). batch_size is the GLOBAL batch.
+    strategy: str = "default"  # or mirrored (all local GPUs) / multi_worker (TF_CONFIG)
+    xla: str = "auto"  # on / off; auto = on when a GPU is visible (slow on CPU)
+    run_dir: str = "runs"  # <run_dir>/<name>/: backup/, checkpoints/, logs/, history.csv
+    steps_per_epoch: int = 0  # 0 = the whole training split each epoch
+
+    # Choices of the string fields (the CLI offers them; __post_init__ checks them).
+    CHOICES = dict(
+        activation=presets.ACTIVATIONS,
+        precision=PRECISIONS,
+        strategy=STRATEGIES,
+        xla=XLA_MODES,
+    )
+
+    def __post_init__(self):
+        super().__post_init__()  # the augmentation knobs
+        for name, choices in self.CHOICES.items():
+            if getattr(self, name) not in choices:
+                raise ValueError(f"{name} must be one of {choices}. "
+                                 f"Received {name}={getattr(self, name)!r}")
+        for name in ("epochs", "batch_size", "image_size", "dim", "depth", "kernel_size",
+                     "patch_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1. Received {name}={getattr(self, name)!r}")
+        for name in ("steps_per_epoch", "max_lr", "weight_decay", "clip_norm", "adam_epsilon",
+                     "label_smoothing"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0. Received {name}={getattr(self, name)!r}")
+        if not 0.0 < self.eval_crop_pct <= 1.0:
+            raise ValueError(f"eval_crop_pct must be in (0, 1]. Received {self.eval_crop_pct!r}")
+        if not 0.0 < self.validation_split < 1.0:
+            raise ValueError(f"validation_split must be in (0, 1). "
+                             f"Received {self.validation_split!r}")
+        if self.variant and self.variant not in presets.MODEL_CONFIGS:
+            raise ValueError(f"Unknown variant; choose one of {sorted(presets.MODEL_CONFIGS)}. "
+                             f"Received variant={self.variant!r}")
+        if not str(self.verbose).isdigit() and self.verbose != "auto":
+            raise ValueError(f"verbose must be auto, 0, 1 or 2. Received {self.verbose!r}")
+        if not self.name or os.sep in self.name:
+            raise ValueError(f"name must be a plain file name. Received name={self.name!r}")
+
+    @classmethod
+    def create(cls, preset="", **values):
+        """The config of recipe `preset` (a `presets.TRAIN_PRESETS` name; "" = none) with
+        `values` winning over it: the one place presets are resolved."""
+        if preset and preset not in presets.TRAIN_PRESETS:
+            raise ValueError(f"Unknown preset; choose one of {sorted(presets.TRAIN_PRESETS)}. "
+                             f"Received preset={preset!r}")
+        return cls(**{**presets.TRAIN_PRESETS.get(preset, {}), **values})
+
+    @property
+    def augment(self):
+        """The augmentation part alone (what the input pipeline needs)."""
+        return AugmentConfig(**{f.name: getattr(self, f.name)
+                                for f in dataclasses.fields(AugmentConfig)})

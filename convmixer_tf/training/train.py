@@ -1,0 +1,144 @@
+"""The training job: build a ConvMixer, fit it on a tf.data pipeline, evaluate, and write the
+trained-model file set (`artifacts`: model, metadata, sample images) that deployment reads.
+
+    convmixer-train                       # offline default: digits, ~1-2 min on 2 CPU cores
+
+    from convmixer_tf.training.config import TrainConfig
+    from convmixer_tf.training.train import train
+    result = train(TrainConfig.create(preset="cifar10", epochs=5))
+"""
+
+import dataclasses
+import os
+
+import keras
+
+import numpy as np
+
+from convmixer_tf import artifacts, layers, model as model_lib, presets
+from convmixer_tf.training import callbacks as callbacks_lib, data, distribute, schedules
+
+
+def build_model(config, num_classes, input_shape):
+    """The ConvMixer the config names, returning logits (the loss applies the softmax)."""
+    arch = dict(dim=config.dim, depth=config.depth, kernel_size=config.kernel_size,
+                patch_size=config.patch_size, activation=config.activation)
+    if config.variant:
+        arch = presets.MODEL_CONFIGS[config.variant]
+    return model_lib.ConvMixer(
+        **arch,
+        input_shape=input_shape,
+        classes=num_classes,
+        classifier_activation=None,
+        name=config.name,
+    )
+
+
+def save_trained_model(model, path):
+    """Saves `model` with stock Keras layers only (`layers.standardize`), uncompiled and
+    atomically, so the file loads anywhere without this package."""
+    return artifacts.save_model(layers.standardize(model), path, overwrite=True)
+
+
+def sample_images(datasets, calibration_count=256, held_out_count=1000, budget_mb=48):
+    """(calibration images, held-out images, held-out labels) as uint8 arrays: what the export
+    needs for int8 calibration and its accuracy checks, capped at `budget_mb` in all."""
+    size = datasets.image_size
+    per_image = size * size * 3
+    held_out_count = max(64, min(held_out_count, budget_mb * 2**20 * 3 // 4 // per_image))
+    calibration_count = max(16, min(calibration_count, budget_mb * 2**20 // 4 // per_image))
+
+    def take(ds, n):
+        images, labels = [], []
+        for x, y in ds:
+            images.append(np.asarray(x))
+            labels.append(np.argmax(np.asarray(y), axis=-1))
+            if sum(len(i) for i in images) >= n:
+                break
+        images = np.clip(np.round(np.concatenate(images)[:n]), 0, 255).astype(np.uint8)
+        return images, np.concatenate(labels)[:n].astype(np.int32)
+
+    calibration, _ = take(datasets.calibration, calibration_count)
+    held_out, labels = take(datasets.test, held_out_count)
+    return calibration, held_out, labels
+
+
+def train(config):
+    """Runs `config`; returns dict(model, history, test_accuracy, model_path, class_names,
+    is_chief).
+
+    Writes `<output_dir>/<name>.keras`, its metadata `.json` and `.samples.npz`. Rerunning the same config after a crash resumes from `<run_dir>/<name>/backup/`."""
+    # First: MultiWorkerMirroredStrategy must exist before any other TF op runs.
+    strategy = distribute.make_strategy(config.strategy)
+    xla = distribute.resolve_xla(config.xla)
+    distribute.global_batch_size(config.batch_size, strategy)
+    keras.utils.set_random_seed(config.seed)
+    keras.mixed_precision.set_global_policy(config.precision)
+    datasets = data.build_datasets(
+        config.dataset, image_size=config.image_size, global_batch_size=config.batch_size,
+        augment=config.augment, data_dir=config.data_dir or None, seed=config.seed,
+        validation_split=config.validation_split, eval_crop_pct=config.eval_crop_pct,
+    )
+    train_ds, test_ds = datasets.train, datasets.test
+
+    steps_per_epoch = datasets.steps_per_epoch
+    if config.steps_per_epoch:  # a fresh shuffle's first batches, every epoch
+        steps_per_epoch = min(steps_per_epoch, config.steps_per_epoch)
+        train_ds = train_ds.take(steps_per_epoch)
+    steps = config.epochs * steps_per_epoch
+    test_ds = distribute.shardable(test_ds, config.batch_size)
+    with strategy.scope():
+        model = build_model(
+            config, datasets.num_classes, (config.image_size, config.image_size, 3)
+        )
+        if config.fast_layers:
+            model = layers.accelerate(model)
+        trainer = distribute.make_trainer(model)
+        optimizer = keras.optimizers.AdamW(
+            schedules.OneCycle(config.max_lr, steps),
+            weight_decay=config.weight_decay,
+            epsilon=config.adam_epsilon,
+            global_clipnorm=config.clip_norm or None,
+        )
+        if not config.decay_all_weights:
+            optimizer.exclude_from_weight_decay(
+                var_list=[v for v in model.trainable_variables if len(v.shape) <= 1]
+            )
+        trainer.compile(
+            optimizer=optimizer,
+            loss=keras.losses.CategoricalCrossentropy(
+                from_logits=True, label_smoothing=config.label_smoothing
+            ),
+            metrics=["accuracy"],
+            jit_compile=xla,
+        )
+    is_chief, task_id = distribute.task_info(strategy)
+    history = trainer.fit(
+        train_ds,
+        epochs=config.epochs,
+        validation_data=test_ds,
+        shuffle=False,  # the tf.data pipeline shuffles
+        verbose=int(config.verbose) if str(config.verbose).isdigit() else config.verbose,
+        callbacks=callbacks_lib.make_callbacks(
+            os.path.join(config.run_dir, config.name), save_model=save_trained_model,
+            is_chief=is_chief, task_id=task_id,
+        ),
+    )
+    _, test_accuracy = trainer.evaluate(test_ds, verbose=0)
+    # Every worker writes (atomically, the same values); the chief alone exports.
+    model_path = os.path.join(config.output_dir, config.name + ".keras")
+    save_trained_model(model, model_path)
+    artifacts.write_metadata(
+        model_path, datasets.class_names, (config.image_size, config.image_size),
+        crop_pct=config.eval_crop_pct, dataset=config.dataset,
+        test_accuracy=float(test_accuracy), config=dataclasses.asdict(config),
+    )
+    artifacts.write_samples(model_path, *sample_images(datasets))
+    return dict(
+        model=model,
+        history=history,
+        test_accuracy=test_accuracy,
+        model_path=model_path,
+        class_names=datasets.class_names,
+        is_chief=is_chief,
+    )
