@@ -159,7 +159,7 @@ def test_digits_build_datasets_shapes_batches_and_determinism():
     np.testing.assert_allclose(ya.numpy().sum(1), 1, atol=1e-6)
 
 
-def test_train_with_augmentation_and_a_folder(tmp_path):
+def test_train_with_augmentation_and_a_folder(tmp_path, capsys):
     root = _write_folder(tmp_path / "pets", per_class=6)
     result = train(TrainConfig(
         dataset=str(root), image_size=16, dim=16, depth=1, epochs=2, batch_size=4,
@@ -169,3 +169,209 @@ def test_train_with_augmentation_and_a_folder(tmp_path):
     assert result["model"].output_shape == (None, 3)
     assert len(result["history"].history["loss"]) == 2
     assert os.path.exists(result["model_path"])
+    out = capsys.readouterr().out
+    assert "Decoded 15 train images once" in out and "Input pipeline:" in out
+
+
+# ---------------------------------------------------------------- shuffling at any size
+
+CLASSES, PER_CLASS, BATCH = 10, 300, 60  # 3,000 files, class-sorted on disk
+CHI2_P = 0.001  # the uniformity bound's p-value
+
+
+def _chi2_bound(classes=CLASSES):
+    from scipy import stats
+
+    return stats.chi2.ppf(1 - CHI2_P, classes - 1)
+
+
+def _chi2(labels, classes=CLASSES):
+    """Pearson's chi-square statistic of `labels` against a uniform class distribution."""
+    counts = np.bincount(labels, minlength=classes)
+    expected = len(labels) / classes
+    return float(((counts - expected) ** 2 / expected).sum())
+
+
+@pytest.fixture(scope="module")
+def sorted_folder(tmp_path_factory):
+    """root/c0..c9/00000.png ...: 4x4 PNGs whose pixel (0, 0) encodes the file's number (R, G)
+    and class (B), so every image read back names its file."""
+    root = tmp_path_factory.mktemp("sorted") / "images"
+    for label in range(CLASSES):
+        os.makedirs(root / f"c{label}")
+        for i in range(PER_CLASS):
+            number = label * PER_CLASS + i
+            image = np.zeros((4, 4, 3), np.uint8)
+            image[0, 0] = (number // 256, number % 256, label)
+            Image.fromarray(image).save(root / f"c{label}" / f"{i:05d}.png")
+    os.makedirs(root.parent / "test" / "c0")  # a train/test layout: all 3,000 files train
+    for label in range(CLASSES):
+        os.makedirs(root.parent / "test" / f"c{label}", exist_ok=True)
+        Image.fromarray(np.zeros((4, 4, 3), np.uint8)).save(root.parent / "test" / f"c{label}"
+                                                              / "0.png")
+    os.rename(root, root.parent / "train")
+    return root.parent
+
+
+def _epoch(ds):
+    """(file numbers, labels) of one pass over a train pipeline of the sorted folder."""
+    numbers, labels = [], []
+    for x, y in ds:
+        pixel = x.numpy()[:, 0, 0].astype(int)
+        numbers.append(pixel[:, 0] * 256 + pixel[:, 1])
+        labels.append(y.numpy().argmax(1))
+        np.testing.assert_array_equal(pixel[:, 2], labels[-1])  # label matches its image
+    return np.concatenate(numbers), np.concatenate(labels)
+
+
+@pytest.mark.parametrize("cache", ["auto", "disk", "off"])
+def test_folder_epochs_are_full_uniform_shuffles(sorted_folder, cache, tmp_path):
+    def build(seed):
+        return data.build_datasets(str(sorted_folder), image_size=4, global_batch_size=BATCH,
+                                   seed=seed, cache=cache, cache_dir=str(tmp_path))
+
+    ds = build(seed=0)
+    assert (ds.train_size, ds.steps_per_epoch) == (CLASSES * PER_CLASS, 50)
+    first, first_labels = _epoch(ds.train)
+    second, second_labels = _epoch(ds.train)
+    bound = _chi2_bound()
+    for numbers, labels in ((first, first_labels), (second, second_labels)):
+        # Every file exactly once per epoch ...
+        np.testing.assert_array_equal(np.sort(numbers), np.arange(CLASSES * PER_CLASS))
+        # ... and the head of the epoch (what --steps-per-epoch 5 trains on) is uniform.
+        head = labels[:5 * BATCH]
+        assert _chi2(head) < bound, (np.bincount(head, minlength=CLASSES), _chi2(head), bound)
+    assert not np.array_equal(first, second)  # reshuffled each epoch
+    again, _ = _epoch(build(seed=0).train)
+    np.testing.assert_array_equal(first, again)  # the same seed, the same order
+    assert not np.array_equal(first, _epoch(build(seed=1).train)[0])
+    # The calibration sample is uniform too (int8 calibration takes its first images).
+    calibration = np.concatenate([y.numpy().argmax(1) for _, y in ds.calibration.take(5)])
+    assert _chi2(calibration) < bound
+    if cache == "disk":
+        assert any(name.endswith(".u8") for name in os.listdir(tmp_path))
+
+
+def test_the_uniformity_bound_catches_a_buffered_shuffle():
+    """Control: the chi-square check fails the old pipeline (a shuffle buffer smaller than a
+    class-sorted list), so passing it above means something."""
+    sorted_labels = np.repeat(np.arange(CLASSES), PER_CLASS)
+    shuffled = tf.data.Dataset.from_tensor_slices(sorted_labels).shuffle(1000, seed=0)
+    head = np.array(list(shuffled.take(5 * BATCH).as_numpy_iterator()))
+    assert _chi2(head) > 10 * _chi2_bound()
+
+
+def test_disk_cache_matches_memory_and_is_reused(sorted_folder, tmp_path, capsys):
+    def first_batches(cache):
+        ds = data.build_datasets(str(sorted_folder), image_size=4, global_batch_size=BATCH,
+                                 cache=cache, cache_dir=str(tmp_path))
+        return [x.numpy() for x, _ in ds.train.take(3)]
+
+    memory, disk = first_batches("memory"), first_batches("disk")
+    for a, b in zip(memory, disk):
+        np.testing.assert_array_equal(a, b)
+    assert "in memory" in capsys.readouterr().out
+    first_batches("disk")
+    assert "Reused 3,000 train images" in capsys.readouterr().out
+    # auto spills to disk when the budget is too small
+    data.build_datasets(str(sorted_folder), image_size=4, global_batch_size=BATCH,
+                        cache="auto", cache_budget_mb=0, cache_dir=str(tmp_path / "spill")).train
+    assert os.path.isdir(tmp_path / "spill")
+
+
+class ConvmixerTestSorted(tfds.core.GeneratorBasedBuilder):
+    """A class-sorted, single-shard tfds set (shuffling disabled at preparation): the layout
+    a buffered stream cannot shuffle."""
+
+    VERSION = tfds.core.Version("1.0.0")
+    PER_CLASS = 100
+
+    def _info(self):
+        return tfds.core.DatasetInfo(
+            builder=self,
+            features=tfds.features.FeaturesDict({
+                "image": tfds.features.Image(shape=(4, 4, 3)),
+                "label": tfds.features.ClassLabel(num_classes=CLASSES),
+            }),
+            supervised_keys=("image", "label"),
+            disable_shuffling=True,
+        )
+
+    def _split_generators(self, dl_manager):
+        return {"train": self._generate_examples()}
+
+    def _generate_examples(self):
+        for label in range(CLASSES):
+            for i in range(self.PER_CLASS):
+                number = label * self.PER_CLASS + i
+                image = np.zeros((4, 4, 3), np.uint8)
+                image[0, 0] = (number // 256, number % 256, label)
+                yield number, {"image": image, "label": label}
+
+
+def test_tfds_class_sorted_single_shard_is_shuffled_uniformly(tmp_path):
+    ConvmixerTestSorted(data_dir=str(tmp_path)).download_and_prepare()
+    ds = data.build_datasets("tfds:convmixer_test_sorted", image_size=4, global_batch_size=50,
+                             data_dir=str(tmp_path), validation_split=0.2,
+                             cache_dir=str(tmp_path / "cache"))
+    assert ds.train_size == 800  # train[:80%]: classes 0-7 only (sorted: the split shows it)
+    numbers, labels = _epoch(ds.train)
+    np.testing.assert_array_equal(np.sort(numbers), np.arange(800))
+    head = labels[:200]
+    assert _chi2(head, 8) < _chi2_bound(8), np.bincount(head)
+    assert not np.array_equal(numbers, _epoch(ds.train)[0])
+
+
+# ---------------------------------------------------------------- keras:NAME
+
+FASHION_HOME = os.path.expanduser("~/.keras/datasets/fashion-mnist")
+
+
+@pytest.mark.skipif(not all(os.path.isfile(os.path.join(FASHION_HOME, os.path.basename(f)))
+                            for f in data.FASHION_MNIST_FILES),
+                    reason="Fashion-MNIST not in ~/.keras/datasets (apt-get install "
+                           "dataset-fashion-mnist; see docs/training.md)")
+def test_keras_fashion_mnist_real_files():
+    ds = data.build_datasets("keras:fashion_mnist", image_size=28, global_batch_size=500)
+    assert (ds.train_size, ds.test_size) == (60000, 10000)
+    assert ds.class_names[0] == "T-shirt/top" and ds.class_names[-1] == "Ankle boot"
+    x, y = next(iter(ds.train))
+    assert x.shape == (500, 28, 28, 3) and x.dtype == tf.uint8
+    np.testing.assert_array_equal(x[..., 0], x[..., 2])  # grey repeated to RGB
+    assert _chi2(y.numpy().argmax(1)) < _chi2_bound()  # the stored order is not the one read
+    x_test, _ = next(iter(ds.test))
+    assert x_test.shape == (500, 28, 28, 3)
+
+
+def test_keras_missing_files_fail_at_once_naming_them(tmp_path, monkeypatch):
+    from keras.src.backend import config as keras_config
+    from keras.src.utils import file_utils
+
+    monkeypatch.setattr(keras_config, "_KERAS_DIR", str(tmp_path / "keras_home"))
+    os.makedirs(tmp_path / "keras_home")
+
+    def no_network(*args, **kwargs):
+        raise AssertionError("a download was attempted")
+
+    monkeypatch.setattr(file_utils, "urlretrieve", no_network)
+    home = str(tmp_path / "keras_home" / "datasets")
+    start = time.monotonic()
+    with pytest.raises(FileNotFoundError) as error:
+        data.build_datasets("keras:fashion_mnist")
+    message = str(error.value)
+    assert os.path.join(home, "fashion-mnist", "train-images-idx3-ubyte.gz") in message
+    assert "apt-get install dataset-fashion-mnist" in message
+    assert "/usr/share/datasets/fashion-mnist" in message
+    with pytest.raises(FileNotFoundError, match="cifar-10-batches-py-target_archive"):
+        data.build_datasets("keras:cifar10")
+    with pytest.raises(ValueError, match="Unknown Keras data set 'svhn'"):
+        data.build_datasets("keras:svhn")
+    assert time.monotonic() - start < 5
+    assert not os.path.exists(home)  # nothing created, nothing fetched
+    assert len(data.KERAS_DATASETS["cifar100"]["class_names"]) == 100
+
+
+def test_input_share_line():
+    assert "bottleneck" not in data.input_share_line(0.1, 1.0, 64)
+    line = data.input_share_line(0.9, 1.0, 64)
+    assert "~90% of a step" in line and "bottleneck" in line and "71 images/s alone" in line

@@ -78,6 +78,8 @@ def train(config):
         config.dataset, image_size=config.image_size, global_batch_size=config.batch_size,
         augment=config.augment, data_dir=config.data_dir or None, seed=config.seed,
         validation_split=config.validation_split, eval_crop_pct=config.eval_crop_pct,
+        cache=config.cache, cache_budget_mb=config.cache_budget_mb,
+        cache_dir=os.path.join(config.run_dir, config.name, "cache"),
     )
     train_ds, test_ds = datasets.train, datasets.test
 
@@ -122,7 +124,7 @@ def train(config):
         callbacks=callbacks_lib.make_callbacks(
             os.path.join(config.run_dir, config.name), save_model=save_trained_model,
             is_chief=is_chief, task_id=task_id,
-        ),
+        ) + [data.InputShare(datasets.train, config.batch_size)],
     )
     _, test_accuracy = trainer.evaluate(test_ds, verbose=0)
     # Every worker writes (atomically, the same values); the chief alone exports.
