@@ -320,6 +320,10 @@ def test_tfds_class_sorted_single_shard_is_shuffled_uniformly(tmp_path):
     head = labels[:200]
     assert _chi2(head, 8) < _chi2_bound(8), np.bincount(head)
     assert not np.array_equal(numbers, _epoch(ds.train)[0])
+    # cache="off": the stream fallback (shuffled files + buffer) still yields every example.
+    off = data.build_datasets("tfds:convmixer_test_sorted", image_size=4, global_batch_size=50,
+                              data_dir=str(tmp_path), validation_split=0.2, cache="off")
+    np.testing.assert_array_equal(np.sort(_epoch(off.train)[0]), np.arange(800))
 
 
 # ---------------------------------------------------------------- keras:NAME
