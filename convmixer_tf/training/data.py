@@ -332,9 +332,10 @@ def _decode_once(split, budget_bytes, cache_dir, which):
     earlier run of the same content is reused (a resumed run does not decode again)."""
     start = time.monotonic()
     name = hashlib.sha1(f"{split.key}|{split.size}".encode()).hexdigest()[:16]
-    cache_dir = cache_dir or tempfile.mkdtemp(prefix="convmixer_cache_")
-    path = os.path.join(cache_dir, f"{which}-{name}")
-    reused = split.key and os.path.exists(path + ".npz") and os.path.exists(path + ".u8")
+    temporary = cache_dir is None  # a file only this process reads: unlinked once mapped
+    path = os.path.join(cache_dir or "", f"{which}-{name}")
+    reused = (not temporary and split.key and os.path.exists(path + ".npz")
+              and os.path.exists(path + ".u8"))
     if reused:
         with np.load(path + ".npz") as index:
             offsets, shapes, labels = index["offsets"], index["shapes"], index["labels"]
@@ -345,6 +346,9 @@ def _decode_once(split, budget_bytes, cache_dir, which):
         chunks, shapes, labels, total, file = [], [], [], 0, None
         for image, label in decoded.as_numpy_iterator():
             if file is None and total + image.nbytes > budget_bytes:
+                if temporary:
+                    cache_dir = tempfile.mkdtemp(prefix="convmixer_cache_")
+                    path = os.path.join(cache_dir, f"{which}-{name}")
                 os.makedirs(cache_dir, exist_ok=True)
                 file = open(path + ".u8.tmp", "wb")
                 for chunk in chunks:
@@ -370,9 +374,10 @@ def _decode_once(split, budget_bytes, cache_dir, which):
             os.replace(path + ".u8.tmp", path + ".u8")
             os.replace(path + ".npz.tmp.npz", path + ".npz")  # last: marks the cache complete
     nbytes = int(offsets[-1])
-    where = "memory" if in_memory else path + ".u8"
+    where = "memory" if in_memory else path + ".u8" + (" (temporary)" if temporary else "")
     _log(
-        f"{'Reused' if reused else 'Decoded'} {len(labels):,} {which} images once: "
+        f"{'Reused' if reused else 'Decoded'} {len(labels):,} {which} images"
+        f"{'' if reused else ' once'}: "
         f"{nbytes / 2**20:,.0f} MB of uint8 pixels in {where} ({time.monotonic() - start:.1f} s)")
 
     labels_t = tf.constant(labels)
@@ -385,6 +390,10 @@ def _decode_once(split, budget_bytes, cache_dir, which):
             return tf.reshape(flat_t[offsets_t[index]:offsets_t[index + 1]], shapes_t[index])
     else:
         mapped = np.memmap(path + ".u8", np.uint8, "r") if nbytes else np.zeros(0, np.uint8)
+        if temporary:  # the mapping stays valid; the file goes when the process ends
+            for suffix in (".u8", ".npz"):
+                os.remove(path + suffix)
+            os.rmdir(cache_dir)
 
         def fetch(index):
             return np.array(mapped[offsets[index]:offsets[index + 1]]).reshape(shapes[index])
@@ -670,7 +679,8 @@ def _tfds_source(name, data_dir, validation_split, seed):
         shards = len(info.splits[split].file_instructions)
         read_config = tfds.ReadConfig(
             shuffle_seed=shuffle_seed, try_autocache=False,
-            interleave_cycle_length=max(1, shards), interleave_block_length=1)
+            interleave_cycle_length=max(1, shards), interleave_block_length=1,
+            enable_ordering_guard=False)  # we shuffle sets that tfds wrote in order, on purpose
         ds = builder.as_dataset(split=split, shuffle_files=shuffle_seed is not None,
                                 decoders={image_key: tfds.decode.SkipDecoding()},
                                 read_config=read_config)
