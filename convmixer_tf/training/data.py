@@ -282,15 +282,16 @@ def build_datasets(dataset="digits", image_size=32, global_batch_size=64, augmen
             return evaluation(test.examples(), test.encoded)
         train = split("train")
         if train.read is None:  # tfds with cache="off": the best a stream allows
-            ordered = _tfds_stream_shuffled(train, seed)
+            ordered, read = _tfds_stream_shuffled(train, seed), lambda example: example
         else:
             ordered = epoch_order(train.size, seed + (2 if which == "calibration" else 0))
-            ordered = ordered.map(train.read, num_parallel_calls=AUTOTUNE)
+            read = train.read
         if which == "calibration":
-            return evaluation(ordered, train.encoded)
+            return evaluation(ordered.map(read, num_parallel_calls=AUTOTUNE), train.encoded)
         seeds = tf.data.Dataset.random(seed=seed, rerandomize_each_iteration=True).batch(2)
+        # One map reads, decodes and augments (fewer tf.data stages per image).
         ds = tf.data.Dataset.zip(ordered, seeds).map(
-            lambda xy, s: train_map(*xy, s, train.encoded), num_parallel_calls=AUTOTUNE)
+            lambda i, s: train_map(*read(i), s, train.encoded), num_parallel_calls=AUTOTUNE)
         ds = ds.batch(global_batch_size, drop_remainder=True)
         batch_seeds = tf.data.Dataset.random(seed=seed + 1, rerandomize_each_iteration=True)
         ds = tf.data.Dataset.zip(ds, batch_seeds.batch(2)).map(
