@@ -9,10 +9,13 @@ Modes alternate round by round in one process; medians over rounds. Besides wall
 images/s it reports the process CPU time per image, which other jobs on the machine barely
 change, and 2 cores / that time: the rate with two cores to itself.
 
-    PYTHONPATH=. python scripts/benchmark_pipeline.py --folder /tmp/cifar_like --images 5000
+    git show 7323ce4:convmixer_tf/training/data.py > /tmp/data_before.py   # the old pipeline
+    PYTHONPATH=. python scripts/benchmark_pipeline.py --folder /tmp/cifar_like --images 5000 \
+        --before /tmp/data_before.py
 """
 
 import argparse
+import importlib.util
 import os
 import statistics
 import time
@@ -70,7 +73,10 @@ def main():
     parser.add_argument("--images", type=int, default=5000)
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--batches", type=int, default=30, help="timed per pipeline round")
-    parser.add_argument("--train-steps", type=int, default=6, help="timed per training round")
+    parser.add_argument("--train-steps", type=int, default=4, help="timed per training round")
+    parser.add_argument("--train-batch-size", type=int, default=64)
+    parser.add_argument("--before", default="",
+                        help="an older training/data.py to compare with (its build_datasets)")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--variant", default="convmixer_256_8_ks5_p2")
     args = parser.parse_args()
@@ -80,49 +86,56 @@ def main():
         print(f"made {args.folder} in {time.perf_counter() - start:.0f} s")
 
     recipe = TrainConfig.create(preset="cifar10", dataset=args.folder).augment
+    builders = {"off": data.build_datasets, "auto": data.build_datasets}
+    if args.before:
+        spec = importlib.util.spec_from_file_location("data_before", args.before)
+        before = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(before)
+        builders = {"before": before.build_datasets, **builders}
     builds = {}
-    for cache in ("off", "auto"):
+    for cache, build in builders.items():
         for name, augment in (("cifar10 augmentation", recipe), ("no augmentation", None)):
-            begin = clocks()
-            ds = data.build_datasets(args.folder, 32, args.batch_size, augment=augment,
-                                     cache=cache)
-            ds.train  # the cache's decode pass happens here
-            builds[cache, name] = ds
-            print(f"cache={cache}, {name}: built in {time.perf_counter() - begin[0]:.1f} s "
-                  f"({ds.train_size} train images)")
+            for batch in {args.batch_size, args.train_batch_size}:
+                begin = clocks()
+                kwargs = {} if cache == "before" else dict(cache=cache)
+                ds = build(args.folder, 32, batch, augment=augment, **kwargs)
+                ds.train  # the cache's decode pass happens here
+                builds[cache, name, batch] = ds
+                print(f"{cache}, {name}, batch {batch}: built in "
+                      f"{time.perf_counter() - begin[0]:.1f} s ({ds.train_size} train images)")
 
     model = layers.accelerate(model_lib.ConvMixer(
         **presets.MODEL_CONFIGS[args.variant], input_shape=(32, 32, 3),
         classes=10, classifier_activation=None))
     model.compile(optimizer=keras.optimizers.AdamW(1e-3),
                   loss=keras.losses.CategoricalCrossentropy(from_logits=True))
-    model.fit(builds["off", "cifar10 augmentation"].train.take(2), verbose=0)  # compile once
+    model.fit(builds["off", "cifar10 augmentation", args.train_batch_size].train.take(2),
+              verbose=0)  # compile once (the same shapes for every candidate)
 
     results = {}
     for round_ in range(args.rounds):
-        order = list(builds) if round_ % 2 == 0 else list(reversed(builds))
-        for key in order:
-            results.setdefault(("pipeline",) + key, []).append(
-                pipeline_rate(builds[key].train, args.batch_size, args.batches))
-        for key in order:
-            if key[1] != "cifar10 augmentation":
-                continue
-            ds = builds[key].train.take(args.train_steps + 1)
+        order = list(builders) if round_ % 2 == 0 else list(reversed(builders))
+        for cache in order:
+            for name in ("cifar10 augmentation", "no augmentation"):
+                results.setdefault(("pipeline", cache, name), []).append(pipeline_rate(
+                    builds[cache, name, args.batch_size].train, args.batch_size, args.batches))
+        for cache in order:
+            ds = builds[cache, "cifar10 augmentation", args.train_batch_size].train
             marks = []
             callback = keras.callbacks.LambdaCallback(
                 on_train_batch_end=lambda batch, logs: marks.append(clocks()))
-            model.fit(ds, verbose=0, callbacks=[callback])
-            results.setdefault(("training",) + key, []).append(
-                rates(args.train_steps * args.batch_size, marks[0]))
+            model.fit(ds.take(args.train_steps + 1), verbose=0, callbacks=[callback])
+            results.setdefault(("training", cache, "cifar10 augmentation"), []).append(
+                rates(args.train_steps * args.train_batch_size, marks[0]))
         print(f"round {round_ + 1}: " + "; ".join(
-            f"{k[0]} cache={k[1]} {k[2]}: {v[-1][0]:.0f}/s {v[-1][1]:.2f} ms"
-            for k, v in results.items()))
+            f"{k[0]} {k[1]} {k[2]}: {v[-1][0]:.0f}/s {v[-1][1]:.3f} ms"
+            for k, v in results.items()), flush=True)
     print(f"\nmedians of {args.rounds} rounds (images/s wall | CPU ms per image | 2 cores "
           f"/ CPU time = images/s with the 2 cores to itself):")
     for (what, cache, name), values in results.items():
         wall = statistics.median(v[0] for v in values)
         cpu = statistics.median(v[1] for v in values)
-        print(f"  {what:8s} cache={cache:4s} {name:22s} {wall:7.1f} images/s | "
+        print(f"  {what:8s} {cache:6s} {name:22s} {wall:7.1f} images/s | "
               f"{cpu:6.3f} ms | {2000 / cpu:7.1f} images/s")
 
 
