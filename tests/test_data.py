@@ -251,6 +251,19 @@ def test_folder_epochs_are_full_uniform_shuffles(sorted_folder, cache, tmp_path)
         assert not np.array_equal(first, _epoch(build(seed=1).train)[0])
 
 
+def test_epoch_heads_follow_the_chi_square_law_over_many_epochs():
+    """Beyond one head: over 100 epochs of `epoch_order` on a class-sorted list, the heads'
+    statistics behave as uniform samples drawn without replacement should (mean 9 x 0.9 = 8.1,
+    ~4% above the p = 0.05 bound; a broken permutation shifts both)."""
+    from scipy import stats
+
+    labels = np.repeat(np.arange(CLASSES), PER_CLASS)
+    heads = data.epoch_order(CLASSES * PER_CLASS, seed=0).batch(5 * BATCH).take(1)
+    values = np.array([_chi2(labels[next(iter(heads)).numpy()]) for _ in range(100)])
+    assert abs(values.mean() - 8.1) < 1.5, values.mean()
+    assert (values > stats.chi2.ppf(0.95, CLASSES - 1)).mean() < 0.1
+
+
 def test_the_uniformity_bound_catches_a_buffered_shuffle():
     """Control: the chi-square check fails the old pipeline (a shuffle buffer smaller than a
     class-sorted list), so passing it above means something."""
