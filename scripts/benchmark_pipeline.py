@@ -18,6 +18,7 @@ import argparse
 import importlib.util
 import os
 import statistics
+import sys
 import time
 
 import keras
@@ -29,8 +30,8 @@ from convmixer_tf.training import data
 from convmixer_tf.training.config import TrainConfig
 
 
-def make_folder(root, images, test_images=1000):
-    """root/{train,test}/<class>/<i>.jpg, 32x32 RGB JPEGs (quality 90), 10 classes."""
+def make_folder(root, images, test_images=1000, size=32):
+    """root/{train,test}/<class>/<i>.jpg, size x size RGB JPEGs (quality 90), 10 classes."""
     try:
         (x, y), _ = keras.datasets.fashion_mnist.load_data()
         x = np.repeat(np.pad(x, ((0, 0), (2, 2), (2, 2)))[..., None], 3, axis=-1)
@@ -42,7 +43,10 @@ def make_folder(root, images, test_images=1000):
         split = "train" if i < images else "test"
         folder = os.path.join(root, split, f"class{y[i]}")
         os.makedirs(folder, exist_ok=True)
-        Image.fromarray(x[i]).save(os.path.join(folder, f"{i}.jpg"), quality=90)
+        image = Image.fromarray(x[i])
+        if size != image.size[0]:
+            image = image.resize((size, size), Image.BICUBIC)
+        image.save(os.path.join(folder, f"{i}.jpg"), quality=90)
 
 
 def clocks():
@@ -79,10 +83,12 @@ def main():
                         help="an older training/data.py to compare with (its build_datasets)")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--variant", default="convmixer_256_8_ks5_p2")
+    parser.add_argument("--size", type=int, default=32, help="JPEG side made (and trained on)")
+    parser.add_argument("--no-training", action="store_true", help="pipelines only")
     args = parser.parse_args()
     if not os.path.isdir(os.path.join(args.folder, "train")):
         start = time.perf_counter()
-        make_folder(args.folder, args.images)
+        make_folder(args.folder, args.images, size=args.size)
         print(f"made {args.folder} in {time.perf_counter() - start:.0f} s")
 
     recipe = TrainConfig.create(preset="cifar10", dataset=args.folder).augment
@@ -90,6 +96,7 @@ def main():
     if args.before:
         spec = importlib.util.spec_from_file_location("data_before", args.before)
         before = importlib.util.module_from_spec(spec)
+        sys.modules["data_before"] = before  # AutoGraph reads its functions' source
         spec.loader.exec_module(before)
         builders = {"before": before.build_datasets, **builders}
     builds = {}
@@ -98,19 +105,20 @@ def main():
             for batch in {args.batch_size, args.train_batch_size}:
                 begin = clocks()
                 kwargs = {} if cache == "before" else dict(cache=cache)
-                ds = build(args.folder, 32, batch, augment=augment, **kwargs)
+                ds = build(args.folder, args.size, batch, augment=augment, **kwargs)
                 ds.train  # the cache's decode pass happens here
                 builds[cache, name, batch] = ds
                 print(f"{cache}, {name}, batch {batch}: built in "
                       f"{time.perf_counter() - begin[0]:.1f} s ({ds.train_size} train images)")
 
     model = layers.accelerate(model_lib.ConvMixer(
-        **presets.MODEL_CONFIGS[args.variant], input_shape=(32, 32, 3),
+        **presets.MODEL_CONFIGS[args.variant], input_shape=(args.size, args.size, 3),
         classes=10, classifier_activation=None))
     model.compile(optimizer=keras.optimizers.AdamW(1e-3),
                   loss=keras.losses.CategoricalCrossentropy(from_logits=True))
-    model.fit(builds["off", "cifar10 augmentation", args.train_batch_size].train.take(2),
-              verbose=0)  # compile once (the same shapes for every candidate)
+    if not args.no_training:
+        model.fit(builds["off", "cifar10 augmentation", args.train_batch_size].train.take(2),
+                  verbose=0)  # compile once (the same shapes for every candidate)
 
     results = {}
     for round_ in range(args.rounds):
@@ -119,7 +127,7 @@ def main():
             for name in ("cifar10 augmentation", "no augmentation"):
                 results.setdefault(("pipeline", cache, name), []).append(pipeline_rate(
                     builds[cache, name, args.batch_size].train, args.batch_size, args.batches))
-        for cache in order:
+        for cache in order if not args.no_training else ():
             ds = builds[cache, "cifar10 augmentation", args.train_batch_size].train
             marks = []
             callback = keras.callbacks.LambdaCallback(

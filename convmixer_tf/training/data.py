@@ -11,7 +11,6 @@ through `preprocessing` (the same function serving and prediction use).
 
 import dataclasses
 import functools
-import gzip
 import hashlib
 import os
 import tempfile
