@@ -76,6 +76,7 @@ class TrainConfig(AugmentConfig):
 
     dataset: str = "digits"  # digits: offline (ships with scikit-learn), learns in a minute
     # or a prepared tfds name (cifar10, tfds:imagenette, ...) or an image folder (folder:PATH)
+    # or keras:fashion_mnist / mnist / cifar10 / cifar100 (Keras's cache, ~/.keras/datasets)
     data_dir: str = ""  # where tfds data sets are prepared; "" = tfds default
     cache: str = "auto"  # decode images once: memory up to --cache-budget-mb, then
     # <run_dir>/<name>/cache/; or memory / disk / off (decode every epoch)
@@ -128,8 +129,8 @@ class TrainConfig(AugmentConfig):
                      "patch_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1. Received {name}={getattr(self, name)!r}")
-        for name in ("steps_per_epoch", "cache_budget_mb", "max_lr", "weight_decay", "clip_norm", "adam_epsilon",
-                     "label_smoothing"):
+        for name in ("steps_per_epoch", "cache_budget_mb", "max_lr", "weight_decay",
+                     "clip_norm", "adam_epsilon", "label_smoothing"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0. Received {name}={getattr(self, name)!r}")
         if not 0.0 < self.eval_crop_pct <= 1.0:
