@@ -238,7 +238,8 @@ def convert_main(argv=None):
     parser.add_argument("--include-preprocessing", default=True,
                         action=argparse.BooleanOptionalAction,
                         help="the model takes 0-255 pixels and normalises them itself")
-    parser.add_argument("--classifier-activation", choices=("softmax", "none"), default="softmax")
+    parser.add_argument("--classifier-activation", choices=("softmax", "none"), default="softmax",
+                        help="the head's output: probabilities, or none for logits")
     parser.add_argument("--ema", action="store_true", help="prefer the state_dict_ema weights")
     parser.add_argument("--trust-checkpoint", action="store_true",
                         help="torch.load with weights_only=False (runs pickled code: trusted "
@@ -283,7 +284,7 @@ def evaluate_main(argv=None):
                         help="digits, a prepared tfds name or an image folder")
     parser.add_argument("--data-dir", default=None, help="where tfds data sets are prepared")
     parser.add_argument("--image-size", type=int, default=0, help="0 = the model's input size")
-    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--batch-size", type=int, default=64, help="images per predict call")
     args = parser.parse_args(argv)
     if args.batch_size < 1 or args.image_size < 0:
         parser.error("--batch-size must be >= 1 and --image-size >= 0")

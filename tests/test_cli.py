@@ -38,3 +38,25 @@ def test_startup_filter_keeps_other_lines():
     kept = ["E0000 00:00:1.2 123 some_kernel.cc:1] a real error", "Traceback (most recent"]
     assert all(cli._STARTUP_NOISE.match(line) for line in noise)
     assert not any(cli._STARTUP_NOISE.match(line) for line in kept)
+
+
+@pytest.mark.parametrize("command", ["train", "convert", "evaluate"])
+def test_every_flag_has_a_description_and_shows_its_default(command, capsys):
+    main = getattr(cli, f"{command}_main")
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    text = capsys.readouterr().out
+    if command == "train":
+        parser = cli._train_parser()
+        flags = [a for a in parser._actions if a.option_strings and a.dest != "help"]
+        assert len(flags) > 40
+        for action in flags:
+            assert action.help and action.help.strip(), action.option_strings
+        assert "--cluster-timeout" in text and "--overwrite" in text
+    blocks = text.split("\n  -")[1:]  # one block per option
+    for block in blocks:
+        if block.startswith("h, --help"):
+            continue
+        assert len(block.split()) > 2, block  # the flag and a description
+    if command == "train":
+        assert " ".join(text.split()).count("(default:") >= len(flags) - 1

@@ -1,5 +1,7 @@
 """Fault-tolerant run directory for `model.fit`: resumable backups, checkpoints, logs.
 
+    runs/<name>/run_config.json  the config the run started with: `claim_run_dir` refuses
+                                 another architecture or data set under the same name
     runs/<name>/backup/          BackupAndRestore state (weights + optimizer + epoch), atomic
     runs/<name>/checkpoints/     last.keras, best.keras (+ best.json): plain functional models
     runs/<name>/logs/            TensorBoard

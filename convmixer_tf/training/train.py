@@ -69,9 +69,9 @@ def preflight(config, is_chief=True, task_id=0):
     if is_chief:  # the chief owns the run folder; workers write below it
         callbacks_lib.claim_run_dir(run_dir, identity, dataclasses.asdict(config),
                                     overwrite=config.overwrite)
-    worker_dir = callbacks_lib.worker_run_dir(run_dir, is_chief, task_id)
-    callbacks_lib.check_writable(worker_dir, "--run-dir")
-    return worker_dir
+    # A worker creates nothing here: the chief may be deleting (--overwrite) or claiming the
+    # run folder right now; its own folder is made once the cluster has formed.
+    return callbacks_lib.worker_run_dir(run_dir, is_chief, task_id)
 
 
 def build_model(config, num_classes, input_shape):
