@@ -12,6 +12,7 @@ only when a PyTorch file is read. The mapping itself works on numpy arrays.
 import os
 import re
 import warnings
+import zipfile
 
 import numpy as np
 
@@ -68,10 +69,43 @@ def _import_torch():
     return torch
 
 
+def _check_torch_file(path):
+    """A ValueError unless `path` looks like a `torch.save` file: a zip archive holding a
+    `data.pkl` (torch >= 1.6), or a pickle (older torch). torch's own errors on other files
+    ("pop from empty list", an UnpicklingError) do not say what is wrong."""
+    with open(path, "rb") as f:
+        head = f.read(8)
+    if zipfile.is_zipfile(path):
+        with zipfile.ZipFile(path) as archive:
+            names = archive.namelist()
+        if any(name.endswith("data.pkl") for name in names):
+            return
+        kind = f"a zip archive without the data.pkl of torch.save (it holds {names[:4]})"
+    elif head.startswith(b"\x80"):  # a pickle, protocol 2+: legacy torch.save
+        return
+    elif head.startswith(b"\x93NUMPY"):
+        kind = "a NumPy .npy array"
+    else:
+        kind = f"neither (it starts with {head!r})" if head else "empty"
+    raise ValueError(
+        f"{path!r} is not a PyTorch checkpoint: torch.save writes a zip archive holding "
+        f"data.pkl (or a pickle before torch 1.6), and this file is {kind}. Pass the "
+        "checkpoint of a ConvMixer saved with torch.save (or a .safetensors file)."
+    )
+
+
 def _torch_load(path, trust_checkpoint):
     torch = _import_torch()
+    _check_torch_file(path)
     if trust_checkpoint:
-        return torch.load(path, map_location="cpu", weights_only=False)
+        try:
+            return torch.load(path, map_location="cpu", weights_only=False)
+        except Exception as error:  # pickle/zip/torch raise many types for a damaged file
+            raise ValueError(
+                f"Could not read {path!r} as a PyTorch checkpoint, even with "
+                f"--trust-checkpoint ({type(error).__name__}: {error}): the file is damaged "
+                "or was not written by torch.save."
+            ) from error
     import argparse  # timm's train.py pickles its argparse.Namespace into the checkpoint.
 
     try:
@@ -291,8 +325,8 @@ def keras_weights_from_state_dict(state_dict, model, skip_head=False):
             )
             continue
         if error and is_head:
-            error += (" include_top=False or skip_head=True (the builders' weights=: another "
-                      "`classes`) loads the backbone only.")
+            error += (" include_top=False (convmixer-convert --no-top) or skip_head=True (the "
+                      "builders' weights=: another `classes`) loads the backbone only.")
         if error:
             raise ValueError(f"{error} {_describe(state_dict)}")
         result[keras_name] = arrays

@@ -8,13 +8,61 @@ import argparse
 import ast
 import dataclasses
 import inspect
+import logging
 import os
+import re
 import sys
+import tempfile
 import textwrap
 
 # Entry points only (not the library): hide TensorFlow's C++ info/warning lines so the user
 # sees Keras's progress bar and our results. An explicit TF_CPP_MIN_LOG_LEVEL wins.
+_USER_LOG_LEVEL = os.environ.get("TF_CPP_MIN_LOG_LEVEL")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+# What TensorFlow prints while it starts on a machine without an NVIDIA driver: info lines
+# written before its log level applies ("I0000 ..."), the absl notice about them, and the
+# "failed call to cuInit" error of its CUDA plugin finding no driver.
+_STARTUP_NOISE = re.compile(
+    r"^(I\d{4} |W\d{4} |WARNING: All log messages before absl::InitializeLog"
+    r"|E\d{4} .*(cuda_platform|cuda_executor|cuda_diagnostics|cudart_stub|cuInit))"
+)
+
+
+def _has_nvidia_driver():
+    return os.path.exists("/dev/nvidia0") or os.path.exists("/proc/driver/nvidia")
+
+
+def start_tensorflow():
+    """Imports TensorFlow and lists its devices, dropping its start-up noise (`_STARTUP_NOISE`)
+    when the machine has no NVIDIA driver and the user did not ask for TF's info logs
+    (TF_CPP_MIN_LOG_LEVEL 0 or 1); every other line still reaches stderr. Also silences
+    tensorflow-datasets' warning about a missing folder of a data set that is not prepared
+    (our own error says what to do)."""
+    logging.getLogger("absl").addFilter(
+        lambda record: "has no dataset_info.json" not in record.getMessage()
+    )
+    if "tensorflow" in sys.modules or _has_nvidia_driver() or _USER_LOG_LEVEL in ("0", "1"):
+        import tensorflow as tf
+
+        return tf.config.list_physical_devices()
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as captured:
+        os.dup2(captured.fileno(), 2)
+        try:
+            import tensorflow as tf
+
+            return tf.config.list_physical_devices()  # the cuInit call
+        finally:
+            sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
+            captured.seek(0)
+            for line in captured.read().decode(errors="replace").splitlines(keepends=True):
+                if not _STARTUP_NOISE.match(line):
+                    sys.stderr.write(line)
+            sys.stderr.flush()
 
 
 def field_comments(cls):
@@ -108,12 +156,12 @@ def train_main(argv=None):
     except ValueError as error:
         parser.error(str(error))
 
+    start_tensorflow()
     from convmixer_tf.training.train import train
 
     try:
         result = train(config)
-    except (ValueError, FileNotFoundError, FileExistsError, NotADirectoryError,
-            PermissionError) as error:
+    except (ValueError, OSError) as error:
         _error("convmixer-train", error)
         return 2
     print(f"held-out accuracy: {result['test_accuracy']:.2%}")
@@ -157,6 +205,7 @@ def export_main(argv=None):
     if bad:
         parser.error(f"unknown --tflite-modes {bad}; choose from {','.join(MODES)} or none")
 
+    start_tensorflow()
     from convmixer_tf.deploy import export
     from convmixer_tf.deploy.logits import ExportError
 
@@ -189,14 +238,19 @@ def convert_main(argv=None):
     parser.add_argument("--include-preprocessing", default=True,
                         action=argparse.BooleanOptionalAction,
                         help="the model takes 0-255 pixels and normalises them itself")
-    parser.add_argument("--classifier-activation", choices=("softmax", "none"), default="softmax")
+    parser.add_argument("--classifier-activation", choices=("softmax", "none"), default="softmax",
+                        help="the head's output: probabilities, or none for logits")
     parser.add_argument("--ema", action="store_true", help="prefer the state_dict_ema weights")
     parser.add_argument("--trust-checkpoint", action="store_true",
                         help="torch.load with weights_only=False (runs pickled code: trusted "
                         "files only)")
+    parser.add_argument("--no-top", action="store_true",
+                        help="the backbone only (no pooling, no classifier): for a checkpoint "
+                        "without a usable head; a head that does not fit is an error otherwise")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing output")
     args = parser.parse_args(argv)
 
+    start_tensorflow()
     from convmixer_tf import model as model_lib
 
     activation = None if args.classifier_activation == "none" else args.classifier_activation
@@ -205,7 +259,7 @@ def convert_main(argv=None):
             args.checkpoint, args.output, overwrite=args.overwrite, activation=args.activation,
             prefer_ema=args.ema, trust_checkpoint=args.trust_checkpoint,
             include_preprocessing=args.include_preprocessing,
-            classifier_activation=activation,
+            classifier_activation=activation, include_top=not args.no_top,
         )
     except (ValueError, FileNotFoundError, FileExistsError, ImportError) as error:
         _error("convmixer-convert", error)
@@ -230,11 +284,12 @@ def evaluate_main(argv=None):
                         help="digits, a prepared tfds name or an image folder")
     parser.add_argument("--data-dir", default=None, help="where tfds data sets are prepared")
     parser.add_argument("--image-size", type=int, default=0, help="0 = the model's input size")
-    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--batch-size", type=int, default=64, help="images per predict call")
     args = parser.parse_args(argv)
     if args.batch_size < 1 or args.image_size < 0:
         parser.error("--batch-size must be >= 1 and --image-size >= 0")
 
+    start_tensorflow()
     from convmixer_tf.training.evaluate import evaluate_saved_model
 
     try:
@@ -267,6 +322,7 @@ def predict_main(argv=None):
     if args.top_k < 1:
         parser.error("--top-k must be >= 1")
 
+    start_tensorflow()
     from convmixer_tf.deploy import predict
 
     try:

@@ -241,6 +241,7 @@ def _from_state_dict(state_dict, activation=None, **model_kwargs):
     """(loaded model, its architecture dict) for a normalised PyTorch state dict."""
     config = checkpoints.infer_config(state_dict)
     include_top = model_kwargs.get("include_top", True)
+    new_head = include_top and model_kwargs.get("classes", config["classes"]) != config["classes"]
     classes = model_kwargs.pop("classes", config["classes"])
     if include_top and classes is None:
         raise ValueError(
@@ -252,9 +253,11 @@ def _from_state_dict(state_dict, activation=None, **model_kwargs):
     model_kwargs.setdefault("input_shape", (None, None, config["in_channels"]))
     model_kwargs.setdefault("name", presets.variant_name(**arch))
     model = ConvMixer(**arch, classes=classes or 1000, **model_kwargs)
-    # Another `classes` (or a headless checkpoint): the backbone only, with a warning.
+    # Another `classes` (or a headless checkpoint): a new head, the backbone loaded, with a
+    # warning. The checkpoint's own head must fit (an error names its shapes otherwise).
     checkpoints.assign_weights(
-        model, checkpoints.keras_weights_from_state_dict(state_dict, model, "auto")
+        model, checkpoints.keras_weights_from_state_dict(state_dict, model,
+                                                         "auto" if new_head else False)
     )
     return model, dict(arch, classes=int(model.output_shape[-1]) if include_top else None)
 

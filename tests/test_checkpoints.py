@@ -299,3 +299,57 @@ def test_full_size_variant_at_224(variant, tmp_path):
     model = builder(weights=path, include_preprocessing=False, classifier_activation=None)
     x = normalised_images((224, 224))[:1]
     np.testing.assert_allclose(model(x).numpy(), torch_logits(reference, x), rtol=RTOL, atol=1e-4)
+
+
+def test_head_that_does_not_fit_its_own_width_is_an_error_unless_no_top(tmp_path, timm_ckpt,
+                                                                        capsys):
+    reference, _ = timm_ckpt
+    state = reference.state_dict()
+    state["head.weight"] = torch.zeros(CLASSES, DIM + 8)  # in_features 32, the model's dim 24
+    path = str(tmp_path / "bad_head.pth")
+    torch.save(state, path)
+    with pytest.raises(ValueError, match=r"'head.weight' has shape \(10, 32\).*--no-top"):
+        model_lib.build_from_checkpoint(path)
+    out = str(tmp_path / "m.keras")
+    assert cli.convert_main([path, out]) == 2
+    assert "head.weight" in capsys.readouterr().err and not os.path.exists(out)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)  # no "random head" warning
+        assert cli.convert_main([path, out, "--no-top"]) == 0
+    import keras
+
+    backbone = keras.saving.load_model(out)
+    assert backbone.output_shape == (None, None, None, DIM)
+    assert "predictions" not in [layer.name for layer in backbone.layers]
+    # Asking for another class count still gives a new head on the loaded backbone.
+    with pytest.warns(UserWarning, match="backbone only"):
+        assert model_lib.build_from_checkpoint(path, classes=3).output_shape == (None, 3)
+
+
+def test_non_torch_files_say_what_they_are(tmp_path, timm_ckpt, capsys):
+    _, good = timm_ckpt
+    np.save(tmp_path / "array.npy", np.zeros(3))
+    os.replace(tmp_path / "array.npy", tmp_path / "array.pth")
+    (tmp_path / "random.pth").write_bytes(np.random.default_rng(0).bytes(1000))
+    (tmp_path / "text.pth").write_text("hello\n" * 20)
+    (tmp_path / "empty.pth").write_bytes(b"")
+    (tmp_path / "truncated.pth").write_bytes(open(good, "rb").read()[:300])
+    import zipfile
+
+    with zipfile.ZipFile(tmp_path / "other.pth", "w") as archive:
+        archive.writestr("config.json", "{}")
+    cases = {"array.pth": "a NumPy .npy array", "random.pth": "neither",
+             "text.pth": "neither", "empty.pth": "empty", "truncated.pth": "neither",
+             "other.pth": "zip archive without the data.pkl"}
+    for name, kind in cases.items():
+        for trust in (False, True):
+            with pytest.raises(ValueError, match="is not a PyTorch checkpoint") as error:
+                checkpoints.load_state_dict(tmp_path / name, trust_checkpoint=trust)
+            assert kind in str(error.value) and name in str(error.value)
+        argv = [str(tmp_path / name), str(tmp_path / "o.keras"), "--trust-checkpoint"]
+        assert cli.convert_main(argv) == 2
+        assert "is not a PyTorch checkpoint" in capsys.readouterr().err
+    # A pickle that torch cannot load even when trusted: a clear error, not UnpicklingError.
+    (tmp_path / "damaged.pth").write_bytes(b"\x80\x02garbage that is not a pickle")
+    with pytest.raises(ValueError, match="even with --trust-checkpoint"):
+        checkpoints.load_state_dict(tmp_path / "damaged.pth", trust_checkpoint=True)

@@ -6,9 +6,11 @@ must be set up before TF initialises, which the shared pytest process already di
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
+import time
 
 import keras
 import numpy as np
@@ -170,3 +172,89 @@ def test_multi_worker_two_processes_end_identical(tmp_path):
                                                       models[0].get_weights()))
     assert (tmp_path / "runs" / "convmixer_digits" / "history.csv").exists()
     assert (tmp_path / "runs" / "convmixer_digits" / "workers" / "1" / "history.csv").exists()
+
+
+@pytest.mark.parametrize("tf_config, message", [
+    ({"cluster": {"worker": [12345]}, "task": {"type": "worker", "index": 0}},
+     r'TF_CONFIG cluster\[.worker.\] holds 12345: every address must be a "host:port"'),
+    ({"cluster": {"worker": ["host-without-port"]}, "task": {"type": "worker", "index": 0}},
+     "host:port"),
+    ({"cluster": {"worker": "a:1,b:2"}, "task": {"type": "worker", "index": 0}},
+     "TF_CONFIG cluster.*must be a non-empty list"),
+    ({"cluster": {"worker": ["a:1"]}, "task": {"type": "worker", "index": "x"}},
+     "TF_CONFIG task index must be an integer"),
+    ({"cluster": {"worker": ["a:1"]}, "task": {"type": "worker", "index": "0"}},
+     "TF_CONFIG task index must be an integer"),
+    ({"cluster": {"worker": ["a:1"]}, "task": {"type": "ps", "index": 0}},
+     "TF_CONFIG task type must be one of"),
+    ({"cluster": {"worker": ["a:1"]}, "task": {"type": "chief", "index": 0}},
+     "TF_CONFIG task .* is not in cluster"),
+    ({"cluster": ["a:1"], "task": {"type": "worker", "index": 0}},
+     "TF_CONFIG's cluster must map"),
+])
+def test_tf_config_values_are_type_checked(monkeypatch, tf_config, message):
+    monkeypatch.setenv("TF_CONFIG", json.dumps(tf_config))
+    with pytest.raises(ValueError, match=message):
+        distribute.make_strategy("multi_worker")
+
+
+def test_tf_config_names_the_chief():
+    two = {"cluster": {"worker": ["a:1", "b:2"]}, "task": {"type": "worker", "index": 1}}
+    assert distribute.chief_from_tf_config(json.dumps(two)) == (False, 1)
+    two["task"]["index"] = 0
+    assert distribute.chief_from_tf_config(json.dumps(two)) == (True, 0)
+    two["cluster"]["chief"] = ["c:3"]
+    assert distribute.chief_from_tf_config(json.dumps(two)) == (False, 0)
+
+
+def _worker_argv(tmp_path, tag, timeout):
+    return [sys.executable, "-m", "convmixer_tf.cli", "--no-export", "--strategy",
+            "multi_worker", "--cluster-timeout", str(timeout), "--verbose", "0",
+            "--output-dir", str(tmp_path / tag), "--run-dir", str(tmp_path / f"runs_{tag}")]
+
+
+def test_absent_peer_ends_the_wait_in_time_and_sigterm_ends_it_at_once(tmp_path):
+    """Two clusters of two workers on 127.0.0.1 where worker 1 never starts: one worker gives
+    up after --cluster-timeout naming the absent worker, the other stops on SIGTERM."""
+    ports = _free_ports(4)
+    procs, logs = {}, {}
+    for tag, cluster_ports, timeout in (("timeout", ports[:2], 3), ("sigterm", ports[2:], 300)):
+        workers = [f"127.0.0.1:{port}" for port in cluster_ports]
+        tf_config = {"cluster": {"worker": workers}, "task": {"type": "worker", "index": 0}}
+        logs[tag] = open(tmp_path / f"{tag}.log", "w+")
+        procs[tag] = subprocess.Popen(
+            _worker_argv(tmp_path, tag, timeout), env=_env(TF_CONFIG=json.dumps(tf_config)),
+            stdout=logs[tag], stderr=subprocess.STDOUT, text=True, cwd=ROOT,
+        )
+    try:
+        deadline = time.monotonic() + 120
+        while "waiting up to" not in (tmp_path / "sigterm.log").read_text():
+            assert procs["sigterm"].poll() is None, (tmp_path / "sigterm.log").read_text()
+            assert time.monotonic() < deadline, "no waiting message"
+            time.sleep(0.2)
+        sent = time.monotonic()
+        procs["sigterm"].send_signal(signal.SIGTERM)
+        assert procs["sigterm"].wait(timeout=10) == -signal.SIGTERM
+        assert time.monotonic() - sent < 10
+        assert procs["timeout"].wait(timeout=120) == 2
+    finally:
+        for proc in procs.values():
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    output = (tmp_path / "timeout.log").read_text()
+    assert f"no answer within 3 s (--cluster-timeout) from worker 1 (127.0.0.1:{ports[1]})" \
+        in output, output[-2000:]
+    assert "Traceback" not in output
+
+
+@pytest.mark.skipif(bool(tf.config.list_physical_devices("GPU")), reason="CPU-only behaviour")
+def test_mirrored_on_a_cpu_runs_two_replicas_and_says_so():
+    script = ("from convmixer_tf.training import distribute\n"
+              "print('REPLICAS', distribute.make_strategy('mirrored').num_replicas_in_sync)")
+    proc = subprocess.run([sys.executable, "-c", script], env=_env(), capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "REPLICAS 2" in proc.stdout
+    assert "mirrored: 2 replica(s) on /job:localhost/replica:0/task:0/device:CPU:0" in proc.stdout
+    assert "cpu_replicas=N" in proc.stdout

@@ -1,12 +1,16 @@
+import csv
+import dataclasses
 import json
+import os
+import shutil
 import zipfile
 
 import keras
 import numpy as np
 import pytest
 
-from convmixer_tf import cli
-from convmixer_tf.training import data, schedules
+from convmixer_tf import artifacts, cli
+from convmixer_tf.training import data, schedules, train as train_lib
 from convmixer_tf.training.config import TrainConfig
 from convmixer_tf.training.train import train
 
@@ -70,3 +74,130 @@ def test_cli_help_and_bad_flags(capsys):
     help_text = " ".join(capsys.readouterr().out.split())
     assert "--dim DIM width h" in help_text and "(default: 128)" in help_text
     assert "--randaug-n RANDAUG_N RandAugment: ops per image" in help_text
+
+
+def _tiny_config(tmp_path, **values):
+    values = {"image_size": 16, "dim": 8, "depth": 1, "kernel_size": 3, "epochs": 1,
+              "steps_per_epoch": 2, "batch_size": 32, "verbose": 0,
+              "output_dir": str(tmp_path / "models"), "run_dir": str(tmp_path / "runs"),
+              **values}
+    return TrainConfig(**values)
+
+
+def test_unwritable_output_locations_fail_before_training(tmp_path, capsys):
+    """--output-dir / --run-dir that are files, under a file or read-only: a message naming
+    the flag, before any step (no run folder appears)."""
+    a_file = tmp_path / "a_file"
+    a_file.write_text("x")
+    cases = [
+        (dict(output_dir=str(a_file)), "--output-dir", "is a file"),
+        (dict(run_dir=str(a_file / "runs")), "--run-dir", "cannot be created"),
+        (dict(output_dir=str(a_file / "deeper" / "models")), "--output-dir", "is a file"),
+    ]
+    # Permission bits stop normal users only; root writes anyway (and is then not refused:
+    # the test write succeeds), so this case runs for normal users.
+    read_only = tmp_path / "read_only"
+    read_only.mkdir()
+    read_only.chmod(0o555)
+    if not os.access(read_only, os.W_OK):
+        cases.append((dict(run_dir=str(read_only)), "--run-dir", "not writable"))
+    for values, flag, message in cases:
+        config = _tiny_config(tmp_path, **values)
+        with pytest.raises(ValueError, match=message) as error:
+            train(config)
+        assert flag in str(error.value) and "pass " + flag in str(error.value)
+        assert not os.path.exists(os.path.join(config.run_dir, config.name))
+    read_only.chmod(0o755)
+    assert cli.train_main(["--output-dir", str(a_file), "--no-export"]) == 2
+    assert "--output-dir" in capsys.readouterr().err
+
+
+def test_failed_final_save_keeps_backup_and_says_where_the_weights_are(tmp_path, monkeypatch):
+    config = _tiny_config(tmp_path, epochs=2)
+    final = os.path.join(config.output_dir, config.name + ".keras")
+    original = train_lib.save_trained_model
+
+    def disk_full_at_the_end(model, path):
+        if path == final:
+            raise OSError(28, "No space left on device")
+        return original(model, path)
+
+    monkeypatch.setattr(train_lib, "save_trained_model", disk_full_at_the_end)
+    with pytest.raises(train_lib.FinalSaveError) as error:
+        train(config)
+    run_dir = os.path.join(config.run_dir, config.name)
+    last = os.path.join(run_dir, "checkpoints", "last.keras")
+    assert last in str(error.value) and os.path.join(run_dir, "backup") in str(error.value)
+    with open(os.path.join(run_dir, "backup", "training_metadata.json")) as f:
+        assert json.load(f)["epoch"] == 2  # the finished run's state is still there
+    assert keras.saving.load_model(last).output_shape == (None, 10)
+    # Fixed: the same command resumes after the last epoch, saves, then drops the backup.
+    monkeypatch.setattr(train_lib, "save_trained_model", original)
+    result = train(config)
+    assert result["history"].epoch == [] and os.path.exists(final)
+    assert not os.path.exists(os.path.join(run_dir, "backup"))
+
+
+def test_a_run_name_holds_one_run(tmp_path):
+    """Before any work (`preflight`): same --name with another architecture or data set is
+    refused naming the fields, or starts afresh with overwrite; the same identity goes on;
+    the output model of another run is never replaced silently."""
+    first = _tiny_config(tmp_path)
+    run_dir = tmp_path / "runs" / first.name
+    assert train_lib.preflight(first) == str(run_dir)
+    record = json.loads((run_dir / "run_config.json").read_text())
+    assert record["identity"]["dim"] == 8 and record["config"]["epochs"] == 1
+    (run_dir / "history.csv").write_text("epoch,loss\n0,1.0\n")  # the run's files
+    with pytest.raises(ValueError, match=r"dim 8 -> 16.*--overwrite"):
+        train_lib.preflight(_tiny_config(tmp_path, dim=16))
+    with pytest.raises(ValueError, match=r"dataset 'digits' -> './elsewhere'"):
+        train_lib.preflight(_tiny_config(tmp_path, dataset="./elsewhere"))
+    with pytest.raises(ValueError, match=r"depth 1 -> 20.*patch_size 2 -> 7"):
+        train_lib.preflight(_tiny_config(tmp_path, variant="convmixer_1536_20"))
+    train_lib.preflight(_tiny_config(tmp_path, seed=3, epochs=5))  # same identity: goes on
+    assert (run_dir / "history.csv").exists()
+    train_lib.preflight(_tiny_config(tmp_path, dim=16, overwrite=True))  # afresh
+    assert not (run_dir / "history.csv").exists()
+    assert json.loads((run_dir / "run_config.json").read_text())["identity"]["dim"] == 16
+    # A folder of files without a record (an older version's run) is not adopted.
+    (run_dir / "run_config.json").unlink()
+    (run_dir / "history.csv").write_text("epoch,loss\n")
+    with pytest.raises(ValueError, match="no run_config.json"):
+        train_lib.preflight(_tiny_config(tmp_path, dim=16))
+    # The output model of another run (its metadata says which) is refused, run folder or not.
+    shutil.rmtree(run_dir)
+    model_path = tmp_path / "models" / (first.name + ".keras")
+    model_path.write_bytes(b"a model")
+    artifacts.write_metadata(str(model_path), ["0"], (16, 16),
+                             config=dataclasses.asdict(_tiny_config(tmp_path, dim=32)))
+    with pytest.raises(ValueError, match=r"is the model of another run: dim 32 -> 8"):
+        train_lib.preflight(first)
+    assert not run_dir.exists() and model_path.read_bytes() == b"a model"
+    train_lib.preflight(_tiny_config(tmp_path, dim=32))  # its own run may replace it
+    os.remove(artifacts.metadata_path(str(model_path)))
+    with pytest.raises(ValueError, match="no training metadata"):
+        train_lib.preflight(first)
+
+
+@pytest.mark.large
+def test_rerun_with_another_architecture_end_to_end(tmp_path):
+    """The same through `train`: refused, then overwrite gives best/last of the new run only."""
+    first = _tiny_config(tmp_path)
+    train(first)
+    run_dir = tmp_path / "runs" / first.name
+    model_path = tmp_path / "models" / (first.name + ".keras")
+    before = model_path.read_bytes()
+    with pytest.raises(ValueError, match=r"dim 8 -> 16.*--overwrite"):
+        train(_tiny_config(tmp_path, dim=16))
+    assert model_path.read_bytes() == before
+    train(_tiny_config(tmp_path, dim=16, overwrite=True))
+    for name in ("best.keras", "last.keras"):
+        model = keras.saving.load_model(run_dir / "checkpoints" / name)
+        assert model.get_layer("stem_conv").filters == 16
+    assert _history_epochs(run_dir / "history.csv") == [0]
+    assert keras.saving.load_model(model_path).get_layer("stem_conv").filters == 16
+
+
+def _history_epochs(path):
+    with open(path) as f:
+        return [int(row[0]) for row in list(csv.reader(f))[1:]]

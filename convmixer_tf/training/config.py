@@ -109,6 +109,9 @@ class TrainConfig(AugmentConfig):
     xla: str = "auto"  # on / off; auto = on when a GPU is visible (slow on CPU)
     run_dir: str = "runs"  # <run_dir>/<name>/: backup/, checkpoints/, logs/, history.csv
     steps_per_epoch: int = 0  # 0 = the whole training split each epoch
+    cluster_timeout: float = 300.0  # multi_worker: seconds to wait for every TF_CONFIG peer
+    overwrite: bool = False  # start <name> afresh: delete <run_dir>/<name>/, replace its model
+    # (without it, a --name whose run or model has another architecture or data set is refused)
 
     # Choices of the string fields (the CLI offers them; __post_init__ checks them).
     CHOICES = dict(
@@ -129,6 +132,9 @@ class TrainConfig(AugmentConfig):
                      "patch_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1. Received {name}={getattr(self, name)!r}")
+        if not self.cluster_timeout > 0:
+            raise ValueError(f"cluster_timeout must be > 0 seconds. "
+                             f"Received cluster_timeout={self.cluster_timeout!r}")
         for name in ("steps_per_epoch", "cache_budget_mb", "max_lr", "weight_decay",
                      "clip_norm", "adam_epsilon", "label_smoothing"):
             if getattr(self, name) < 0:

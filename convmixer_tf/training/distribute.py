@@ -15,7 +15,12 @@ replica runs an XLA-compiled stateless forward/backward pass; the cross-replica 
 """
 
 import json
+import math
 import os
+import signal
+import socket
+import threading
+import time
 
 import keras
 
@@ -28,44 +33,185 @@ def _tf():
     return tf
 
 
-def make_strategy(name="default"):
-    """Returns the `tf.distribute` strategy `name` names.
+CPU_REPLICAS = 2  # `mirrored` on a machine without a GPU: the CPU split in this many devices
+CLUSTER_TIMEOUT = 300.0  # seconds `multi_worker` waits for its TF_CONFIG peers
 
-    `default`: one device. `mirrored`: every GPU, or every logical CPU device when there is no
-    GPU (tests split the CPU in two). `multi_worker`: MultiWorkerMirroredStrategy, the cluster
-    read from the `TF_CONFIG` environment variable; create it before any other TF op runs.
+
+def make_strategy(name="default", cluster_timeout=CLUSTER_TIMEOUT, cpu_replicas=CPU_REPLICAS):
+    """Returns the `tf.distribute` strategy `name` names, and says how many replicas it runs.
+
+    `default`: one device. `mirrored`: every GPU; without a GPU, the CPU split into
+    `cpu_replicas` logical devices (they share its cores: this exercises the distributed path,
+    it does not speed training up). `multi_worker`: MultiWorkerMirroredStrategy, the cluster
+    read from the `TF_CONFIG` environment variable, after every peer answered within
+    `cluster_timeout` seconds (`wait_for_peers`). Call it before any other TF op runs.
     """
     tf = _tf()
     if name == "default":
         return tf.distribute.get_strategy()
     if name == "mirrored":
-        if tf.config.list_logical_devices("GPU"):
-            return tf.distribute.MirroredStrategy()
-        cpus = [d.name for d in tf.config.list_logical_devices("CPU")]
-        return tf.distribute.MirroredStrategy(devices=cpus)
+        if tf.config.list_physical_devices("GPU"):
+            strategy = tf.distribute.MirroredStrategy()
+            more = "make more GPUs visible (CUDA_VISIBLE_DEVICES) for more"
+        else:
+            strategy = tf.distribute.MirroredStrategy(devices=split_cpu(cpu_replicas))
+            more = ("no GPU: logical devices sharing the CPU's cores, for testing the "
+                    "distributed path, not for speed; distribute.make_strategy('mirrored', "
+                    "cpu_replicas=N) before any TF op sets their number")
+        devices = ", ".join(strategy.extended.worker_devices)
+        print(f"mirrored: {strategy.num_replicas_in_sync} replica(s) on {devices} ({more})",
+              flush=True)
+        return strategy
     if name == "multi_worker":
-        _check_tf_config(os.environ.get("TF_CONFIG"))
-        return tf.distribute.MultiWorkerMirroredStrategy()
+        cluster, task_type, task_index = parse_tf_config(os.environ.get("TF_CONFIG"))
+        wait_for_peers(cluster, task_type, task_index, cluster_timeout)
+        return _join_cluster(tf, cluster_timeout)
     raise ValueError(f"Unknown strategy; choose one of {STRATEGIES}. Received strategy={name!r}")
 
 
-def _check_tf_config(raw):
-    """Clear errors for a missing or malformed TF_CONFIG (TF's own are cryptic or hangs)."""
+def split_cpu(replicas):
+    """Names of the logical CPU devices, after splitting the CPU into `replicas` of them when
+    TensorFlow has not started yet and nobody configured them (else as they are)."""
+    tf = _tf()
+    cpu = tf.config.list_physical_devices("CPU")[0]
+    if replicas > 1 and tf.config.get_logical_device_configuration(cpu) is None:
+        try:
+            tf.config.set_logical_device_configuration(
+                cpu, [tf.config.LogicalDeviceConfiguration() for _ in range(replicas)]
+            )
+        except RuntimeError:  # TF already initialised its devices: keep them
+            pass
+    return [d.name for d in tf.config.list_logical_devices("CPU")]
+
+
+# ---------------------------------------------------------------------------- multi-worker
+
+CLUSTER_TASKS = ("chief", "worker")  # the task types that train (and take part in collectives)
+
+
+def parse_tf_config(raw):
+    """`(cluster, task_type, task_index)` of a TF_CONFIG JSON string, every value type-checked:
+    `cluster` maps chief/worker to lists of "host:port" strings, the task names one of them.
+    Errors name TF_CONFIG (TF's own are cryptic, or a hang)."""
+    example = ('e.g. {"cluster": {"worker": ["host1:12345", "host2:12345"]}, '
+               '"task": {"type": "worker", "index": 0}}')
     if not raw:
-        raise ValueError(
-            "strategy='multi_worker' reads the cluster from the TF_CONFIG environment variable, "
-            'e.g. {"cluster": {"worker": ["host1:12345", "host2:12345"]}, '
-            '"task": {"type": "worker", "index": 0}}; TF_CONFIG is not set'
-        )
+        raise ValueError("strategy='multi_worker' reads the cluster from the TF_CONFIG "
+                         f"environment variable, {example}; TF_CONFIG is not set")
     try:
         tf_config = json.loads(raw)
-        workers = tf_config["cluster"]["worker"]
-        index = tf_config["task"]["index"]
-        kind = tf_config["task"]["type"]
+        cluster, task = tf_config["cluster"], tf_config["task"]
+        task_type, task_index = task["type"], task["index"]
     except (ValueError, KeyError, TypeError) as error:
-        raise ValueError(f"TF_CONFIG is not valid cluster JSON ({error!r}): {raw!r}") from None
-    if kind not in ("worker", "chief") or not 0 <= int(index) < len(workers) + (kind == "chief"):
-        raise ValueError(f"TF_CONFIG task {tf_config['task']} is not in cluster {workers}")
+        raise ValueError(f"TF_CONFIG is not valid cluster JSON ({error!r}), {example}. "
+                         f"Received TF_CONFIG={raw!r}") from None
+    if not isinstance(cluster, dict) or not any(k in cluster for k in CLUSTER_TASKS):
+        raise ValueError(f"TF_CONFIG's cluster must map 'worker' (and optionally 'chief') to "
+                         f"address lists, {example}. Received cluster={cluster!r}")
+    for kind, addresses in cluster.items():
+        if not isinstance(addresses, list) or not addresses:
+            raise ValueError(f"TF_CONFIG cluster[{kind!r}] must be a non-empty list of "
+                             f'"host:port" strings. Received {addresses!r}')
+        for address in addresses:
+            host, _, port = address.rpartition(":") if isinstance(address, str) else ("", "", "")
+            if not host or not port.isdigit() or not 0 < int(port) < 65536:
+                raise ValueError(f'TF_CONFIG cluster[{kind!r}] holds {address!r}: every '
+                                 f'address must be a "host:port" string, e.g. "10.0.0.1:12345"')
+    if len(cluster.get("chief", [])) > 1:
+        raise ValueError(f"TF_CONFIG may name one chief. Received chief={cluster['chief']!r}")
+    if task_type not in CLUSTER_TASKS:
+        raise ValueError(f"TF_CONFIG task type must be one of {CLUSTER_TASKS} to train. "
+                         f"Received task={task!r}")
+    if not isinstance(task_index, int) or isinstance(task_index, bool):
+        raise ValueError(f"TF_CONFIG task index must be an integer. Received task={task!r}")
+    if not 0 <= task_index < len(cluster.get(task_type, [])):
+        raise ValueError(f"TF_CONFIG task {task} is not in cluster {cluster} (index out of "
+                         f"range, or no {task_type!r} list)")
+    return cluster, task_type, task_index
+
+
+def chief_from_tf_config(raw):
+    """`(is_chief, task_index)` read from TF_CONFIG, before any strategy exists."""
+    cluster, task_type, task_index = parse_tf_config(raw)
+    has_chief = "chief" in cluster
+    return task_type == "chief" or (not has_chief and task_index == 0), task_index
+
+
+def _split_address(address):
+    host, _, port = address.rpartition(":")
+    return host.strip("[]"), int(port)
+
+
+def _answers(address, timeout=1.0):
+    try:
+        socket.create_connection(_split_address(address), timeout=timeout).close()
+    except OSError:
+        return False
+    return True
+
+
+def wait_for_peers(cluster, task_type, task_index, timeout, poll=0.25):
+    """Returns once every other chief/worker of `cluster` accepts a TCP connection; raises
+    TimeoutError naming those that did not after `timeout` seconds.
+
+    Meanwhile this task listens on its own port, so that peers waiting likewise see it (TF's
+    server takes the port over right after). This wait is plain Python: SIGTERM ends it at
+    once, unlike TF's cluster setup, which ignores SIGTERM while it waits."""
+    own = cluster[task_type][task_index]
+    peers = [(kind, i, address) for kind in CLUSTER_TASKS
+             for i, address in enumerate(cluster.get(kind, []))
+             if (kind, i) != (task_type, task_index)]
+    listener = socket.socket()
+    listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        listener.bind(("", _split_address(own)[1]))
+        listener.listen(len(peers) + 8)
+    except OSError as error:
+        listener.close()
+        raise OSError(f"TF_CONFIG gives this task ({task_type} {task_index}) the address "
+                      f"{own}, but its port cannot be opened here ({error}): free the port "
+                      "or change TF_CONFIG") from None
+    deadline = time.monotonic() + timeout
+    try:
+        missing = [p for p in peers if not _answers(p[2])]
+        if missing:
+            print(f"multi_worker: waiting up to {timeout:g} s (--cluster-timeout) for "
+                  f"{_names(missing)}", flush=True)
+        while missing:
+            if time.monotonic() >= deadline:
+                raise TimeoutError(
+                    f"multi_worker: no answer within {timeout:g} s (--cluster-timeout) from "
+                    f"{_names(missing)} of the TF_CONFIG cluster. Start the same command "
+                    "there (with its own TF_CONFIG task), check the host names, ports and "
+                    "firewall, or raise --cluster-timeout."
+                )
+            time.sleep(poll)
+            missing = [p for p in missing if not _answers(p[2])]
+    finally:
+        listener.close()
+
+
+def _names(peers):
+    return ", ".join(f"{kind} {i} ({address})" for kind, i, address in peers)
+
+
+def _join_cluster(tf, timeout):
+    """MultiWorkerMirroredStrategy, once the peers answered. TF's setup then blocks holding
+    the GIL and swallows SIGTERM (its preemption notifier), so an alarm (a kernel timer, no
+    Python needed) bounds it; afterwards SIGTERM ends the job again, as by default."""
+    main = threading.current_thread() is threading.main_thread()
+    previous_term = signal.getsignal(signal.SIGTERM) if main else None
+    alarm = main and signal.getsignal(signal.SIGALRM) == signal.SIG_DFL
+    if alarm:
+        signal.alarm(max(1, int(math.ceil(timeout))))
+    try:
+        strategy = tf.distribute.MultiWorkerMirroredStrategy()
+    finally:
+        if alarm:
+            signal.alarm(0)
+    if main and previous_term is not None:
+        signal.signal(signal.SIGTERM, previous_term)
+    return strategy
 
 
 def task_info(strategy):

@@ -26,17 +26,20 @@ def evaluate_saved_model(path, dataset="digits", image_size=0, batch_size=64, da
     meta = artifacts.read_metadata(model, path)
     if not image_size:
         image_size = meta["image_size"][0] if model.input_shape[1] is None else model.input_shape[1]
+    # Batches of 1 here, rebatched below: build_datasets wants a full training batch, which
+    # evaluation never uses (a small folder's train split may hold fewer than batch_size).
     datasets = data.build_datasets(
-        dataset, image_size=image_size, global_batch_size=batch_size, data_dir=data_dir,
+        dataset, image_size=image_size, global_batch_size=1, data_dir=data_dir,
         eval_crop_pct=meta["crop_pct"],
     )
+    test = datasets.test.unbatch().batch(batch_size)
     if model.output_shape[-1] != datasets.num_classes:
         raise ValueError(
             f"The model has {model.output_shape[-1]} outputs but {dataset} has "
             f"{datasets.num_classes} classes"
         )
     logits, labels = [], []
-    for images, one_hot in datasets.test:
+    for images, one_hot in test:
         logits.append(model.predict_on_batch(images))
         labels.append(np.argmax(one_hot, axis=-1))
     logits, labels = np.concatenate(logits), np.concatenate(labels)

@@ -9,6 +9,7 @@ trained-model file set (`artifacts`: model, metadata, sample images) that deploy
 """
 
 import dataclasses
+import json
 import os
 
 import keras
@@ -19,14 +20,64 @@ from convmixer_tf import artifacts, layers, model as model_lib, presets
 from convmixer_tf.training import callbacks as callbacks_lib, data, distribute, schedules
 
 
+class FinalSaveError(OSError):
+    """Training finished but writing the model file set failed (the message says where the
+    trained weights are)."""
+
+
+def architecture(config):
+    """The ConvMixer shape a config (or a config dict from metadata) names: its variant's, else
+    its own dim/depth/kernel_size/patch_size/activation."""
+    get = config.get if isinstance(config, dict) else lambda k, d=None: getattr(config, k, d)
+    if get("variant"):
+        return dict(presets.MODEL_CONFIGS[get("variant")])
+    return {k: get(k) for k in ("dim", "depth", "kernel_size", "patch_size", "activation")}
+
+
+def run_identity(config):
+    """What makes two runs the same run: architecture, data set, image size, held-out split.
+    A rerun with the same identity resumes; another one is refused (or `overwrite`)."""
+    get = config.get if isinstance(config, dict) else lambda k, d=None: getattr(config, k, d)
+    return dict(architecture(config), dataset=get("dataset"), image_size=get("image_size"),
+                validation_split=get("validation_split"))
+
+
+def preflight(config, is_chief=True, task_id=0):
+    """Checks, before any work: every output location is writable (`--output-dir`, where the
+    export goes too, and `--run-dir`), the run folder and the output model belong to this run
+    (`run_identity`; `overwrite` starts afresh). Returns this task's run folder."""
+    callbacks_lib.check_writable(config.output_dir, "--output-dir")
+    callbacks_lib.check_writable(config.run_dir, "--run-dir")
+    identity = run_identity(config)
+    model_path = os.path.join(config.output_dir, config.name + ".keras")
+    if os.path.isdir(model_path):
+        raise ValueError(f"{model_path!r} is a folder where the model file goes: remove it or "
+                         "pass another --name / --output-dir.")
+    if os.path.exists(model_path) and not config.overwrite:
+        meta_path = artifacts.metadata_path(model_path)
+        previous = None
+        if os.path.exists(meta_path):
+            with open(meta_path) as f:
+                previous = json.load(f).get("config")
+        if previous is None or run_identity(previous) != identity:
+            what = ("has no training metadata (not written by convmixer-train)" if previous is None
+                    else "is the model of another run: "
+                    + callbacks_lib.describe_differences(run_identity(previous), identity))
+            raise ValueError(f"{model_path} {what}. Pass --overwrite to replace it, or choose "
+                             "another --name or --output-dir.")
+    run_dir = os.path.join(config.run_dir, config.name)
+    if is_chief:  # the chief owns the run folder; workers write below it
+        callbacks_lib.claim_run_dir(run_dir, identity, dataclasses.asdict(config),
+                                    overwrite=config.overwrite)
+    # A worker creates nothing here: the chief may be deleting (--overwrite) or claiming the
+    # run folder right now; its own folder is made once the cluster has formed.
+    return callbacks_lib.worker_run_dir(run_dir, is_chief, task_id)
+
+
 def build_model(config, num_classes, input_shape):
     """The ConvMixer the config names, returning logits (the loss applies the softmax)."""
-    arch = dict(dim=config.dim, depth=config.depth, kernel_size=config.kernel_size,
-                patch_size=config.patch_size, activation=config.activation)
-    if config.variant:
-        arch = presets.MODEL_CONFIGS[config.variant]
     return model_lib.ConvMixer(
-        **arch,
+        **architecture(config),
         input_shape=input_shape,
         classes=num_classes,
         classifier_activation=None,
@@ -67,9 +118,15 @@ def train(config):
     """Runs `config`; returns dict(model, history, test_accuracy, model_path, class_names,
     is_chief).
 
-    Writes `<output_dir>/<name>.keras`, its metadata `.json` and `.samples.npz`. Rerunning the same config after a crash resumes from `<run_dir>/<name>/backup/`."""
-    # First: MultiWorkerMirroredStrategy must exist before any other TF op runs.
-    strategy = distribute.make_strategy(config.strategy)
+    Writes `<output_dir>/<name>.keras`, its metadata `.json` and `.samples.npz`. Rerunning the
+    same config after a crash resumes from `<run_dir>/<name>/backup/`, which is deleted only
+    once that file set is saved."""
+    is_chief, task_id = True, 0
+    if config.strategy == "multi_worker":
+        is_chief, task_id = distribute.chief_from_tf_config(os.environ.get("TF_CONFIG"))
+    run_dir = preflight(config, is_chief, task_id)  # plain Python: no TF op yet
+    # MultiWorkerMirroredStrategy must exist before any other TF op runs.
+    strategy = distribute.make_strategy(config.strategy, cluster_timeout=config.cluster_timeout)
     xla = distribute.resolve_xla(config.xla)
     distribute.global_batch_size(config.batch_size, strategy)
     keras.utils.set_random_seed(config.seed)
@@ -123,19 +180,28 @@ def train(config):
         verbose=int(config.verbose) if str(config.verbose).isdigit() else config.verbose,
         callbacks=callbacks_lib.make_callbacks(
             os.path.join(config.run_dir, config.name), save_model=save_trained_model,
-            is_chief=is_chief, task_id=task_id,
+            is_chief=is_chief, task_id=task_id, delete_backup_at_end=False,
         ) + [data.InputShare(datasets.train, config.batch_size)],
     )
     _, test_accuracy = trainer.evaluate(test_ds, verbose=0)
     # Every worker writes (atomically, the same values); the chief alone exports.
     model_path = os.path.join(config.output_dir, config.name + ".keras")
-    save_trained_model(model, model_path)
-    artifacts.write_metadata(
-        model_path, datasets.class_names, (config.image_size, config.image_size),
-        crop_pct=config.eval_crop_pct, dataset=config.dataset,
-        test_accuracy=float(test_accuracy), config=dataclasses.asdict(config),
-    )
-    artifacts.write_samples(model_path, *sample_images(datasets))
+    try:
+        save_trained_model(model, model_path)
+        artifacts.write_metadata(
+            model_path, datasets.class_names, (config.image_size, config.image_size),
+            crop_pct=config.eval_crop_pct, dataset=config.dataset,
+            test_accuracy=float(test_accuracy), config=dataclasses.asdict(config),
+        )
+        artifacts.write_samples(model_path, *sample_images(datasets))
+    except OSError as error:
+        raise FinalSaveError(
+            f"Training finished, but saving {model_path} failed ({error}). The trained model "
+            f"is in {os.path.join(run_dir, 'checkpoints', 'last.keras')} and the resume backup "
+            f"in {os.path.join(run_dir, 'backup')} is kept: fix the problem and rerun the same "
+            "command, which resumes after the last epoch and saves again."
+        ) from error
+    callbacks_lib.delete_backup(run_dir)
     return dict(
         model=model,
         history=history,
