@@ -165,7 +165,7 @@ def test_train_with_augmentation_and_a_folder(tmp_path, capsys):
     result = train(TrainConfig(
         dataset=str(root), image_size=16, dim=16, depth=1, epochs=2, batch_size=4,
         hflip=0.5, randaug_n=1, mixup=0.2, erase_prob=0.5, crop_scale=0.5,
-        output_dir=str(tmp_path / "out"), verbose=0,
+        output_dir=str(tmp_path / "out"), run_dir=str(tmp_path / "runs"), verbose=0,
     ))
     assert result["model"].output_shape == (None, 3)
     assert len(result["history"].history["loss"]) == 2
