@@ -1,6 +1,6 @@
 """Training-dynamics parity: the paper's PyTorch ConvMixer and ours, trained alike on Fashion-MNIST.
 
-    python scripts/parity.py                  # the BENCHMARKS.md table: 2 seeds x 2 sides, ~12 min
+    python scripts/parity.py                  # the BENCHMARKS.md table (24 min, 2 busy cores)
     python scripts/parity.py --seeds 0 --epochs 1 --train-size 1024 --test-size 512 --dim 32
     python scripts/parity.py --sides keras --init keras   # ablation: Keras's default init
 
