@@ -6,9 +6,11 @@
     model = build_from_checkpoint("convmixer_1536_20_ks9_p7.pth.tar")  # architecture read from it
 
 Numerics follow the paper's PyTorch code so converted checkpoints give the same logits:
-BatchNorm epsilon 1e-5 and momentum 0.9 (PyTorch's 0.1), exact erf GELU.
+BatchNorm epsilon 1e-5 and momentum 0.9 (PyTorch's 0.1), exact erf GELU; and so training from
+scratch starts where the paper's does: PyTorch's default initialisation (`torch_uniform`).
 """
 
+import math
 import os
 
 import keras
@@ -83,16 +85,33 @@ def _image_input(input_tensor, input_shape, patch_size):
     return input_tensor
 
 
+def torch_uniform(fan_in):
+    """PyTorch's default initialisation of Conv2d/Linear weights and biases: uniform on
+    +-1/sqrt(fan_in) (its `kaiming_uniform_(a=sqrt(5))` weight init has that bound too).
+    Keras's defaults (glorot-uniform kernels, zero biases) learn slower in the first epochs
+    (BENCHMARKS.md, "Training-dynamics parity")."""
+    bound = 1.0 / math.sqrt(fan_in)
+    return keras.initializers.RandomUniform(-bound, bound)
+
+
+def _torch_init(fan_in, kernel="kernel_initializer"):
+    return {kernel: torch_uniform(fan_in), "bias_initializer": torch_uniform(fan_in)}
+
+
 def conv_mixer_block(x, dim, kernel_size, activation, name):
     """One ConvMixer layer: a residual depthwise (spatial) mix, then a pointwise (channel) mix."""
     residual = x
-    x = layers.DepthwiseConv2D(kernel_size, padding="same", name=name + "_depthwise")(x)
+    x = layers.DepthwiseConv2D(
+        kernel_size, padding="same", name=name + "_depthwise",
+        # fan_in kernel_size**2: each channel's filter sees its own channel only (groups=dim).
+        **_torch_init(kernel_size * kernel_size, "depthwise_initializer"),
+    )(x)
     x = layers.Activation(activation, name=name + "_depthwise_act")(x)
     x = layers.BatchNormalization(
         epsilon=BN_EPSILON, momentum=BN_MOMENTUM, name=name + "_depthwise_bn"
     )(x)
     x = layers.Add(name=name + "_add")([x, residual])
-    x = layers.Conv2D(dim, 1, name=name + "_pointwise")(x)
+    x = layers.Conv2D(dim, 1, name=name + "_pointwise", **_torch_init(dim))(x)
     x = layers.Activation(activation, name=name + "_pointwise_act")(x)
     return layers.BatchNormalization(
         epsilon=BN_EPSILON, momentum=BN_MOMENTUM, name=name + "_pointwise_bn"
@@ -144,7 +163,10 @@ def ConvMixer(
             name="preprocessing",
         )(x)
 
-    x = layers.Conv2D(dim, patch_size, strides=patch_size, name="stem_conv")(x)
+    x = layers.Conv2D(
+        dim, patch_size, strides=patch_size, name="stem_conv",
+        **_torch_init(inputs.shape[-1] * patch_size * patch_size),
+    )(x)
     x = layers.Activation(activation, name="stem_act")(x)
     x = layers.BatchNormalization(epsilon=BN_EPSILON, momentum=BN_MOMENTUM, name="stem_bn")(x)
     for i in range(depth):
@@ -154,7 +176,8 @@ def ConvMixer(
         x = layers.GlobalAveragePooling2D(name="avg_pool")(x)
         # float32 head: stable logits/softmax under mixed precision.
         x = layers.Dense(
-            classes, activation=classifier_activation, dtype="float32", name="predictions"
+            classes, activation=classifier_activation, dtype="float32", name="predictions",
+            **_torch_init(dim),
         )(x)
     elif pooling == "avg":
         x = layers.GlobalAveragePooling2D(name="avg_pool")(x)

@@ -118,6 +118,36 @@ def test_paper_numerics_batchnorm_and_exact_gelu():
     np.testing.assert_allclose(act(x), 0.5 * x * (1 + erf(x / np.sqrt(2))), rtol=1e-6)
 
 
+def test_initialisation_is_pytorchs_default():
+    """Kernels and biases uniform on +-1/sqrt(fan_in) as PyTorch's Conv2d/Linear (groups=dim
+    for the depthwise conv: fan_in = k*k), so training from scratch starts as the paper's."""
+    dim, k, p = 64, 5, 2
+    model = convmixer_tf.ConvMixer(dim, 2, k, p, input_shape=(16, 16, 3), classes=10)
+    fan_in = {"stem_conv": 3 * p * p, "block0_depthwise": k * k, "block1_pointwise": dim,
+              "predictions": dim}
+
+    def check(w, bound, what):
+        w = np.asarray(w).ravel()
+        assert np.abs(w).max() <= bound, what
+        if w.size >= 64:  # the 10 head biases are too few to pin the distribution
+            assert np.abs(w).max() > 0.8 * bound, what  # not zero, not glorot's narrower range
+            assert abs(w.std() - bound / np.sqrt(3)) < 0.25 * bound / np.sqrt(3), what
+
+    for name, fan in fan_in.items():
+        for weight in model.get_layer(name).weights:
+            check(weight.numpy(), 1 / np.sqrt(fan), f"{name} {weight.name}")
+    torch = pytest.importorskip("torch")
+    import reference_torch
+
+    torch.manual_seed(0)  # the same bounds hold for the paper's model
+    reference = dict(reference_torch.ConvMixer(dim, 2, k, p, num_classes=10).named_parameters())
+    for key, name in (("0", "stem_conv"), ("3.0.fn.0", "block0_depthwise"),
+                      ("4.1", "block1_pointwise"), ("7", "predictions")):
+        for suffix in ("weight", "bias"):
+            check(reference[f"{key}.{suffix}"].detach().numpy(), 1 / np.sqrt(fan_in[name]),
+                  f"torch {key}.{suffix}")
+
+
 def test_preprocessing_inside_takes_raw_uint8_pixels():
     with_pre = tiny(input_shape=(8, 8, 3))
     without = tiny(input_shape=(8, 8, 3), include_preprocessing=False)

@@ -114,9 +114,12 @@ def sample_images(datasets, calibration_count=256, held_out_count=1000, budget_m
     return calibration, held_out, labels
 
 
-def train(config):
+def train(config, datasets=None):
     """Runs `config`; returns dict(model, history, test_accuracy, model_path, class_names,
     is_chief).
+
+    `datasets` (a `data.Datasets`) replaces the pipelines `config.dataset` names, e.g. with
+    batches in a fixed order (scripts/parity.py); its `train` may be anything `fit` takes.
 
     Writes `<output_dir>/<name>.keras`, its metadata `.json` and `.samples.npz`. Rerunning the
     same config after a crash resumes from `<run_dir>/<name>/backup/`, which is deleted only
@@ -131,13 +134,14 @@ def train(config):
     distribute.global_batch_size(config.batch_size, strategy)
     keras.utils.set_random_seed(config.seed)
     keras.mixed_precision.set_global_policy(config.precision)
-    datasets = data.build_datasets(
-        config.dataset, image_size=config.image_size, global_batch_size=config.batch_size,
-        augment=config.augment, data_dir=config.data_dir or None, seed=config.seed,
-        validation_split=config.validation_split, eval_crop_pct=config.eval_crop_pct,
-        cache=config.cache, cache_budget_mb=config.cache_budget_mb,
-        cache_dir=os.path.join(config.run_dir, config.name, "cache"),
-    )
+    if datasets is None:
+        datasets = data.build_datasets(
+            config.dataset, image_size=config.image_size, global_batch_size=config.batch_size,
+            augment=config.augment, data_dir=config.data_dir or None, seed=config.seed,
+            validation_split=config.validation_split, eval_crop_pct=config.eval_crop_pct,
+            cache=config.cache, cache_budget_mb=config.cache_budget_mb,
+            cache_dir=os.path.join(config.run_dir, config.name, "cache"),
+        )
     train_ds, test_ds = datasets.train, datasets.test
 
     steps_per_epoch = datasets.steps_per_epoch
