@@ -226,6 +226,33 @@ def test_export_cli_finishes_and_exits_3_when_a_build_is_refused(trained, digits
     assert meta["tflite"]["edge_build"] in ("dynamic_int8", "int8_float_gelu")
 
 
+def test_large_depthwise_kernels_are_split_for_xnnpack():
+    """7x7 depthwise (49 taps) converts as 3x7 + 3x7 + 1x7 row groups with the same logits;
+    5x5 (25 taps, XNNPACK's single-pass limit) is left alone."""
+    keras.utils.set_random_seed(0)
+    model = ConvMixer(dim=16, depth=2, kernel_size=7, patch_size=4, input_shape=(32, 32, 3),
+                      classes=10, classifier_activation=None)
+    x = np.random.default_rng(0).integers(0, 256, (3, 32, 32, 3)).astype(np.float32)
+    reference = model.predict(x, verbose=0)
+    split = tflite.split_large_depthwise(logits.logits_model(model))
+    assert [layer.groups for layer in split.layers
+            if isinstance(layer, tflite.RowSplitDepthwiseConv2D)] == [[(0, 3), (3, 3), (6, 1)]] * 2
+    np.testing.assert_allclose(split.predict(x, verbose=0), reference, atol=1e-5)
+    for shape in ((1, 32, 32), (None, None, None)):
+        flat = tflite.convert(model, "float32", input_shape=shape)
+        assert tflite.op_counts(flat)["DEPTHWISE_CONV_2D"] == 6  # 3 per block
+        runner = tflite.LiteRTModel(flat)
+        np.testing.assert_allclose(runner.predict(x), reference, atol=1e-4)
+    dynamic = tflite.LiteRTModel(tflite.convert(model, "float32", input_shape=(None,) * 3))
+    other = np.random.default_rng(1).integers(0, 256, (2, 40, 48, 3)).astype(np.float32)
+    np.testing.assert_allclose(dynamic.predict(other), logits.logits_model(model)(other),
+                               atol=1e-4)  # any size: the row slices follow the input height
+    unsplit = tflite.convert(model, "float32", input_shape=(1, 32, 32), split_depthwise=False)
+    assert tflite.op_counts(unsplit)["DEPTHWISE_CONV_2D"] == 2
+    k5 = ConvMixer(dim=16, depth=1, kernel_size=5, patch_size=4, input_shape=(32, 32, 3))
+    assert tflite.split_large_depthwise(k5) is k5
+
+
 def test_xnnpack_delegation_table(trained):
     flat = tflite.convert(trained, "float32", input_shape=(1, 16, 16))
     rows = tflite.LiteRTModel(flat).delegation()
