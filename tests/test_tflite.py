@@ -249,6 +249,10 @@ def test_large_depthwise_kernels_are_split_for_xnnpack():
                                atol=1e-4)  # any size: the row slices follow the input height
     unsplit = tflite.convert(model, "float32", input_shape=(1, 32, 32), split_depthwise=False)
     assert tflite.op_counts(unsplit)["DEPTHWISE_CONV_2D"] == 2
+    hybrid = tflite.convert_builds(model, ["dynamic_int8", "float16"], input_shape=(1, 32, 32))
+    assert tflite.op_counts(hybrid["dynamic_int8"])["DEPTHWISE_CONV_2D"] == 2  # not split
+    assert tflite.op_counts(hybrid["float16"])["DEPTHWISE_CONV_2D"] == 6
+    assert list(hybrid) == ["dynamic_int8", "float16"]
     k5 = ConvMixer(dim=16, depth=1, kernel_size=5, patch_size=4, input_shape=(32, 32, 3))
     assert tflite.split_large_depthwise(k5) is k5
 

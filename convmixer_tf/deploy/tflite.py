@@ -51,7 +51,8 @@ def convert(model, mode="float32", representative_images=None, input_shape=(1, N
     `input_shape` is `(batch, height, width)` of the TFLite input; `None` entries stay
     dynamic. `representative_images` (uint8/float pixels) are required for the calibrated
     modes (`full_int8`, `int8_float_gelu`). `split_depthwise`: depthwise kernels larger than
-    5x5 are converted as row groups XNNPACK runs fast (`RowSplitDepthwiseConv2D`).
+    5x5 are converted as row groups XNNPACK runs fast (`RowSplitDepthwiseConv2D`; every mode
+    but `dynamic_int8`, whose depthwise convolutions XNNPACK does not take).
     """
     return convert_builds(model, [mode], representative_images, input_shape, io_type,
                           split_depthwise)[mode]
@@ -74,28 +75,27 @@ def convert_builds(model, modes, representative_images=None, input_shape=(1, Non
         )
     if calibrated_modes and (representative_images is None or len(representative_images) == 0):
         raise ValueError(f"modes {calibrated_modes} need `representative_images` (training images)")
-    logits = logits_model(model, fixed_shape=input_shape)
-    if split_depthwise:
-        logits = split_large_depthwise(logits)
+    plain = logits_model(model, fixed_shape=input_shape)
+    split = split_large_depthwise(plain) if split_depthwise else plain
     flats = {}
-    with tempfile.TemporaryDirectory(prefix="convmixer-tflite-") as tmp:
-        # Through a SavedModel signature: variables frozen, input/output named images/logits.
-        archive = keras.export.ExportArchive()
-        archive.track(logits)
-        archive.add_endpoint(
-            "serving_default",
-            lambda images: {"logits": logits(images, training=False)},
-            input_signature=[tf.TensorSpec(logits.input_shape, tf.float32, name="images")],
-        )
-        archive.write_out(tmp, verbose=False)
-        calibrated = None
-        for mode in modes:
-            if mode in calibrated_modes:
-                if calibrated is None:
-                    calibrated = _calibrate(tmp, representative_images, logits.input_shape)
-                flats[mode] = _quantize_calibrated(calibrated, mode, IO_TYPES[io_type])
-            else:
-                flats[mode] = _convert_float_or_dynamic(tmp, mode)
+    # dynamic_int8 stays unsplit: XNNPACK never takes its hybrid depthwise convolutions, and
+    # on TFLite's builtin kernel one 7x7 layer is faster than three row groups (BENCHMARKS.md).
+    groups = [(split, [m for m in modes if split is plain or m != "dynamic_int8"]),
+              (plain, [m for m in modes if split is not plain and m == "dynamic_int8"])]
+    for logits, group in groups:
+        if not group:
+            continue
+        with tempfile.TemporaryDirectory(prefix="convmixer-tflite-") as tmp:
+            _write_signature(logits, tmp)
+            calibrated = None
+            for mode in group:
+                if mode in calibrated_modes:
+                    if calibrated is None:
+                        calibrated = _calibrate(tmp, representative_images, logits.input_shape)
+                    flats[mode] = _quantize_calibrated(calibrated, mode, IO_TYPES[io_type])
+                else:
+                    flats[mode] = _convert_float_or_dynamic(tmp, mode)
+    flats = {mode: flats[mode] for mode in modes}
     for mode, flat in flats.items():
         custom = [name for name in op_counts(flat) if not name.isupper()]
         if custom:
@@ -155,6 +155,19 @@ def split_large_depthwise(model):
     return keras.models.clone_model(
         model, clone_function=lambda layer: RowSplitDepthwiseConv2D(layer)
         if _splittable(layer) else layer)
+
+
+def _write_signature(logits, path):
+    """A SavedModel of `logits` with one signature (input `images`, output `logits`), the
+    variables frozen by the converter."""
+    archive = keras.export.ExportArchive()
+    archive.track(logits)
+    archive.add_endpoint(
+        "serving_default",
+        lambda images: {"logits": logits(images, training=False)},
+        input_signature=[tf.TensorSpec(logits.input_shape, tf.float32, name="images")],
+    )
+    archive.write_out(path, verbose=False)
 
 
 def _converter(saved_model_dir):
