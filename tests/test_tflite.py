@@ -192,6 +192,12 @@ def test_export_all_measures_candidates_and_names_the_edge_build(trained, digits
     assert set(refused["refused"]) >= {"full_int8", "int8_float_gelu", "dynamic_int8"}
     assert "points below" in refused["refused"]["full_int8"]
     assert not (tmp_path / "strict" / "tiny_int8.tflite").exists()
+    # No held-out images at all (synthetic eval images): measured and reported, not gated.
+    ungated = tflite.export_all(trained, str(tmp_path / "ungated"), "tiny", x_train[:64],
+                                x_test[:30], (16, 16), modes=("int8",), log=lines.append,
+                                min_int8_agreement=1.01, latency_rounds=2, gated=False)
+    assert not ungated["refused"] and ungated["gate"].startswith("none")
+    assert (tmp_path / "ungated" / "tiny_int8.tflite").is_file()
 
 
 def test_export_cli_finishes_and_exits_3_when_a_build_is_refused(trained, digits16, tmp_path,

@@ -62,14 +62,17 @@ def export_model(model_path, export_dir=None, name=None, saved_model_export=True
         )
     modes = list(tflite_modes)
     if modes:
-        if held_out is None:
+        gated = held_out is not None
+        if not gated:
+            log("TFLite builds not gated: no held-out images (no <name>.samples.npz beside the "
+                "model; pass --calibration-dir)")
             rng = np.random.default_rng(0)
             held_out = rng.integers(0, 256, (16, *meta["image_size"], 3), dtype=np.uint8)
         out_dir = os.path.join(export_dir, f"{name}_tflite")
         result["tflite"] = tflite.export_all(
             model, out_dir, name, calibration, held_out, meta["image_size"],
             eval_labels=labels, modes=modes, max_accuracy_drop=max_accuracy_drop,
-            min_int8_agreement=min_int8_agreement, int8_io=int8_io, log=log,
+            min_int8_agreement=min_int8_agreement, int8_io=int8_io, log=log, gated=gated,
         )
         artifacts.write_json(os.path.join(out_dir, "metadata.json"), dict(
             class_names=meta["class_names"], image_size=meta["image_size"],
