@@ -175,8 +175,10 @@ def train_main(argv=None):
 
 
 def export_main(argv=None):
-    """`convmixer-export`: a `.keras` model -> TF Serving SavedModel (new version) + TFLite."""
-    from convmixer_tf.deploy.tflite import MODES
+    """`convmixer-export`: a `.keras` model -> TF Serving SavedModel (new version) + TFLite.
+    Exit status 0: everything written; 1: error; 2: usage; 3: finished, but the gate refused
+    a TFLite build (named on stderr and in the metadata; every other file was written)."""
+    from convmixer_tf.deploy.tflite import EDGE_BUILD, MODES, REFUSED_EXIT_CODE
 
     parser = argparse.ArgumentParser(
         prog="convmixer-export", description=export_main.__doc__,
@@ -188,8 +190,10 @@ def export_main(argv=None):
                         help="TF Serving model base dir root (default: the model's folder)")
     parser.add_argument("--name", default=None, help="model name (default: the file name)")
     parser.add_argument("--saved-model", default=True, action=argparse.BooleanOptionalAction)
-    parser.add_argument("--tflite-modes", default=",".join(MODES),
-                        help="comma-separated subset of " + ",".join(MODES) + ", or none")
+    parser.add_argument("--tflite-modes", default=f"float32,float16,{EDGE_BUILD}",
+                        help="comma-separated, from " + ",".join(MODES) + f", or {EDGE_BUILD}: "
+                             "every int8 build, the fastest that passes the gate also written "
+                             f"as <name>_{EDGE_BUILD}.tflite; or none")
     parser.add_argument("--calibration-dir", default=None,
                         help="images for int8 calibration/validation (default: the samples "
                              "training stored beside the model)")
@@ -197,27 +201,40 @@ def export_main(argv=None):
                         help="input/output type of the int8 files (uint8 = raw pixel bytes)")
     parser.add_argument("--tolerance", type=float, default=1e-4,
                         help="max abs logit error allowed for the SavedModel")
+    parser.add_argument("--max-accuracy-drop", type=float, default=1.0,
+                        help="the TFLite gate: points of held-out top-1 accuracy a build may "
+                             "lose against the Keras model on the same labelled images")
     parser.add_argument("--min-int8-agreement", type=float, default=0.98,
-                        help="int8 top-1 agreement with Keras below which the export fails")
+                        help="the TFLite gate without labels (--calibration-dir): top-1 "
+                             "agreement with Keras")
     args = parser.parse_args(argv)
     modes = [] if args.tflite_modes == "none" else args.tflite_modes.split(",")
-    bad = [m for m in modes if m not in MODES]
+    bad = [m for m in modes if m not in MODES + (EDGE_BUILD,)]
     if bad:
-        parser.error(f"unknown --tflite-modes {bad}; choose from {','.join(MODES)} or none")
+        parser.error(f"unknown --tflite-modes {bad}; choose from "
+                     f"{','.join(MODES + (EDGE_BUILD,))} or none")
 
     start_tensorflow()
     from convmixer_tf.deploy import export
     from convmixer_tf.deploy.logits import ExportError
 
     try:
-        export.export_model(
+        result = export.export_model(
             args.model, args.export_dir, args.name, saved_model_export=args.saved_model,
             tflite_modes=modes, calibration_dir=args.calibration_dir, int8_io=args.int8_io,
-            tolerance=args.tolerance, min_int8_agreement=args.min_int8_agreement,
+            tolerance=args.tolerance, max_accuracy_drop=args.max_accuracy_drop / 100,
+            min_int8_agreement=args.min_int8_agreement,
         )
     except (OSError, ValueError, ExportError) as error:
         _error("convmixer-export", error)
         return 1
+    refused = result.get("tflite", {}).get("refused", {})
+    for build, why in refused.items():
+        print(f"convmixer-export: refused TFLite build {build}: {why}", file=sys.stderr)
+    if refused:
+        print(f"convmixer-export: finished; every other file was written (exit status "
+              f"{REFUSED_EXIT_CODE}: a build was refused)", file=sys.stderr)
+        return REFUSED_EXIT_CODE
     return 0
 
 

@@ -24,7 +24,9 @@ import sys
 import time
 
 SECTIONS = ("peak", "train", "infer", "tflite")
-TFLITE_MODES = ("float32", "float16", "dynamic-int8", "int8", "int8-float-gelu")
+# LiteRT candidates: the export's builds (convmixer_tf.deploy.tflite.MODES), plus the
+# full-int8 build without the large-depthwise split and without XNNPACK, to show what each buys.
+TFLITE_MODES = ("float32", "float16", "dynamic_int8", "full_int8", "int8_float_gelu")
 
 # Shapes from the issue: the paper's CIFAR model for training, the ImageNet one for inference.
 FULL = dict(
@@ -482,38 +484,17 @@ def _quiet():
         yield
 
 
-def convert_tflite(model, mode, calibration_images):
-    """A TFLite flatbuffer of `model` in `mode` (see TFLITE_MODES): float32, float16 weights,
-    dynamic-range int8, full int8 (representative data), or full int8 with GELU left in float
-    (the converter's selective quantization), which XNNPACK runs in one partition."""
-    import tensorflow as tf
+def convert_tflite(model, modes, calibration_images, split_depthwise=True):
+    """{mode: flatbuffer} for `modes` (see TFLITE_MODES), converted by the export's own code
+    (`convmixer_tf.deploy.tflite.convert_builds`, fixed 1xHxW input)."""
+    import numpy as np
 
-    if mode not in TFLITE_MODES:
-        raise ValueError(f"mode must be one of {TFLITE_MODES}. Received mode={mode!r}")
-    converter = tf.lite.TFLiteConverter.from_keras_model(model)
-    if mode != "float32":
-        converter.optimizations = [tf.lite.Optimize.DEFAULT]
-    if mode == "float16":
-        converter.target_spec.supported_types = [tf.float16]
+    from convmixer_tf.deploy import tflite
 
-    def representative():
-        for image in calibration_images:
-            yield [image[None].astype("float32")]
-
+    size = tuple(np.shape(calibration_images)[1:3])
     with _quiet():
-        if mode in ("int8", "int8-float-gelu"):
-            converter.representative_dataset = representative
-        if mode == "int8":
-            converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
-        if mode == "int8-float-gelu":
-            debugger = tf.lite.experimental.QuantizationDebugger(
-                converter=converter,
-                debug_dataset=representative,
-                debug_options=tf.lite.experimental.QuantizationDebugOptions(
-                    denylisted_ops=["GELU"]),
-            )
-            return debugger.get_nondebug_quantized_model()
-        return converter.convert()
+        return tflite.convert_builds(model, modes, calibration_images, (1, *size),
+                                     split_depthwise=split_depthwise)
 
 
 def ops_outside_delegates(nodes):
@@ -542,13 +523,17 @@ def ops_outside_delegates(nodes):
     return counts
 
 
-def litert_runner(flatbuffer, threads):
-    """(run(x) -> logits, ops) for a flatbuffer on LiteRT with XNNPACK and `threads` threads;
-    `ops` is `ops_outside_delegates`: partitions and the ops XNNPACK did not take."""
+def litert_runner(flatbuffer, threads, xnnpack=True):
+    """(run(x) -> logits, ops) for a flatbuffer on LiteRT with XNNPACK (unless `xnnpack` is
+    False) and `threads` threads; `ops` is `ops_outside_delegates`: partitions and the ops
+    XNNPACK did not take."""
     import numpy as np
-    from ai_edge_litert.interpreter import Interpreter
+    from ai_edge_litert import interpreter as litert
 
-    interp = Interpreter(model_content=flatbuffer, num_threads=threads)
+    resolver = (litert.OpResolverType.AUTO if xnnpack
+                else litert.OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES)
+    interp = litert.Interpreter(model_content=flatbuffer, num_threads=threads,
+                                experimental_op_resolver_type=resolver)
     inp = interp.get_input_details()[0]
     out = interp.get_output_details()[0]
     interp.resize_tensor_input(inp["index"], [1, *inp["shape"][1:]])
@@ -582,39 +567,52 @@ def tflite_section(cfgs, calibration, args):
         calib, test = images[:calibration], images[calibration:]
         model = keras_model(cfg)
         reference = model.predict(test, verbose=0)
-        modes = [m for m in TFLITE_MODES if m != "int8-float-gelu" or cfg["activation"] == "gelu"]
+        modes = [m for m in TFLITE_MODES if m != "int8_float_gelu" or cfg["activation"] == "gelu"]
+        start = time.perf_counter()
+        flats = {f"litert {m}": f for m, f in convert_tflite(model, modes, calib).items()}
+        convert_s = time.perf_counter() - start
+        if cfg["kernel_size"] ** 2 > 25:  # what the large-depthwise split buys
+            k = cfg["kernel_size"]
+            flats[f"litert full_int8, {k}x{k} depthwise unsplit"] = convert_tflite(
+                model, ["full_int8"], calib, split_depthwise=False)["full_int8"]
         cands, rows_info = {}, {}
-        for mode in modes:
-            start = time.perf_counter()
-            flat = convert_tflite(model, mode, calib)
-            convert_s = time.perf_counter() - start
-            run, ops = litert_runner(flat, args.threads)
-            got = np.concatenate([run(t[None]) for t in test])
-            err = np.max(np.abs(got - reference)) / (np.max(np.abs(reference)) + 1e-12)
-            left = {k: v for k, v in ops.items() if k != "DELEGATE"}
-            rows_info[f"litert {mode}"] = (
-                f"{len(flat) / 1e6:.2f}", f"{err:.3f}", ops.get("DELEGATE", 0),
-                ", ".join(f"{k}x{v}" for k, v in sorted(left.items())) or "none",
-                f"{convert_s:.0f}")
-            x1 = test[:1]
-            cands[f"litert {mode}"] = lambda run=run, x1=x1: (run(x1), 1)[1]
+        for name, flat in flats.items():
+            for xnnpack in (True, False) if "full_int8" in name else (True,):
+                label = name + ("" if xnnpack else ", no XNNPACK")
+                run, ops = litert_runner(flat, args.threads, xnnpack)
+                got = np.concatenate([run(t[None]) for t in test])
+                err = np.max(np.abs(got - reference)) / (np.max(np.abs(reference)) + 1e-12)
+                left = {k: v for k, v in ops.items() if k != "DELEGATE"}
+                rows_info[label] = (
+                    f"{len(flat) / 1e6:.2f}", f"{err:.3f}", ops.get("DELEGATE", 0),
+                    ", ".join(f"{k}x{v}" for k, v in sorted(left.items())) or "none",
+                    f"{convert_s:.0f}")
+                x1 = test[:1]
+                cands[label] = lambda run=run, x1=x1: (run(x1), 1)[1]
         cands["keras fp32 (TF)"] = _keras_infer_candidate(model, test[:1], args)
         if not args.no_torch:
             ref = torch_model(cfg)
             mean = np.array([0.485, 0.456, 0.406], "float32") * 255
             std = np.array([0.229, 0.224, 0.225], "float32") * 255
-            cands["torch eager fp32"] = _torch_infer_candidate(ref, (test[:1] - mean) / std, args)
+            x_torch = (test[:1] - mean) / std
+            cands["torch eager fp32"] = _torch_infer_candidate(ref, x_torch, args)
+            cands["torch eager bf16 autocast"] = _torch_infer_candidate(ref, x_torch, args,
+                                                                        bf16=True)
         res = interleaved(cands, args.rounds or cfg["rounds"], warmup=2)
         base = res.get("torch eager fp32")
+        torch_best = min((r["median_s"] for n, r in res.items() if n.startswith("torch")),
+                         default=None)
         rows = []
         for name, r in res.items():
             info = rows_info.get(name, ("-",) * 5)
             rows.append((name, f"{1e3 * r['median_s']:.2f}",
-                         f"{r['median_s'] / base['median_s']:.2f}" if base else "-", *info))
+                         f"{r['median_s'] / base['median_s']:.2f}" if base else "-",
+                         f"{r['median_s'] / torch_best:.2f}" if torch_best else "-", *info))
         table(f"Edge, batch 1, {args.threads} threads: ConvMixer-{cfg['dim']}/{cfg['depth']} "
               f"({cfg['activation']}), {cfg['image']}x{cfg['image']}",
-              ["candidate", "latency ms", "x torch fp32", "MB", "max rel. logit err",
-               "XNNPACK partitions", "ops outside XNNPACK", "convert s"], rows)
+              ["candidate", "latency ms", "x torch fp32", "x torch best", "MB",
+               "max rel. logit err", "XNNPACK partitions", "ops outside XNNPACK", "convert s"],
+              rows)
         results[f"{cfg['dim']}_{cfg['depth']}"] = dict(
             results=res, info={k: list(v) for k, v in rows_info.items()})
     return results

@@ -83,8 +83,8 @@ def test_bad_flags_are_rejected(bench, capsys):
 
 
 def test_convert_tflite_rejects_unknown_mode(bench):
-    with pytest.raises(ValueError, match="mode must be one of"):
-        bench.convert_tflite(None, "int4", [])
+    with pytest.raises(ValueError, match="must be one of"):
+        bench.convert_tflite(None, ["int4"], [])
 
 
 def test_quick_run_reports_every_section(tmp_path):
@@ -104,8 +104,9 @@ def test_quick_run_reports_every_section(tmp_path):
     assert all(r["per_s"] > 0 for r in train.values())
     edge = results["tflite"]["16_1"]
     assert set(edge["results"]) >= {f"litert {m}" for m in
-                                    ("float32", "float16", "dynamic-int8", "int8",
-                                     "int8-float-gelu")}
+                                    ("float32", "float16", "dynamic_int8", "full_int8",
+                                     "int8_float_gelu")} | {"litert full_int8, no XNNPACK"}
     # Full int8 leaves GELU to TFLite's kernels; keeping GELU in float gives XNNPACK everything.
-    assert "GELU" in edge["info"]["litert int8"][3]
-    assert edge["info"]["litert int8-float-gelu"][2:4] == [1, "none"]
+    assert "GELU" in edge["info"]["litert full_int8"][3]
+    assert edge["info"]["litert int8_float_gelu"][2:4] == [1, "none"]
+    assert edge["info"]["litert full_int8, no XNNPACK"][2] == 0  # no partitions

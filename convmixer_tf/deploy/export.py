@@ -12,7 +12,7 @@ import numpy as np
 from convmixer_tf import artifacts, preprocessing
 from convmixer_tf.deploy import saved_model, tflite
 
-TFLITE_MODES = tflite.MODES
+TFLITE_MODES = ("float32", "float16", tflite.EDGE_BUILD)  # int8: every int8 build + the edge build
 
 
 def folder_images(folder, image_size, crop_pct=1.0):
@@ -43,15 +43,17 @@ def sample_images(model_path, meta, calibration_dir=None):
 
 def export_model(model_path, export_dir=None, name=None, saved_model_export=True,
                  tflite_modes=TFLITE_MODES, calibration_dir=None, int8_io="float32",
-                 tolerance=saved_model.TOLERANCE, min_int8_agreement=0.98, log=print):
+                 tolerance=saved_model.TOLERANCE, max_accuracy_drop=0.01, min_int8_agreement=0.98,
+                 log=print):
     """Exports `model_path` (a `.keras` file with its metadata and samples) to `export_dir`
     (default: the model's folder) as `<name>/<version>/` and `<name>_tflite/`; returns
-    dict(saved_model=..., tflite=...)."""
+    dict(saved_model=..., tflite=report). TFLite builds the gate refuses are listed in
+    `report["refused"]` (the rest is written; `tflite.REFUSED_EXIT_CODE` for a command)."""
     model = artifacts.load_model(model_path)
     meta = artifacts.read_metadata(model, model_path)
     name = name or os.path.splitext(os.path.basename(model_path))[0]
     export_dir = export_dir or os.path.dirname(os.path.abspath(model_path))
-    calibration, held_out, _ = sample_images(model_path, meta, calibration_dir)
+    calibration, held_out, labels = sample_images(model_path, meta, calibration_dir)
     result = {}
     if saved_model_export:
         result["saved_model"] = saved_model.export_saved_model(
@@ -59,21 +61,21 @@ def export_model(model_path, export_dir=None, name=None, saved_model_export=True
             sample_images=None if held_out is None else held_out[:8],
         )
     modes = list(tflite_modes)
-    if "int8" in modes and calibration is None:
-        log("skipping int8: no calibration images (no <name>.samples.npz beside the model; "
-            "pass --calibration-dir)")
-        modes.remove("int8")
     if modes:
-        if held_out is None:
+        gated = held_out is not None
+        if not gated:
+            log("TFLite builds not gated: no held-out images (no <name>.samples.npz beside the "
+                "model; pass --calibration-dir)")
             rng = np.random.default_rng(0)
             held_out = rng.integers(0, 256, (16, *meta["image_size"], 3), dtype=np.uint8)
         out_dir = os.path.join(export_dir, f"{name}_tflite")
         result["tflite"] = tflite.export_all(
-            model, out_dir, name, calibration, held_out, meta["image_size"], modes=modes,
-            min_int8_agreement=min_int8_agreement, int8_io=int8_io, log=log,
+            model, out_dir, name, calibration, held_out, meta["image_size"],
+            eval_labels=labels, modes=modes, max_accuracy_drop=max_accuracy_drop,
+            min_int8_agreement=min_int8_agreement, int8_io=int8_io, log=log, gated=gated,
         )
         artifacts.write_json(os.path.join(out_dir, "metadata.json"), dict(
             class_names=meta["class_names"], image_size=meta["image_size"],
-            crop_pct=meta["crop_pct"],
+            crop_pct=meta["crop_pct"], tflite=result["tflite"],
         ))
     return result
