@@ -146,7 +146,7 @@ class LiteRTModel:
         self.input = self.interpreter.get_input_details()[0]
         self.output = self.interpreter.get_output_details()[0]
         self.signature = tuple(int(d) for d in self.input["shape_signature"])
-        self._allocated = None
+        self._allocated = self._min_size = None
 
     @property
     def image_size(self):
@@ -154,8 +154,20 @@ class LiteRTModel:
         h, w = self.signature[1:3]
         return None if h < 0 or w < 0 else (h, w)
 
+    @property
+    def min_size(self):
+        """The smallest height/width the model takes: the first convolution's kernel size
+        (the patch size), 1 without one."""
+        if self._min_size is None:
+            shapes = {t["index"]: t["shape"] for t in self.interpreter.get_tensor_details()}
+            sizes = [shapes[op["inputs"][1]][1:3]  # filter [out, kh, kw, in]
+                     for op in self.interpreter._get_ops_details() if op["op_name"] == "CONV_2D"]
+            self._min_size = int(min(sizes[0])) if sizes else 1
+        return self._min_size
+
     def _allocate(self, shape):
         if self._allocated != shape:
+            self._allocated = None  # a failed resize leaves nothing allocated
             if any(d < 0 for d in self.signature):
                 self.interpreter.resize_tensor_input(self.input["index"], list(shape))
             self.interpreter.allocate_tensors()
@@ -164,6 +176,10 @@ class LiteRTModel:
             self._allocated = shape
 
     def _check(self, images):
+        """ValueError naming the problem for anything the interpreter would reject (or run
+        into an error or a meaningless answer): rank, channels, batch, size, dtype, NaN/inf."""
+        if images.dtype.kind not in "uif":
+            raise ValueError(f"images must be uint8 or float pixels, got dtype {images.dtype}")
         if images.ndim != 4 or images.shape[-1] != self.signature[-1]:
             raise ValueError(
                 f"expected images of shape [batch, height, width, {self.signature[-1]}], "
@@ -178,6 +194,11 @@ class LiteRTModel:
                     f"{images.shape[1]}x{images.shape[2]} (resize first, or export with a "
                     "dynamic input size)"
                 )
+        if min(images.shape[1:3]) < self.min_size:
+            raise ValueError(f"image height and width must be >= {self.min_size} (the patch "
+                             f"size), got {images.shape[1]}x{images.shape[2]}")
+        if images.dtype.kind == "f" and not np.isfinite(images).all():
+            raise ValueError("images hold NaN or infinite values: pass 0-255 pixels")
 
     def predict(self, images):
         """Logits (float32, dequantized) for a batch of raw 0-255 pixels."""
@@ -290,6 +311,8 @@ def export_all(model, out_dir, name, representative_images, eval_images, input_s
     """Writes `<out_dir>/<name>_<mode>.tflite` (fixed 1xHxW input) and
     `<name>_<mode>_dynamic.tflite` (any batch and size) for every mode, validating each
     against the Keras model; prints one line per file and the XNNPACK delegation table.
+    `out_dir` is the folder the files go to as they are made: the export job
+    (`deploy.export`) passes a temp folder and publishes it as a version when all are done.
     `int8_io` is the int8 files' input/output type (float32, int8 or uint8)."""
     results = {}
     for mode in modes:
@@ -309,7 +332,7 @@ def export_all(model, out_dir, name, representative_images, eval_images, input_s
             ms = latency_ms(runner, eval_images[0])
             log(f"tflite {label:<20} {len(flat) / 1024:8.1f} KiB  max abs logit error "
                 f"{error:.2e}  top-1 agreement {agreement:.2%}  latency {ms:.2f} ms/image  "
-                f"-> {path}")
+                f"-> {os.path.basename(path)}")
             results[label] = dict(path=path, error=error, agreement=agreement, latency_ms=ms)
             if not dynamic:
                 log(delegation_table(runner.delegation()))
