@@ -270,7 +270,8 @@ def test_predict_cli_on_saved_model(exported, tmp_path, capsys):
 
 # What a client reads for each malformed request (both loaders; TF1 = what TF Serving's C++
 # session returns). Wrong dtypes fail before the graph runs, with each loader's own words.
-RANK = r"assertion failed: \[images must be a rank-4 tensor \[batch, height, width, 3\]; got shape\]"
+RANK = (r"assertion failed: \[images must be a rank-4 tensor \[batch, height, width, 3\]; "
+        r"got shape\]")
 CHANNELS = r"assertion failed: \[images must have 3 channels \[batch, height, width, 3\]"
 SIZE = r"assertion failed: \[image height and width must be >= 2 \(the patch size\)"
 EMPTY = r"assertion failed: \[empty batch: send at least one image\]"
