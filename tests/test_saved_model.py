@@ -346,3 +346,27 @@ def test_fuzz_malformed_requests_fail_cleanly_with_onednn(exported, tmp_path):
         mixed = np.array(extra["bytes mixed sizes"]["logits"])
         assert mixed.shape == (3, 10)
         np.testing.assert_allclose(mixed[0], before["logits"][0], atol=1e-5)
+
+
+def test_serving_client_without_a_server_says_how_to_start_one(tmp_path):
+    """--grpc and --rest with nothing listening: exit 1 and one line naming the address and how
+    to start TF Serving, no traceback (run as a user would, in its own process)."""
+    import socket
+
+    with socket.socket() as sock:  # a port nothing listens on
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    image = tmp_path / "a.png"
+    image.write_bytes(png(np.zeros((16, 16, 3), np.uint8)))
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "TF_CPP_MIN_LOG_LEVEL")}
+    script = os.path.join(ROOT, "scripts", "serving_client.py")
+    for flag, api, address in (("--grpc", "gRPC", f"127.0.0.1:{port}"),
+                               ("--rest", "REST", f"http://127.0.0.1:{port}")):
+        proc = subprocess.run([sys.executable, script, flag, address, "--model", "tiny",
+                               str(image)], env=env, capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 1 and proc.stdout == ""
+        assert "Traceback" not in proc.stderr
+        (line,) = [l for l in proc.stderr.splitlines() if "serving_client" in l]
+        assert line.startswith(f"serving_client: error: no TF Serving {api} server "
+                               f"answered at {address} (")
+        assert "docker run" in line and "MODEL_NAME=tiny" in line and "--offline" in line
