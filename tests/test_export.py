@@ -199,3 +199,23 @@ def test_export_killed_at_each_stage_leaves_versions_whole(tmp_path):
     assert _digest(os.path.join(saved, "1")) == before["saved"]
     assert _digest(os.path.join(lite, "1")) == before["lite"]
     assert "exported TFLite files: " + os.path.join(lite, "2") in done.stdout
+
+
+def test_export_cli_on_a_text_file_or_truncated_keras(tmp_path, capsys):
+    from convmixer_tf import cli
+
+    text = tmp_path / "notes.txt"
+    text.write_text("not a model")
+    good = str(tmp_path / "tiny.keras")
+    artifacts.save_model(tiny_model(), good)
+    truncated = tmp_path / "truncated.keras"
+    with open(good, "rb") as f:
+        data = f.read()
+    truncated.write_bytes(data[: len(data) // 2])
+    for path, message in ((text, "not a .keras model file (expected the .keras file"),
+                          (truncated, "not a zip archive): damaged or truncated?")):
+        assert cli.export_main([str(path), "--tflite-modes", "none"]) == 1
+        err = capsys.readouterr().err
+        assert f"convmixer-export: error: cannot load '{path}'" in err and message in err, err
+        assert "File not found" not in err
+    assert not any(name.startswith(artifacts.TMP_PREFIX) for name in os.listdir(tmp_path))
