@@ -8,10 +8,12 @@ sample images, and TF Serving's integer version folders.
     saved_models/<name>.samples.npz    un-augmented training images (int8 calibration) and
                                        held-out images + labels (export validation, int8 gate)
     saved_models/<name>/<version>/     TF Serving SavedModels (deploy writes these)
+    saved_models/<name>_tflite/<version>/  TFLite files + metadata.json, published as a set
 
 A crash or kill at any instant leaves every file either old or new, never half written.
 """
 
+import contextlib
 import json
 import os
 import shutil
@@ -22,6 +24,11 @@ import numpy as np
 
 MODEL_SUFFIXES = (".keras", ".weights.h5")
 TMP_PREFIX = ".tmp-"  # never an integer: TF Serving ignores such a folder while it is written
+
+
+def _tmp_prefix(prefix=TMP_PREFIX):
+    """`.tmp-<pid>-`: `remove_stale_temps` leaves the work of a live process alone."""
+    return f"{prefix}{os.getpid()}-"
 
 
 # ---------------------------------------------------------------------------- atomic writes
@@ -44,7 +51,7 @@ def atomic_write(path, write):
     # Keep the suffix: Keras picks the format from it (.keras, .weights.h5).
     suffix = next(s for s in (".weights.h5", ".keras", ".json", ".npz", ".tflite", "")
                   if path.endswith(s))
-    fd, tmp = tempfile.mkstemp(prefix=TMP_PREFIX, suffix=suffix, dir=directory)
+    fd, tmp = tempfile.mkstemp(prefix=_tmp_prefix(), suffix=suffix, dir=directory)
     os.close(fd)
     try:
         write(tmp)
@@ -77,27 +84,60 @@ def write_json(path, obj):
 
 
 def make_temp_dir(parent, prefix=TMP_PREFIX):
-    """A hidden work folder in `parent` (same file system, so it can be renamed into place),
-    readable by a serving user like a plain `mkdir`."""
+    """A hidden work folder `<parent>/.tmp-<pid>-*` (same file system, so it can be renamed
+    into place), readable by a serving user like a plain `mkdir`."""
     os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=prefix, dir=parent)
+    tmp = tempfile.mkdtemp(prefix=_tmp_prefix(prefix), dir=parent)
     os.chmod(tmp, default_mode(0o777))
     return tmp
 
 
+def _pid_alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's live process
+        return True
+    return True
+
+
 def remove_stale_temps(parent, prefix=TMP_PREFIX):
-    """Deletes work folders/files a killed run left in `parent`; returns what it removed."""
+    """Deletes the temp folders/files killed runs left directly in `parent` (`.tmp-*`); those
+    of another live process (`.tmp-<its pid>-*`) are left alone. Returns what it removed."""
     if not os.path.isdir(parent):
         return []
     removed = []
     for entry in os.scandir(parent):
-        if entry.name.startswith(prefix):
-            if entry.is_dir(follow_symlinks=False):
-                shutil.rmtree(entry.path, ignore_errors=True)
-            else:
-                os.remove(entry.path)
-            removed.append(entry.path)
+        if not entry.name.startswith(prefix):
+            continue
+        pid = entry.name[len(prefix):].split("-", 1)[0]
+        if pid.isdigit() and int(pid) != os.getpid() and _pid_alive(int(pid)):
+            continue
+        if entry.is_dir(follow_symlinks=False):
+            shutil.rmtree(entry.path, ignore_errors=True)
+        else:
+            os.remove(entry.path)
+        removed.append(entry.path)
     return removed
+
+
+@contextlib.contextmanager
+def temp_files_in(folder):
+    """Within the block, Python's `tempfile` (and subprocesses, through TMPDIR) create their
+    temp files in `folder`: a job's scratch (the TFLite converter's SavedModel, the validation
+    run's arrays) then lives in its own temp folder, which one cleanup removes even after a
+    kill left it behind."""
+    saved = tempfile.tempdir, os.environ.get("TMPDIR")
+    tempfile.tempdir = os.environ["TMPDIR"] = os.fspath(folder)
+    try:
+        yield folder
+    finally:
+        tempfile.tempdir = saved[0]
+        if saved[1] is None:
+            os.environ.pop("TMPDIR", None)
+        else:
+            os.environ["TMPDIR"] = saved[1]
 
 
 # ---------------------------------------------------------------------------- models
@@ -227,12 +267,14 @@ def list_versions(model_dir):
 
 
 def latest_version_dir(path, marker="saved_model.pb"):
-    """`path` itself when it holds `marker`, else its highest integer version subfolder."""
+    """`path` itself when it holds `marker`, else its highest integer version subfolder that
+    holds it."""
     if os.path.isfile(os.path.join(path, marker)):
         return path
-    versions = list_versions(path)
+    versions = [v for v in list_versions(path)
+                if os.path.isfile(os.path.join(path, str(v), marker))]
     if not versions:
-        raise FileNotFoundError(f"no SavedModel ({marker} or <version>/) in {path}")
+        raise FileNotFoundError(f"no {marker} in {path} or in its <version>/ folders")
     return os.path.join(path, str(versions[-1]))
 
 

@@ -56,26 +56,62 @@ def rest_body(images, signature=SIGNATURE):
     }
 
 
+
+
+def start_server_hint(model):
+    """How to start TF Serving for `model` (for the error when none answers)."""
+    return (f"start TF Serving first, e.g. `docker run -p 8500:8500 -p 8501:8501 --mount "
+            f"type=bind,source=$PWD/saved_models/{model},target=/models/{model} "
+            f"-e MODEL_NAME={model} -t tensorflow/serving` (docs/serving.md), or run the same "
+            f"request against the SavedModel with --offline saved_models/{model}")
+
+
+class ServerError(RuntimeError):
+    """The server could not be reached, or it answered with an error (one line, no traceback)."""
+
+
 def grpc_predict(server, request, timeout=10.0):
     """Sends `request` to `server` (host:port of the gRPC API); returns a dict of arrays."""
     import grpc
     import tensorflow as tf
     from tensorflow_serving.apis import prediction_service_pb2_grpc
 
-    with grpc.insecure_channel(server) as channel:
-        stub = prediction_service_pb2_grpc.PredictionServiceStub(channel)
-        response = stub.Predict(request, timeout)
+    try:
+        with grpc.insecure_channel(server) as channel:
+            stub = prediction_service_pb2_grpc.PredictionServiceStub(channel)
+            response = stub.Predict(request, timeout)
+    except grpc.RpcError as error:
+        code, details = error.code(), " ".join((error.details() or "").split())
+        if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
+            raise ServerError(f"no TF Serving gRPC server answered at {server} ({code.name}: "
+                              f"{details}); {start_server_hint(request.model_spec.name)}"
+                              ) from None
+        raise ServerError(f"TF Serving at {server} answered {code.name}: {details}") from None
     return {k: tf.make_ndarray(v) for k, v in response.outputs.items()}
 
 
 def rest_predict(url, model_name, body, timeout=10.0):
     """POSTs `body` to `<url>/v1/models/<model>:predict`; returns the `predictions` list."""
-    request = urllib.request.Request(
-        f"{url.rstrip('/')}/v1/models/{model_name}:predict",
-        data=json.dumps(body).encode(), headers={"Content-Type": "application/json"},
-    )
-    with urllib.request.urlopen(request, timeout=timeout) as response:
-        return json.load(response)["predictions"]
+    import urllib.error
+
+    endpoint = f"{url.rstrip('/')}/v1/models/{model_name}:predict"
+    request = urllib.request.Request(endpoint, data=json.dumps(body).encode(),
+                                     headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as response:
+            return json.load(response)["predictions"]
+    except urllib.error.HTTPError as error:  # the server's own message: {"error": "..."}
+        text = error.read().decode("utf-8", "replace")
+        try:
+            text = json.loads(text).get("error", text)
+        except ValueError:
+            pass
+        raise ServerError(f"TF Serving at {endpoint} answered HTTP {error.code}: "
+                          + " ".join(text.split())) from None
+    except (urllib.error.URLError, OSError) as error:
+        reason = getattr(error, "reason", error)
+        raise ServerError(f"no TF Serving REST server answered at {url} ({reason}); "
+                          f"{start_server_hint(model_name)}") from None
 
 
 def offline_predict(model_dir, request):
@@ -117,6 +153,7 @@ def main(argv=None):
     parser.add_argument("--version", type=int, default=None)
     parser.add_argument("images", nargs="+")
     args = parser.parse_args(argv)
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # TF's start-up logs would bury errors
     try:
         images = read_bytes(args.images)
         if args.print_json:
@@ -132,7 +169,8 @@ def main(argv=None):
             out = grpc_predict(args.grpc, predict_request(args.model, images, version=args.version))
             rows = [{k: _jsonable(v[i]) for k, v in out.items()} for i in range(len(images))]
     except Exception as error:  # noqa: BLE001 - one clear line for any failure
-        print(f"serving_client: error: {getattr(error, 'message', error)}", file=sys.stderr)
+        message = " ".join(str(getattr(error, "message", error)).split())
+        print(f"serving_client: error: {message}", file=sys.stderr)
         return 1
     for path, row in zip(args.images, rows):
         top = "  ".join(f"{c} {s:.3f}" for c, s in zip(row["classes"], row["scores"]))

@@ -1,6 +1,8 @@
 import hashlib
 import importlib.util
+import json
 import os
+import re
 import subprocess
 import sys
 
@@ -93,12 +95,13 @@ def test_saved_model_cli_show_all(exported):
         sections[block.split("'")[0]] = block
     assert {"serving_default", "serving_uint8", "serving_image_bytes"} <= set(sections)
     assert "output_0" not in out
+    # Inputs of unknown rank: the signatures check rank/size at run time (see ServingModule).
     float_sig = sections["serving_default"]
-    assert "inputs['images'] tensor_info:\n        dtype: DT_FLOAT\n        shape: (-1, -1, -1, 3)" \
+    assert "inputs['images'] tensor_info:\n        dtype: DT_FLOAT\n        shape: unknown_rank" \
         in float_sig
-    assert "dtype: DT_UINT8" in sections["serving_uint8"]
-    assert ("inputs['image_bytes'] tensor_info:\n        dtype: DT_STRING\n        shape: (-1)"
-            in sections["serving_image_bytes"])
+    assert "dtype: DT_UINT8\n        shape: unknown_rank" in sections["serving_uint8"]
+    assert ("inputs['image_bytes'] tensor_info:\n        dtype: DT_STRING\n        shape: "
+            "unknown_rank" in sections["serving_image_bytes"])
     for sig in ("serving_default", "serving_uint8", "serving_image_bytes"):
         block = sections[sig]
         assert "outputs['classes'] tensor_info:\n        dtype: DT_STRING\n        shape: (-1, 5)" \
@@ -263,3 +266,107 @@ def test_predict_cli_on_saved_model(exported, tmp_path, capsys):
     assert "cannot read" in capsys.readouterr().err
     assert cli.predict_main([str(tmp_path), str(tmp_path / "a.png")]) == 2
     assert "no SavedModel" in capsys.readouterr().err
+
+
+# What a client reads for each malformed request (both loaders; TF1 = what TF Serving's C++
+# session returns). Wrong dtypes fail before the graph runs, with each loader's own words.
+RANK = (r"assertion failed: \[images must be a rank-4 tensor \[batch, height, width, 3\]; "
+        r"got shape\]")
+CHANNELS = r"assertion failed: \[images must have 3 channels \[batch, height, width, 3\]"
+SIZE = r"assertion failed: \[image height and width must be >= 2 \(the patch size\)"
+EMPTY = r"assertion failed: \[empty batch: send at least one image\]"
+FINITE = r"assertion failed: \[images hold NaN or infinite values"
+BYTES_RANK = (r"assertion failed: \[image_bytes must be a 1-D batch \[batch\] of encoded "
+              r"JPEG/PNG images")
+FORMAT = (r"assertion failed: \[image_bytes: every element must be an encoded JPEG or PNG image;"
+          r" not JPEG/PNG at batch index\] \[{}\]")
+DTYPE = r"Expects arg\[0\] to be {0} but|was expected to be a {0} tensor"
+FUZZ_EXPECTED = {
+    "float rank 0": RANK + r" \[\]$", "float rank 1": RANK + r" \[3\]$",
+    "float rank 2": RANK + r" \[16 3\]$", "float rank 3": RANK + r" \[32 32 3\]$",
+    "float rank 5": RANK, "float 0 channels": CHANNELS, "float 1 channel": CHANNELS,
+    "float 2 channels": CHANNELS, "float 4 channels": CHANNELS + r"; got shape\] \[1 16 16 4\]",
+    "float 0x0 image": SIZE, "float 1x1 image": SIZE, "float 16x1 image": SIZE,
+    "float empty batch": EMPTY, "float empty batch, rank 3": RANK,
+    "float NaN pixel": FINITE, "float +inf pixel": FINITE, "float -inf pixel": FINITE,
+    "int32 into float": DTYPE.format("float"), "float64 into float": DTYPE.format("float"),
+    "string into float": DTYPE.format("float"),
+    "uint8 rank 0": RANK, "uint8 rank 3": RANK, "uint8 rank 5": RANK,
+    "uint8 4 channels": CHANNELS, "uint8 1x1 image": SIZE, "uint8 empty batch": EMPTY,
+    "float into uint8": DTYPE.format("uint8"),
+    "bytes rank 0": BYTES_RANK, "bytes rank 2": BYTES_RANK + r"; got shape\] \[1 1\]",
+    "bytes empty batch": EMPTY, "bytes empty string": FORMAT.format(0),
+    "bytes garbage": FORMAT.format(0), "bytes truncated JPEG": r"Invalid JPEG data, size 467",
+    "bytes JPEG header only": r"Invalid JPEG data", "bytes truncated PNG": r"Invalid PNG data",
+    "bytes PNG signature only": r"Invalid PNG", "bytes GIF": FORMAT.format(0),
+    "bytes BMP": FORMAT.format(0), "bytes good PNG + garbage": FORMAT.format(1),
+    "bytes PNG header claims 65535x65535":
+        r"an image is larger than 16384 pixels on a side \(height, width\):\] \[65535 65535\]",
+    "float into bytes": DTYPE.format("string"),
+}
+
+
+def test_fuzz_malformed_requests_fail_cleanly_with_onednn(exported, tmp_path):
+    """Every malformed request returns INVALID_ARGUMENT with its own message through both
+    loaders, in a process with oneDNN on (a rank-3 tensor used to abort it in the oneDNN
+    convolution); the process survives and a good request afterwards gives the same logits."""
+    out = tmp_path / "fuzz.json"
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    env.update(TF_ENABLE_ONEDNN_OPTS="1", TF_CPP_MIN_LOG_LEVEL="2")
+    proc = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "tests", "saved_model_fuzz_worker.py"),
+         exported["result"]["path"], str(out)],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]  # -6 (SIGABRT) = the oneDNN abort
+    report = json.loads(out.read_text())
+    results = report["results"]
+    assert len(report["bad"]) >= 30 and set(report["bad"]) == set(FUZZ_EXPECTED)
+    good = np.random.default_rng(0).integers(0, 256, (2, 16, 16, 3)).astype(np.uint8)
+    reference = logits.logits_model(exported["model"]).predict(good, verbose=0)
+    for loader in ("tf1", "tf2"):
+        for label in report["bad"]:
+            (got,) = results[f"{loader}/{label}"]
+            assert not got["ok"], (loader, label, "was accepted")
+            assert got["error"].startswith("InvalidArgumentError: "), (loader, label, got)
+            assert re.search(FUZZ_EXPECTED[label], got["error"]), (loader, label, got["error"])
+        for label in ("float", "uint8", "bytes"):
+            before, after = results[f"{loader}/{label}"]
+            assert before["ok"] and after["ok"]
+            assert before["logits"] == after["logits"]  # bit-identical after the bad requests
+            want = reference if label != "bytes" else reference[:1]
+            np.testing.assert_allclose(before["logits"], want, atol=1e-4)
+        extra = {label: results[f"{loader}/{label}"][0] for label in report["extra"]}
+        assert all(r["ok"] for r in extra.values()), extra
+        # 16-bit PNG: scaled to 8 bits (v * 257 -> v), not clipped: the same as the 8-bit one.
+        np.testing.assert_allclose(extra["bytes 16-bit grey PNG"]["logits"],
+                                   extra["bytes 8-bit grey PNG"]["logits"], atol=1e-5)
+        np.testing.assert_allclose(extra["bytes palette PNG"]["logits"],
+                                   extra["bytes palette as RGB PNG"]["logits"], atol=1e-5)
+        mixed = np.array(extra["bytes mixed sizes"]["logits"])
+        assert mixed.shape == (3, 10)
+        np.testing.assert_allclose(mixed[0], before["logits"][0], atol=1e-5)
+
+
+def test_serving_client_without_a_server_says_how_to_start_one(tmp_path):
+    """--grpc and --rest with nothing listening: exit 1 and one line naming the address and how
+    to start TF Serving, no traceback (run as a user would, in its own process)."""
+    import socket
+
+    with socket.socket() as sock:  # a port nothing listens on
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    image = tmp_path / "a.png"
+    image.write_bytes(png(np.zeros((16, 16, 3), np.uint8)))
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "TF_CPP_MIN_LOG_LEVEL")}
+    script = os.path.join(ROOT, "scripts", "serving_client.py")
+    for flag, api, address in (("--grpc", "gRPC", f"127.0.0.1:{port}"),
+                               ("--rest", "REST", f"http://127.0.0.1:{port}")):
+        proc = subprocess.run([sys.executable, script, flag, address, "--model", "tiny",
+                               str(image)], env=env, capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 1 and proc.stdout == ""
+        assert "Traceback" not in proc.stderr
+        (line,) = [l for l in proc.stderr.splitlines() if "serving_client" in l]
+        assert line.startswith(f"serving_client: error: no TF Serving {api} server "
+                               f"answered at {address} (")
+        assert "docker run" in line and "MODEL_NAME=tiny" in line and "--offline" in line

@@ -1,5 +1,8 @@
 import json
 import os
+import re
+import subprocess
+import sys
 
 import keras
 import numpy as np
@@ -314,11 +317,13 @@ def test_digits_job_exports_the_edge_build_within_one_point(tmp_path, capsys):
     """The README's main job, end to end: train on digits, export SavedModel + every TFLite
     build; `<name>_int8.tflite` is the fastest int8 build, within 1 point of Keras's held-out
     accuracy, and the metadata file records every build."""
-    assert cli.train_main(["--output-dir", str(tmp_path), "--verbose", "0"]) == 0
+    assert cli.train_main(["--output-dir", str(tmp_path), "--run-dir", str(tmp_path / "runs"),
+                           "--verbose", "0"]) == 0
     out = capsys.readouterr().out
     assert "exported SavedModel" in out and "(version 1)" in out and "edge build" in out
     assert os.path.isfile(tmp_path / "convmixer_digits" / "1" / "saved_model.pb")
-    tflite_dir = tmp_path / "convmixer_digits_tflite"
+    tflite_dir = tmp_path / "convmixer_digits_tflite" / "1"
+    assert (tflite_dir / "metadata.json").is_file()
     for mode in tflite.MODES + (tflite.EDGE_BUILD,):
         assert (tflite_dir / f"convmixer_digits_{mode}.tflite").is_file()
         assert (tflite_dir / f"convmixer_digits_{mode}_dynamic.tflite").is_file()
@@ -405,3 +410,79 @@ def test_every_exported_file_runs_on_tflite_runtime_2_14(digits16, tmp_path):
         tolerance = 1e-4 if float_build else 0.05
         np.testing.assert_allclose(got_logits, expected, atol=tolerance * scale, err_msg=path)
         assert np.mean(got_logits.argmax(-1) == expected.argmax(-1)) >= 15 / 16, path
+
+
+# Malformed inputs through LiteRTModel.predict in a fresh process (a crash in the interpreter
+# would kill it, not pytest): each must raise ValueError; good inputs give the same logits
+# before and after.
+LITERT_FUZZ = r"""
+import json, sys
+import numpy as np
+from convmixer_tf.deploy.tflite import LiteRTModel
+
+dynamic, fixed = LiteRTModel(sys.argv[1]), LiteRTModel(sys.argv[2])
+good = np.random.default_rng(0).integers(0, 256, (2, 16, 16, 3)).astype(np.uint8)
+nan = np.full((1, 16, 16, 3), 7.0, np.float32)
+nan[0, 1, 2, 0] = np.nan
+BAD = {
+    "rank 0": np.float32(1.0), "rank 1": np.zeros(3), "rank 2": np.zeros((16, 3)),
+    "rank 3": np.zeros((16, 16, 3)), "rank 5": np.zeros((1, 1, 16, 16, 3)),
+    "0 channels": np.zeros((1, 16, 16, 0)), "1 channel": np.zeros((1, 16, 16, 1)),
+    "2 channels": np.zeros((1, 16, 16, 2)), "4 channels": np.zeros((1, 16, 16, 4)),
+    "0x0 image": np.zeros((1, 0, 0, 3)), "1x1 image": np.zeros((1, 1, 1, 3)),
+    "16x1 image": np.zeros((1, 16, 1, 3)), "empty batch": np.zeros((0, 16, 16, 3)),
+    "NaN pixel": nan, "+inf pixels": np.full((1, 16, 16, 3), np.inf),
+    "-inf pixels": np.full((2, 16, 16, 3), -np.inf, np.float16),
+    "strings": np.full((1, 16, 16, 3), "a"), "objects": np.zeros((1, 16, 16, 3), object),
+    "bool": np.zeros((1, 16, 16, 3), bool), "complex": np.zeros((1, 16, 16, 3), complex),
+}
+results = {"good before": [r.predict(good).tolist() for r in (dynamic, fixed)]}
+for label, x in BAD.items():
+    for name, runner in (("dynamic", dynamic), ("fixed", fixed)):
+        try:
+            runner.predict(x)
+            results[f"{name}/{label}"] = "accepted"
+        except Exception as error:  # noqa: BLE001
+            results[f"{name}/{label}"] = f"{type(error).__name__}: {error}"
+try:
+    fixed.predict(np.zeros((1, 24, 24, 3), np.uint8))
+except ValueError as error:
+    results["fixed/24x24 image"] = f"ValueError: {error}"
+results["good after"] = [r.predict(good).tolist() for r in (dynamic, fixed)]
+print(json.dumps(results))
+"""
+
+LITERT_EXPECTED = {
+    "rank": r"expected images of shape \[batch, height, width, 3\], got",
+    "channel": r"expected images of shape \[batch, height, width, 3\], got \[1, 16, 16, \d\]",
+    "image": r"must be >= 2 \(the patch size\), got|takes 16x16 images, got",
+    "empty batch": r"empty batch: pass at least one image",
+    "inf": r"images hold NaN or infinite values", "NaN": r"images hold NaN or infinite values",
+    "strings": r"must be uint8 or float pixels, got dtype <U1",
+    "objects": r"got dtype object", "bool": r"got dtype bool", "complex": r"got dtype complex",
+}
+
+
+def test_litert_runner_rejects_malformed_input_without_crashing(trained, tmp_path):
+    paths = [tflite.save(tflite.convert(trained, "float32", input_shape=shape),
+                         str(tmp_path / f"{name}.tflite"))
+             for name, shape in (("dynamic", (None,) * 3), ("fixed", (1, 16, 16)))]
+    env = dict(os.environ, PYTHONPATH=os.path.dirname(os.path.dirname(__file__)),
+               TF_CPP_MIN_LOG_LEVEL="2")
+    proc = subprocess.run([sys.executable, "-c", LITERT_FUZZ, *paths], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = json.loads(proc.stdout.strip().splitlines()[-1])
+    bad = {k: v for k, v in results.items() if not k.startswith("good")}
+    assert len(bad) >= 30
+    for label, got in bad.items():
+        pattern = next(v for k, v in LITERT_EXPECTED.items() if k in label.split("/")[1])
+        assert got.startswith("ValueError: "), (label, got)
+        assert re.search(pattern, got), (label, got)
+    assert results["fixed/24x24 image"].endswith("takes 16x16 images, got 24x24 (resize first, "
+                                                 "or export with a dynamic input size)")
+    assert results["good before"] == results["good after"]
+    reference = logits.logits_model(trained).predict(
+        np.random.default_rng(0).integers(0, 256, (2, 16, 16, 3)).astype(np.uint8), verbose=0)
+    for got in results["good before"]:
+        np.testing.assert_allclose(got, reference, atol=1e-4)

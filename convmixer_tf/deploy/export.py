@@ -1,16 +1,19 @@
 """The export job: a trained-model file set (`artifacts`) -> a new TF Serving SavedModel version
-and the TFLite files, each validated against the Keras model before it is published.
+and a new version of the TFLite set, each validated against the Keras model and renamed into
+place whole, so a kill never leaves a partial or mixed version.
 
     from convmixer_tf.deploy import export
     export.export_model("saved_models/convmixer_digits.keras")
 """
 
 import os
+import shutil
 
 import numpy as np
 
 from convmixer_tf import artifacts, preprocessing
 from convmixer_tf.deploy import saved_model, tflite
+from convmixer_tf.deploy.logits import ExportError
 
 TFLITE_MODES = ("float32", "float16", tflite.EDGE_BUILD)  # int8: every int8 build + the edge build
 
@@ -46,36 +49,78 @@ def export_model(model_path, export_dir=None, name=None, saved_model_export=True
                  tolerance=saved_model.TOLERANCE, max_accuracy_drop=0.01, min_int8_agreement=0.98,
                  log=print):
     """Exports `model_path` (a `.keras` file with its metadata and samples) to `export_dir`
-    (default: the model's folder) as `<name>/<version>/` and `<name>_tflite/`; returns
-    dict(saved_model=..., tflite=report). TFLite builds the gate refuses are listed in
-    `report["refused"]` (the rest is written; `tflite.REFUSED_EXIT_CODE` for a command)."""
+    (default: the model's folder) as `<name>/<version>/` (TF Serving) and
+    `<name>_tflite/<version>/` (the TFLite files and their metadata.json); returns
+    dict(saved_model=..., tflite=report + version, path). TFLite builds the gate refuses are
+    listed in `report["refused"]` (the rest is written; `tflite.REFUSED_EXIT_CODE` for a
+    command).
+
+    Each version is written into a `.tmp-<pid>-*` folder and renamed into place only when
+    complete and validated, so a kill at any point leaves the published versions as they were
+    and no partial one. The job's scratch (converter, validation) lives in
+    `<export_dir>/.tmp-<pid>-*/`. Temp folders a killed run left are removed when the next
+    export starts, and this run's own are removed when it ends, failed or not."""
     model = artifacts.load_model(model_path)
     meta = artifacts.read_metadata(model, model_path)
     name = name or os.path.splitext(os.path.basename(model_path))[0]
     export_dir = export_dir or os.path.dirname(os.path.abspath(model_path))
+    tflite_root = os.path.join(export_dir, f"{name}_tflite")
+    stale = [path for folder in (export_dir, os.path.join(export_dir, name), tflite_root)
+             for path in artifacts.remove_stale_temps(folder)]
+    if stale:
+        log(f"removed {len(stale)} temp folder(s) an interrupted export left: "
+            + ", ".join(os.path.relpath(p, export_dir) for p in stale))
     calibration, held_out, labels = sample_images(model_path, meta, calibration_dir)
     result = {}
-    if saved_model_export:
-        result["saved_model"] = saved_model.export_saved_model(
-            model_path, export_dir, name, model=model, tolerance=tolerance, log=log,
-            sample_images=None if held_out is None else held_out[:8],
-        )
-    modes = list(tflite_modes)
-    if modes:
-        gated = held_out is not None
-        if not gated:
-            log("TFLite builds not gated: no held-out images (no <name>.samples.npz beside the "
-                "model; pass --calibration-dir)")
-            rng = np.random.default_rng(0)
-            held_out = rng.integers(0, 256, (16, *meta["image_size"], 3), dtype=np.uint8)
-        out_dir = os.path.join(export_dir, f"{name}_tflite")
-        result["tflite"] = tflite.export_all(
-            model, out_dir, name, calibration, held_out, meta["image_size"],
-            eval_labels=labels, modes=modes, max_accuracy_drop=max_accuracy_drop,
+    work = artifacts.make_temp_dir(export_dir)
+    try:
+        with artifacts.temp_files_in(work):
+            if saved_model_export:
+                result["saved_model"] = saved_model.export_saved_model(
+                    model_path, export_dir, name, model=model, tolerance=tolerance, log=log,
+                    sample_images=None if held_out is None else held_out[:8],
+                )
+            modes = list(tflite_modes)
+            if modes:
+                gated = held_out is not None
+                if not gated:
+                    log("TFLite builds not gated: no held-out images (no <name>.samples.npz "
+                        "beside the model; pass --calibration-dir)")
+                    rng = np.random.default_rng(0)
+                    held_out = rng.integers(0, 256, (16, *meta["image_size"], 3), dtype=np.uint8)
+                result["tflite"] = export_tflite_version(
+                    model, tflite_root, name, meta, calibration, held_out, labels, modes,
+                    max_accuracy_drop=max_accuracy_drop, min_int8_agreement=min_int8_agreement,
+                    int8_io=int8_io, gated=gated, log=log)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return result
+
+
+def export_tflite_version(model, tflite_root, name, meta, calibration, held_out, labels, modes,
+                          max_accuracy_drop=0.01, min_int8_agreement=0.98, int8_io="float32",
+                          gated=True, log=print):
+    """Converts, gates and writes every build into a temp folder in `tflite_root`, adds
+    metadata.json (with the builds' report), then renames the set to
+    `<tflite_root>/<next version>/` in one step. Returns the report with the published
+    `version` and `path` (each build's `files` are names in that folder)."""
+    tmp = artifacts.make_temp_dir(tflite_root)
+    try:
+        report = tflite.export_all(
+            model, tmp, name, calibration, held_out, meta["image_size"], eval_labels=labels,
+            modes=modes, max_accuracy_drop=max_accuracy_drop,
             min_int8_agreement=min_int8_agreement, int8_io=int8_io, log=log, gated=gated,
         )
-        artifacts.write_json(os.path.join(out_dir, "metadata.json"), dict(
+        artifacts.write_json(os.path.join(tmp, "metadata.json"), dict(
             class_names=meta["class_names"], image_size=meta["image_size"],
-            crop_pct=meta["crop_pct"], tflite=result["tflite"],
+            crop_pct=meta["crop_pct"], tflite=report,
         ))
-    return result
+        try:
+            version, final = artifacts.publish_version(tmp, tflite_root)
+        except OSError as error:
+            raise ExportError(str(error)) from error
+    finally:
+        if os.path.isdir(tmp):
+            shutil.rmtree(tmp, ignore_errors=True)
+    log(f"exported TFLite files: {final} (version {version})")
+    return dict(report, version=version, path=final)

@@ -1,8 +1,8 @@
 """Top-k predictions for image files from a `.tflite` file (LiteRT) or a SavedModel, with the
 evaluation's own preprocessing (`preprocessing`), and the latency of each.
 
-    rows = predict.predict_files("saved_models/convmixer_digits_tflite/convmixer_digits_float32.tflite",
-                                 ["digit.png"], top_k=3)
+    rows = predict.predict_files(
+        "saved_models/convmixer_digits_tflite/1/convmixer_digits_float32.tflite", ["digit.png"])
 """
 
 import json
@@ -69,7 +69,12 @@ def predict_saved_model(model_dir, paths, top_k=3):
     signature (the server's own decoding and preprocessing); non-JPEG/PNG files are re-encoded
     as PNG."""
     images = [preprocessing.read_image_file(p) for p in paths]
-    signature = tf.saved_model.load(artifacts.latest_version_dir(model_dir)).signatures[
+    try:
+        version_dir = artifacts.latest_version_dir(model_dir)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"no SavedModel in {model_dir} (neither saved_model.pb nor "
+                                "<version>/saved_model.pb)") from None
+    signature = tf.saved_model.load(version_dir).signatures[
         saved_model.SIGNATURE_BYTES
     ]
     rows = []
@@ -90,8 +95,23 @@ def predict_saved_model(model_dir, paths, top_k=3):
     return rows
 
 
+def tflite_files(folder):
+    """The .tflite files of the latest version in a `<name>_tflite/` folder (or in a version
+    folder itself), sorted; [] when there are none."""
+    try:
+        version_dir = artifacts.latest_version_dir(folder, marker="metadata.json")
+    except FileNotFoundError:
+        version_dir = folder
+    return sorted(os.path.join(version_dir, f) for f in os.listdir(version_dir)
+                  if f.endswith(".tflite"))
+
+
 def predict_files(model, paths, top_k=3, labels=None, threads=None):
     """`predict_saved_model` for a directory, `predict_tflite` for a file."""
     if os.path.isdir(model):
+        found = tflite_files(model)
+        if found and not os.path.isfile(os.path.join(model, "saved_model.pb")):
+            raise ValueError(f"{model} is a TFLite folder: pass one of its .tflite files, "
+                             f"e.g. {found[0]}")
         return predict_saved_model(model, paths, top_k)
     return predict_tflite(model, paths, top_k, labels, threads)

@@ -43,7 +43,14 @@ TOLERANCE = 1e-4  # max abs logit error allowed between the export and the Keras
 class ServingModule:
     """The logits model plus the three signature functions, written out with
     `keras.export.ExportArchive` (which saves each variable once, by name, so the TF1 session
-    loader that TF Serving uses restores them all)."""
+    loader that TF Serving uses restores them all).
+
+    Every input spec leaves the rank unknown (`shape=None`) and each signature checks rank,
+    channels, batch, size, finiteness (and for bytes: format and dimensions) at run time before
+    the first kernel: TF Serving's C++ session feeds tensors without comparing them with the
+    placeholder's shape (tensorflow/serving#1436, #1530), and a rank the model was not built for
+    reaches oneDNN's convolution, which aborts the whole server process. With a known rank in
+    the spec, TF would also fold rank checks away when it traces the function."""
 
     def __init__(self, model, class_names, image_size, crop_pct=1.0, top_k=5):
         self.model = logits_model(model)
@@ -52,14 +59,12 @@ class ServingModule:
         self.image_size = tuple(int(s) for s in image_size)
         self.top_k = min(int(top_k), len(class_names))
         self.min_size = min_image_size(model)
-        self.channels = channels = model.input_shape[-1]
+        self.channels = model.input_shape[-1]
         self.endpoints = {
-            SIGNATURE_FLOAT: (self._serve_float, tf.TensorSpec(
-                [None, None, None, channels], tf.float32, name="images")),
-            SIGNATURE_UINT8: (self._serve_uint8, tf.TensorSpec(
-                [None, None, None, channels], tf.uint8, name="images")),
-            SIGNATURE_BYTES: (self._serve_bytes, tf.TensorSpec(
-                [None], tf.string, name="image_bytes")),
+            SIGNATURE_FLOAT: (self._serve_float, tf.TensorSpec(None, tf.float32, name="images")),
+            SIGNATURE_UINT8: (self._serve_uint8, tf.TensorSpec(None, tf.uint8, name="images")),
+            SIGNATURE_BYTES: (self._serve_bytes,
+                              tf.TensorSpec(None, tf.string, name="image_bytes")),
         }
 
     def save(self, path):
@@ -69,26 +74,40 @@ class ServingModule:
             archive.add_endpoint(name, fn, input_signature=[spec])
         archive.write_out(path, verbose=False)
 
-    def _outputs(self, images):
+    def _checked_images(self, images):
+        """`images` once every check passed, with its static shape [N, H, W, C].
+
+        No op here can fail for any rank or size except the asserts (the shape is padded
+        before it is indexed), and each assert fires only if every earlier one held, so a
+        request gets the first problem's message whatever order the ops run in (grappler's
+        constant folding can drop control edges). The result depends on every assert, and a
+        reshape to [N, H, W, C] guards size and channels on the data path as well."""
+        want = f"[batch, height, width, {self.channels}]"
         shape = tf.shape(images)
-        checks = [
-            tf.debugging.assert_rank(images, 4, message="images must be [batch, height, width, "
-                                     f"{self.channels}]"),
-            tf.debugging.assert_equal(
-                shape[-1], self.channels,
-                message=f"images must be [batch, height, width, {self.channels}]",
-            ),
-            tf.debugging.assert_positive(
-                shape[0], message="empty batch: send at least one image"
-            ),
-            tf.debugging.assert_greater_equal(
-                tf.minimum(shape[1], shape[2]),
-                self.min_size,
-                message=f"image height and width must be >= {self.min_size} (the patch size)",
-            ),
+        dims = tf.concat([shape, tf.ones([4], tf.int32)], 0)[:4]  # safe for any rank
+        conditions = [
+            (tf.equal(tf.rank(images), 4),
+             [f"images must be a rank-4 tensor {want}; got shape", shape], "check_rank"),
+            (tf.equal(dims[3], self.channels),
+             [f"images must have {self.channels} channels {want}; got shape", shape],
+             "check_channels"),
+            (dims[0] > 0, ["empty batch: send at least one image"], "check_batch"),
+            (tf.reduce_min(dims[1:3]) >= self.min_size,
+             [f"image height and width must be >= {self.min_size} (the patch size); got shape",
+              shape], "check_size"),
         ]
-        with tf.control_dependencies(checks):
-            logits = tf.cast(self.model(images, training=False), tf.float32)
+        if images.dtype.is_floating:
+            conditions.append((tf.reduce_all(tf.math.is_finite(images)),
+                               ["images hold NaN or infinite values: send 0-255 pixels"],
+                               "check_finite"))
+        with tf.control_dependencies(_assert_in_order(conditions)):
+            images = tf.identity(images)
+        # Not tf.ensure_shape: grappler reads its [?, ?, ?, C] back onto the input and folds
+        # the rank check to true. A reshape sets the static shape without that.
+        return tf.reshape(images, tf.stack([dims[0], dims[1], dims[2], self.channels]))
+
+    def _outputs(self, images):
+        logits = tf.cast(self.model(images, training=False), tf.float32)
         probabilities = tf.nn.softmax(logits, axis=-1)
         scores, ids = tf.math.top_k(probabilities, k=self.top_k)
         return {
@@ -100,29 +119,38 @@ class ServingModule:
         }
 
     def _serve_float(self, images):
-        return self._outputs(images)
+        return self._outputs(self._checked_images(images))
 
     def _serve_uint8(self, images):
-        return self._outputs(tf.cast(images, tf.float32))
+        return self._outputs(tf.cast(self._checked_images(images), tf.float32))
 
     def _serve_bytes(self, image_bytes):
-        tf.debugging.assert_positive(
-            tf.size(image_bytes), message="empty batch: send at least one image"
-        )
-        known = tf.logical_or(
-            _is_jpeg(image_bytes),
-            tf.equal(tf.strings.substr(image_bytes, 0, 8), b"\x89PNG\r\n\x1a\n"),
-        )
-        check = tf.debugging.assert_equal(
-            tf.reduce_all(known), True,
-            message="image_bytes: every element must be an encoded JPEG or PNG image",
-        )
+        known = tf.logical_or(_is_jpeg(image_bytes), _is_png(image_bytes))  # any rank
+        conditions = [
+            (tf.equal(tf.rank(image_bytes), 1),
+             ["image_bytes must be a 1-D batch [batch] of encoded JPEG/PNG images; got shape",
+              tf.shape(image_bytes)], "check_rank"),
+            (tf.size(image_bytes) > 0, ["empty batch: send at least one image"], "check_batch"),
+            (tf.reduce_all(known),
+             ["image_bytes: every element must be an encoded JPEG or PNG image; not JPEG/PNG "
+              "at batch index", tf.reshape(tf.where(tf.logical_not(known)), [-1])],
+             "check_format"),
+        ]
+        with tf.control_dependencies(_assert_in_order(conditions)):
+            image_bytes = tf.reshape(image_bytes, [-1])  # not ensure_shape: see above
         height, width = self.image_size
 
         def decode(encoded):
+            dims = _encoded_dims(encoded)
+            large = tf.debugging.Assert(
+                tf.reduce_max(dims) <= MAX_DECODED_SIDE,
+                [f"image_bytes: an image is larger than {MAX_DECODED_SIDE} pixels on a side "
+                 "(height, width):", dims], name="check_dims")
+            with tf.control_dependencies([large]):
+                encoded = tf.identity(encoded)
             return preprocessing.preprocess_bytes(encoded, self.image_size, self.crop_pct)
 
-        with tf.device("cpu:0"), tf.control_dependencies([check]):
+        with tf.device("cpu:0"):
             images = tf.map_fn(
                 decode, image_bytes,
                 fn_output_signature=tf.TensorSpec([height, width, 3], tf.float32),
@@ -130,8 +158,40 @@ class ServingModule:
         return self._outputs(images)
 
 
+def _assert_in_order(conditions):
+    """One assert per (condition, message data, name); the k-th fails only when conditions
+    0..k-1 held and k does not, so exactly the first failed check reports."""
+    checks, held = [], tf.constant(True)
+    for condition, data, name in conditions:
+        checks.append(tf.debugging.Assert(tf.logical_or(tf.logical_not(held), condition), data,
+                                          summarize=8, name=name))
+        held = tf.logical_and(held, condition)
+    return checks
+
+
+MAX_DECODED_SIDE = 16384  # a tiny PNG can claim 65535x65535 pixels (a 12 GiB decode)
+
+
 def _is_jpeg(image_bytes):
     return tf.equal(tf.strings.substr(image_bytes, 0, 3), b"\xff\xd8\xff")
+
+
+def _is_png(image_bytes):
+    return tf.equal(tf.strings.substr(image_bytes, 0, 8), b"\x89PNG\r\n\x1a\n")
+
+
+def _encoded_dims(encoded):
+    """(height, width) an encoded JPEG/PNG (scalar string) declares in its header, read
+    without decoding; 0s for a PNG too short to hold one (the decoder then rejects it)."""
+    def png_dims():  # IHDR: width, height as big-endian uint32 at bytes 16-24
+        header = tf.strings.substr(tf.strings.join([encoded, b"\0" * 24]), 16, 8)
+        halves = tf.cast(tf.io.decode_raw(header, tf.uint16, little_endian=False), tf.int64)
+        return tf.stack([halves[2] * 65536 + halves[3], halves[0] * 65536 + halves[1]])
+
+    def jpeg_dims():
+        return tf.cast(tf.io.extract_jpeg_shape(encoded)[:2], tf.int64)
+
+    return tf.cond(_is_jpeg(encoded), jpeg_dims, png_dims)
 
 
 # ---------------------------------------------------------------------------- layout

@@ -279,7 +279,7 @@ class LiteRTModel:
         self.input = self.interpreter.get_input_details()[0]
         self.output = self.interpreter.get_output_details()[0]
         self.signature = tuple(int(d) for d in self.input["shape_signature"])
-        self._allocated = None
+        self._allocated = self._min_size = None
 
     @property
     def image_size(self):
@@ -287,8 +287,20 @@ class LiteRTModel:
         h, w = self.signature[1:3]
         return None if h < 0 or w < 0 else (h, w)
 
+    @property
+    def min_size(self):
+        """The smallest height/width the model takes: the first convolution's kernel size
+        (the patch size), 1 without one."""
+        if self._min_size is None:
+            shapes = {t["index"]: t["shape"] for t in self.interpreter.get_tensor_details()}
+            sizes = [shapes[op["inputs"][1]][1:3]  # filter [out, kh, kw, in]
+                     for op in self.interpreter._get_ops_details() if op["op_name"] == "CONV_2D"]
+            self._min_size = int(min(sizes[0])) if sizes else 1
+        return self._min_size
+
     def _allocate(self, shape):
         if self._allocated != shape:
+            self._allocated = None  # a failed resize leaves nothing allocated
             if any(d < 0 for d in self.signature):
                 self.interpreter.resize_tensor_input(self.input["index"], list(shape))
             self.interpreter.allocate_tensors()
@@ -297,6 +309,10 @@ class LiteRTModel:
             self._allocated = shape
 
     def _check(self, images):
+        """ValueError naming the problem for anything the interpreter would reject (or run
+        into an error or a meaningless answer): rank, channels, batch, size, dtype, NaN/inf."""
+        if images.dtype.kind not in "uif":
+            raise ValueError(f"images must be uint8 or float pixels, got dtype {images.dtype}")
         if images.ndim != 4 or images.shape[-1] != self.signature[-1]:
             raise ValueError(
                 f"expected images of shape [batch, height, width, {self.signature[-1]}], "
@@ -311,6 +327,11 @@ class LiteRTModel:
                     f"{images.shape[1]}x{images.shape[2]} (resize first, or export with a "
                     "dynamic input size)"
                 )
+        if min(images.shape[1:3]) < self.min_size:
+            raise ValueError(f"image height and width must be >= {self.min_size} (the patch "
+                             f"size), got {images.shape[1]}x{images.shape[2]}")
+        if images.dtype.kind == "f" and not np.isfinite(images).all():
+            raise ValueError("images hold NaN or infinite values: pass 0-255 pixels")
 
     def predict(self, images):
         """Logits (float32, dequantized) for a batch of raw 0-255 pixels."""
@@ -515,7 +536,8 @@ def export_all(model, out_dir, name, representative_images, eval_images, input_s
                eval_labels=None, modes=MODES + (EDGE_BUILD,), log=print, max_accuracy_drop=0.01,
                min_int8_agreement=0.98, int8_io="float32", num_threads=None, latency_rounds=20,
                gated=True):
-    """Converts, measures, gates and writes the TFLite builds; returns the report for the
+    """Converts, measures, gates and writes the TFLite builds into `out_dir` (the export job,
+    `deploy.export`, passes a temp folder it publishes as a version); returns the report for the
     metadata file.
 
     Each mode gives `<out_dir>/<name>_<mode>.tflite` (fixed 1xHxW input) and

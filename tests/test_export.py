@@ -1,0 +1,221 @@
+import hashlib
+import os
+import select
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from convmixer_tf import artifacts
+from convmixer_tf.deploy import export
+from convmixer_tf.model import ConvMixer
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def tiny_model():
+    tf.keras.utils.set_random_seed(0)
+    return ConvMixer(dim=8, depth=1, kernel_size=3, patch_size=2, input_shape=(16, 16, 3),
+                     classes=4, classifier_activation=None, name="tiny")
+
+
+def write_image(path, seed, size=(20, 24)):
+    image = np.random.default_rng(seed).integers(0, 256, (*size, 3)).astype(np.uint8)
+    encode = tf.io.encode_png if path.endswith(".png") else tf.io.encode_jpeg
+    with open(path, "wb") as f:
+        f.write(encode(image).numpy())
+
+
+def test_calibration_folder_skips_non_images(tmp_path):
+    folder = tmp_path / "calibration"
+    folder.mkdir()
+    write_image(str(folder / "a.png"), 0)
+    write_image(str(folder / "b.jpg"), 1)
+    (folder / "README.txt").write_text("calibration images for the int8 export")
+    (folder / ".DS_Store").write_bytes(b"\0\1")
+    (folder / "nested").mkdir()
+    images = export.folder_images(str(folder), (16, 16))
+    assert images.shape == (2, 16, 16, 3) and images.dtype == np.uint8
+    calibration, held_out, labels = export.sample_images(
+        None, dict(image_size=[16, 16], crop_pct=1.0), str(folder))
+    assert calibration.shape == held_out.shape == (2, 16, 16, 3) and labels is None
+
+    (folder / "a.png").unlink()
+    (folder / "b.jpg").unlink()
+    with pytest.raises(ValueError, match="no image files"):
+        export.folder_images(str(folder), (16, 16))
+    with pytest.raises(FileNotFoundError, match="no such calibration folder"):
+        export.folder_images(str(tmp_path / "missing"), (16, 16))
+
+
+# Runs convmixer-export's main with one pause point; the test SIGKILLs it there.
+KILLABLE_EXPORT = r"""
+import sys, time
+import tensorflow as tf
+from convmixer_tf import artifacts, cli
+from convmixer_tf.deploy import saved_model
+
+stage, argv = sys.argv[1], sys.argv[2:]
+
+def pause(where):
+    print("PAUSED", where, flush=True)
+    time.sleep(600)
+
+if stage == "saved_model":  # the version written to its temp folder, validation starting
+    saved_model.validate_saved_model = lambda export_dir, *a, **k: pause(export_dir)
+elif stage == "tflite":  # mid-conversion: one file done, the converter's scratch on disk
+    convert, calls = tf.lite.TFLiteConverter.from_saved_model, []
+    def from_saved_model(path, *a, **k):
+        calls.append(path)
+        if len(calls) == 2:
+            pause(path)
+        return convert(path, *a, **k)
+    tf.lite.TFLiteConverter.from_saved_model = from_saved_model
+elif stage == "publish":  # every TFLite file and metadata.json written, not yet renamed
+    publish = artifacts.publish_version
+    def publish_version(tmp, root):
+        if root.endswith("_tflite"):
+            pause(tmp)
+        return publish(tmp, root)
+    artifacts.publish_version = publish_version
+sys.exit(cli.export_main(argv))
+"""
+
+
+def _run_until_paused(stage, argv, cwd, timeout=240):
+    env = dict(os.environ, PYTHONPATH=ROOT, TF_CPP_MIN_LOG_LEVEL="2")
+    proc = subprocess.Popen([sys.executable, "-c", KILLABLE_EXPORT, stage, *argv], cwd=cwd,
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, start_new_session=True)
+    deadline, lines = time.monotonic() + timeout, []
+    try:
+        while time.monotonic() < deadline:
+            ready, _, _ = select.select([proc.stdout], [], [], 1.0)
+            line = proc.stdout.readline() if ready else ""
+            lines.append(line)
+            if line.startswith("PAUSED "):
+                return proc, line.split(" ", 1)[1].strip()
+            if proc.poll() is not None and not line:
+                break
+        raise AssertionError(f"export never reached {stage}:\n" + "".join(lines)[-3000:])
+    except BaseException:
+        _kill(proc)
+        raise
+
+
+def _kill(proc):
+    os.killpg(proc.pid, signal.SIGKILL)  # the export and its validation child, if any
+    proc.wait()
+    proc.stdout.close()
+    assert proc.returncode == -signal.SIGKILL
+
+
+def _digest(path):
+    digest = hashlib.sha256()
+    for folder, dirs, files in sorted(os.walk(path)):
+        dirs.sort()
+        for name in sorted(files):
+            with open(os.path.join(folder, name), "rb") as f:
+                digest.update(os.path.relpath(os.path.join(folder, name), path).encode()
+                              + f.read())
+    return digest.hexdigest()
+
+
+def _temps(*folders):
+    return sorted(os.path.join(f, e) for f in folders if os.path.isdir(f)
+                  for e in os.listdir(f) if e.startswith(artifacts.TMP_PREFIX))
+
+
+@pytest.mark.large  # four export processes: ~40 s of CPU, 2-3 min on the shared 2 cores
+def test_export_killed_at_each_stage_leaves_versions_whole(tmp_path):
+    """SIGKILL during the SavedModel write/validation, mid TFLite conversion and right before
+    the TFLite set is published: the published versions stay byte-identical, no partial
+    version appears, and the next run removes the temp folders (converter scratch included)."""
+    root = tmp_path / "models"
+    model_path = str(root / "tiny.keras")
+    artifacts.save_model(tiny_model(), model_path)
+    artifacts.write_metadata(model_path, list("abcd"), (16, 16))
+    saved, lite = str(root / "tiny"), str(root / "tiny_tflite")
+    first = export.export_model(model_path, tflite_modes=("float32",), log=lambda _: None)
+    assert first["saved_model"]["version"] == 1 and first["tflite"]["version"] == 1
+    assert sorted(os.listdir(lite)) == ["1"]
+    assert sorted(os.listdir(os.path.join(lite, "1"))) == [
+        "metadata.json", "tiny_float32.tflite", "tiny_float32_dynamic.tflite"]
+    assert _temps(str(root), saved, lite) == []
+    before = {"saved": _digest(os.path.join(saved, "1")), "lite": _digest(os.path.join(lite, "1"))}
+
+    def unchanged():
+        assert artifacts.list_versions(saved) == [1] and artifacts.list_versions(lite) == [1]
+        assert _digest(os.path.join(saved, "1")) == before["saved"]
+        assert _digest(os.path.join(lite, "1")) == before["lite"]
+
+    tflite_only = [model_path, "--no-saved-model", "--tflite-modes", "float32"]
+    # 1. During the SavedModel write/validation.
+    proc, where = _run_until_paused("saved_model", [model_path, "--tflite-modes", "float32"],
+                                    tmp_path)
+    assert os.path.dirname(where) == saved and os.path.isfile(os.path.join(where, "saved_model.pb"))
+    _kill(proc)
+    left = _temps(str(root), saved, lite)
+    assert where in left and len(left) == 2  # + the job's scratch folder in the export root
+    unchanged()
+
+    # 2. Mid TFLite conversion: the next run's start removed the leftovers of run 1; the
+    # converter's scratch SavedModel lives in this run's scratch folder in the export root.
+    proc, where = _run_until_paused("tflite", tflite_only, tmp_path)
+    assert not any(os.path.exists(p) for p in left)
+    scratch = os.path.dirname(where)
+    assert os.path.dirname(scratch) == str(root) and os.path.basename(where).startswith(
+        "convmixer-tflite-")
+    (partial,) = _temps(lite)
+    assert os.listdir(partial) == ["tiny_float32.tflite"]  # half a set, never published
+    _kill(proc)
+    left = _temps(str(root), saved, lite)
+    assert sorted(left) == sorted([scratch, partial])
+    unchanged()
+
+    # 3. Right before the TFLite set is renamed into place.
+    proc, where = _run_until_paused("publish", tflite_only, tmp_path)
+    assert not any(os.path.exists(p) for p in left)
+    assert sorted(os.listdir(where)) == [
+        "metadata.json", "tiny_float32.tflite", "tiny_float32_dynamic.tflite"]
+    _kill(proc)
+    left = _temps(str(root), saved, lite)
+    assert where in left
+    unchanged()
+
+    # 4. A normal run: cleans up, publishes version 2 of both, leaves no temp behind.
+    env = dict(os.environ, PYTHONPATH=ROOT, TF_CPP_MIN_LOG_LEVEL="2")
+    done = subprocess.run([os.path.join(os.path.dirname(sys.executable), "convmixer-export"),
+                           model_path, "--tflite-modes", "float32"],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    assert f"removed {len(left)} temp folder(s) an interrupted export left" in done.stdout
+    assert _temps(str(root), saved, lite) == []
+    assert artifacts.list_versions(saved) == [1, 2] and artifacts.list_versions(lite) == [1, 2]
+    assert _digest(os.path.join(saved, "1")) == before["saved"]
+    assert _digest(os.path.join(lite, "1")) == before["lite"]
+    assert "exported TFLite files: " + os.path.join(lite, "2") in done.stdout
+
+
+def test_export_cli_on_a_text_file_or_truncated_keras(tmp_path, capsys):
+    from convmixer_tf import cli
+
+    text = tmp_path / "notes.txt"
+    text.write_text("not a model")
+    good = str(tmp_path / "tiny.keras")
+    artifacts.save_model(tiny_model(), good)
+    truncated = tmp_path / "truncated.keras"
+    with open(good, "rb") as f:
+        data = f.read()
+    truncated.write_bytes(data[: len(data) // 2])
+    for path, message in ((text, "not a .keras model file (expected the .keras file"),
+                          (truncated, "not a zip archive): damaged or truncated?")):
+        assert cli.export_main([str(path), "--tflite-modes", "none"]) == 1
+        err = capsys.readouterr().err
+        assert f"convmixer-export: error: cannot load '{path}'" in err and message in err, err
+        assert "File not found" not in err
+    assert not any(name.startswith(artifacts.TMP_PREFIX) for name in os.listdir(tmp_path))
