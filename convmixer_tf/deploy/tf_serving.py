@@ -10,14 +10,15 @@ import os
 
 import tensorflow as tf
 
-from convmixer_tf import artifacts
+from convmixer_tf import _extras, artifacts
 
 def write_serving_configs(export_root, model_port_root="/models"):
     """Writes `models.config` (every model with a version under `export_root`) and
     `batching_parameters.txt` into `export_root`, for `tensorflow_model_server
     --model_config_file --batching_parameters_file` with `export_root` mounted at /models."""
     from google.protobuf import text_format
-    from tensorflow_serving.config import model_server_config_pb2
+    model_server_config_pb2 = _extras.require(
+        "tensorflow_serving.config.model_server_config_pb2", "Writing models.config")
 
     config = model_server_config_pb2.ModelServerConfig()
     for name in sorted(os.listdir(export_root)):
@@ -56,7 +57,11 @@ allowed_batch_sizes: 32
 def write_warmup_requests(export_dir, model_name, requests):
     """`assets.extra/tf_serving_warmup_requests`: one PredictRequest per `(signature, input
     name, array)`, so TF Serving runs every signature once before it serves the version."""
-    from tensorflow_serving.apis import model_pb2, predict_pb2, prediction_log_pb2
+    apis = "tensorflow_serving.apis."
+    model_pb2, predict_pb2, prediction_log_pb2 = (
+        _extras.require(apis + name, "Writing TF Serving warmup requests")
+        for name in ("model_pb2", "predict_pb2", "prediction_log_pb2")
+    )
 
     extra = os.path.join(export_dir, "assets.extra")
     os.makedirs(extra, exist_ok=True)
