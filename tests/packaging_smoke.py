@@ -68,9 +68,9 @@ def tiny_tfds():
                 "label": tfds.features.ClassLabel(names=["dark", "light"])}))
 
         def _split_generators(self, dl_manager):
-            return {"train": self._generate(8), "test": self._generate(4)}
+            return {"train": self._generate_examples(8), "test": self._generate_examples(4)}
 
-        def _generate(self, n):
+        def _generate_examples(self, n):
             for i in range(n):
                 yield i, {"image": np.full((9 + i, 10, 3), 40 + 170 * (i % 2), np.uint8),
                           "label": i % 2}
