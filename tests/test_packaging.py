@@ -146,13 +146,17 @@ def test_wheel_contents_and_metadata(tmp_path, monkeypatch):
 # ---------------------------------------------------------------------------- fresh venvs
 
 
-def make_venv(path, wheel, constraints, extras=""):
-    """A fresh venv at `path` holding `wheel[extras]` installed (not editable) under
-    `constraints`; returns its bin directory."""
+def make_venv(path, wheel, extras="", constraints=None, environment=None):
+    """A fresh venv at `path`: first the packages of `environment` (a requirements file: the
+    environment a user already has), then `wheel[extras]` installed (not editable), under
+    `constraints` if given; returns its bin directory."""
     subprocess.run([sys.executable, "-m", "venv", str(path)], check=True)
     bin_dir = pathlib.Path(path) / "bin"
-    subprocess.run([str(bin_dir / "python"), "-m", "pip", "install", "-q", "-c",
-                    str(ROOT / constraints), f"{wheel}{extras}"], check=True)
+    pip = [str(bin_dir / "python"), "-m", "pip", "install", "-q"]
+    if environment:
+        subprocess.run(pip + ["-r", str(ROOT / environment)], check=True)
+    subprocess.run(pip + (["-c", str(ROOT / constraints)] if constraints else [])
+                   + [f"{wheel}{extras}"], check=True)
     return bin_dir
 
 
@@ -171,10 +175,11 @@ def _env():
 
 @pytest.mark.large
 def test_lower_bounds_install_and_pass_the_smoke_run(tmp_path):
-    """The wheel installed with constraints-min.txt keeps every lower bound, and the smoke
-    run (variants, tiny fit, SavedModel + TFLite export and validation, tfds) passes."""
-    bin_dir = make_venv(tmp_path / "venv", build_wheel(tmp_path), "constraints-min.txt",
-                        "[tfds]")
+    """The wheel installed into an environment holding the lower bounds (constraints-min.txt)
+    keeps every one of them, and the smoke run (variants, tiny fit, SavedModel + TFLite export
+    and validation, tfds) passes."""
+    bin_dir = make_venv(tmp_path / "venv", build_wheel(tmp_path), "[tfds]",
+                        environment="constraints-min.txt")
     installed = _installed(bin_dir)
     for name, version in _pins("constraints-min.txt").items():
         assert installed.get(name) == version, (name, installed.get(name), version)
@@ -190,7 +195,8 @@ def test_lower_bounds_install_and_pass_the_smoke_run(tmp_path):
 def test_wheel_installs_and_runs_every_command_and_the_digits_job(tmp_path):
     """A non-editable install of the wheel (lock versions) outside the source tree: every
     console command answers --help, and the README's digits job trains and exports."""
-    bin_dir = make_venv(tmp_path / "venv", build_wheel(tmp_path), "requirements-lock.txt")
+    bin_dir = make_venv(tmp_path / "venv", build_wheel(tmp_path),
+                        constraints="requirements-lock.txt")
     work = tmp_path / "work"
     work.mkdir()
     for script in CONSOLE_SCRIPTS:
