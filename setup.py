@@ -24,9 +24,10 @@ def read_version():
 
 
 # What the main job needs: `convmixer-train` on digits, ending in the SavedModel (with TF
-# Serving warmup requests and models.config) and the LiteRT-validated TFLite files.
+# Serving warmup requests and models.config, written without tensorflow-serving-api) and the
+# LiteRT-validated TFLite files.
 INSTALL_REQUIRES = [
-    # 2.16.1: the first TF whose `tf.keras` is Keras 3. 2.15 requires keras<2.16 (Keras 2).
+    # 2.16.1: the first TF whose `tf.keras` is Keras 3; 2.15 requires keras<2.16 (Keras 2).
     "tensorflow>=2.16.1",
     # 3.10.0: ModelCheckpoint._should_save_model (training/callbacks.py); 3.9 lacks it and
     # 3.6-3.8 also print ExportArchive.write_out(verbose=False)'s endpoint listing.
@@ -34,9 +35,6 @@ INSTALL_REQUIRES = [
     # TensorBoard logs of every run (keras.callbacks.TensorBoard needs it; TF 2.20+ does not
     # install it). 2.16.2: TF 2.16's; 2.16.0 pulls in tf-keras-nightly (and tf-nightly).
     "tensorboard>=2.16.2",
-    # Warmup requests (PredictionLog protos) and models.config, written by every SavedModel
-    # export; its own requirements (tensorflow, grpcio, protobuf) are TF's. 2.16.1: TF 2.16's.
-    "tensorflow-serving-api>=2.16.1",
     # Checks every .tflite file the export writes (interpreter, schema_py_generated).
     # 1.1.0: 1.0.1 has no schema_py_generated.
     "ai-edge-litert>=1.1.0",
@@ -52,13 +50,20 @@ TFDS = [
     # 4.9.3: DatasetBuilder.is_prepared; 4.9.0-4.9.1 fail to import with protobuf 4 (TF 2.16's).
     "tensorflow-datasets>=4.9.3",
 ]
+SERVING = [
+    # The gRPC client (scripts/serving_client.py) and the tests' check of the warmup records
+    # and models.config, which deploy/tf_serving.py writes without it: each release requires
+    # tensorflow>=its own version, so as a core dependency it upgraded a user's TensorFlow.
+    # 2.16.1: TF 2.16's (tested with TF 2.16.1; not in the min check, which runs without it).
+    "tensorflow-serving-api>=2.16.1",
+]
 TORCH = [
     # Checkpoint conversion (torch.serialization.safe_globals: 2.5+). Not in the min check.
     "torch>=2.5",
 ]
 TEST = [
     "pytest>=7.0",  # pytest.ini's `pythonpath` (7.0+)
-] + TFDS  # tests/test_data.py prepares a tiny tfds data set
+] + TFDS + SERVING  # tests prepare a tiny tfds data set and parse the TF Serving files
 
 setup(
     name="convmixer_tf",
@@ -72,9 +77,10 @@ setup(
     install_requires=INSTALL_REQUIRES,
     extras_require={
         "tfds": TFDS,  # `--dataset tfds:<name>`, `--preset cifar10|imagenet`
+        "serving": SERVING,  # scripts/serving_client.py (gRPC / offline PredictRequests)
         "torch": TORCH,  # PyTorch checkpoints (convmixer-convert, weights="....pth")
         "test": TEST,
-        "all": TFDS + TORCH + TEST,
+        "all": TFDS + SERVING + TORCH + TEST,
     },
     entry_points={
         "console_scripts": [
