@@ -55,6 +55,7 @@ SERVING = [
     # and models.config, which deploy/tf_serving.py writes without it: each release requires
     # tensorflow>=its own version, so as a core dependency it upgraded a user's TensorFlow.
     # 2.16.1: TF 2.16's (tested with TF 2.16.1; not in the min check, which runs without it).
+    # pip picks the newest, which upgrades an older TF: pin it to the TF you have instead.
     "tensorflow-serving-api>=2.16.1",
 ]
 TORCH = [
