@@ -16,7 +16,7 @@ import zipfile
 
 import numpy as np
 
-from convmixer_tf import artifacts, presets
+from convmixer_tf import _extras, artifacts, presets
 
 TORCH_SUFFIXES = (".pth", ".pth.tar", ".pt", ".bin")
 SAFETENSORS_SUFFIX = ".safetensors"
@@ -60,13 +60,7 @@ def _module_prefixes(layout, depth):
 
 
 def _import_torch():
-    try:
-        import torch
-    except ImportError as error:
-        raise ImportError(
-            "Reading a PyTorch checkpoint needs torch: pip install convmixer_tf[torch]"
-        ) from error
-    return torch
+    return _extras.require("torch", "Reading a PyTorch checkpoint", extra="torch")
 
 
 def _check_torch_file(path):
@@ -126,14 +120,9 @@ def _read_file(path, trust_checkpoint):
     if not os.path.isfile(path):
         raise FileNotFoundError(f"checkpoint file not found. Received {path!r}")
     if path.endswith(SAFETENSORS_SUFFIX):
-        try:
-            from safetensors.torch import load_file
-        except ImportError as error:
-            raise ImportError(
-                "Reading .safetensors needs the safetensors and torch packages "
-                "(pip install safetensors convmixer_tf[torch])"
-            ) from error
-        return load_file(path, device="cpu")
+        _import_torch()
+        safetensors_torch = _extras.require("safetensors.torch", "Reading .safetensors")
+        return safetensors_torch.load_file(path, device="cpu")
     if not path.endswith(TORCH_SUFFIXES):
         raise ValueError(
             f"Unknown checkpoint format; expected one of {TORCH_SUFFIXES + (SAFETENSORS_SUFFIX,)}. "

@@ -82,7 +82,7 @@ class FusedBatchNormalization(layers.BatchNormalization):
         return (
             _tensorflow_backend()
             and mask is None
-            and not self.renorm
+            and not getattr(self, "renorm", False)  # Keras < 3.14 has no renorm
             and not self.synchronized
             and len(inputs.shape) == 4
             and self.axis in (-1, 3, [3], [-1])

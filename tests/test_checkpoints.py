@@ -251,7 +251,7 @@ def test_bad_files(tmp_path):
 def test_missing_torch_says_how_to_install(tmp_path, monkeypatch):
     (tmp_path / "c.pth").write_bytes(b"x")
     monkeypatch.setitem(sys.modules, "torch", None)
-    with pytest.raises(ImportError, match=r"pip install convmixer_tf\[torch\]"):
+    with pytest.raises(ImportError, match=r'pip install "convmixer_tf\[torch\]"'):
         checkpoints.load_state_dict(tmp_path / "c.pth")
 
 

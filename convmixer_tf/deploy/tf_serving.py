@@ -4,6 +4,10 @@ and each version's warmup requests (`assets.extra/tf_serving_warmup_requests`).
     tensorflow_model_server --model_config_file=/models/models.config \
         --enable_batching --batching_parameters_file=/models/batching_parameters.txt \
         --enable_model_warmup=true
+
+Both files are written here without tensorflow-serving-api (whose tensorflow>=its-own-version
+requirement would upgrade a user's TensorFlow): four small messages, encoded by field number
+from tensorflow_serving's .proto files; tests/test_tf_serving.py parses them with its protos.
 """
 
 import os
@@ -16,25 +20,37 @@ def write_serving_configs(export_root, model_port_root="/models"):
     """Writes `models.config` (every model with a version under `export_root`) and
     `batching_parameters.txt` into `export_root`, for `tensorflow_model_server
     --model_config_file --batching_parameters_file` with `export_root` mounted at /models."""
-    from google.protobuf import text_format
-    from tensorflow_serving.config import model_server_config_pb2
-
-    config = model_server_config_pb2.ModelServerConfig()
-    for name in sorted(os.listdir(export_root)):
-        if artifacts.list_versions(os.path.join(export_root, name)):
-            entry = config.model_config_list.config.add()
-            entry.name = name
-            entry.base_path = f"{model_port_root}/{name}"
-            entry.model_platform = "tensorflow"
-            entry.model_version_policy.latest.num_versions = 2
+    names = [name for name in sorted(os.listdir(export_root))
+             if artifacts.list_versions(os.path.join(export_root, name))]
     paths = {}
     for filename, text in (
-        ("models.config", text_format.MessageToString(config)),
+        ("models.config", models_config_text(names, model_port_root)),
         ("batching_parameters.txt", BATCHING_PARAMETERS),
     ):
         paths[filename] = artifacts.write_bytes(os.path.join(export_root, filename),
                                                 text.encode("utf-8"))
     return paths
+
+
+def models_config_text(names, model_port_root="/models"):
+    """tensorflow.serving.ModelServerConfig in text format (as protobuf's MessageToString
+    prints it): one config per model name, the latest 2 versions served."""
+    if not names:
+        return ""
+    entries = "".join(
+        "  config {\n"
+        f"    name: {_quote(name)}\n"
+        f"    base_path: {_quote(f'{model_port_root}/{name}')}\n"
+        '    model_platform: "tensorflow"\n'
+        "    model_version_policy {\n      latest {\n        num_versions: 2\n      }\n    }\n"
+        "  }\n"
+        for name in names
+    )
+    return "model_config_list {\n" + entries + "}\n"
+
+
+def _quote(text):
+    return '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'
 
 
 # Server-side batching (text proto of tensorflow.serving.BatchingParameters). Requests to the
@@ -56,19 +72,37 @@ allowed_batch_sizes: 32
 def write_warmup_requests(export_dir, model_name, requests):
     """`assets.extra/tf_serving_warmup_requests`: one PredictRequest per `(signature, input
     name, array)`, so TF Serving runs every signature once before it serves the version."""
-    from tensorflow_serving.apis import model_pb2, predict_pb2, prediction_log_pb2
-
     extra = os.path.join(export_dir, "assets.extra")
     os.makedirs(extra, exist_ok=True)
     path = os.path.join(extra, "tf_serving_warmup_requests")
     with tf.io.TFRecordWriter(path) as writer:
         for signature, key, array in requests:
-            request = predict_pb2.PredictRequest(
-                model_spec=model_pb2.ModelSpec(name=model_name, signature_name=signature)
-            )
-            request.inputs[key].CopyFrom(tf.make_tensor_proto(array))
-            log = prediction_log_pb2.PredictionLog(
-                predict_log=prediction_log_pb2.PredictLog(request=request)
-            )
-            writer.write(log.SerializeToString())
+            writer.write(prediction_log(model_name, signature, {key: tf.make_tensor_proto(array)}))
     return path
+
+
+def prediction_log(model_name, signature, inputs):
+    """A serialized tensorflow.serving.PredictionLog holding one PredictRequest
+    (`inputs`: {name: TensorProto}). Field numbers: PredictionLog.predict_log = 6,
+    PredictLog.request = 1, PredictRequest.model_spec = 1 / inputs = 2 (map entry key 1,
+    value 2), ModelSpec.name = 1 / signature_name = 3."""
+    spec = _field(1, model_name.encode("utf-8")) + _field(3, signature.encode("utf-8"))
+    request = _field(1, spec) + b"".join(
+        _field(2, _field(1, key.encode("utf-8")) + _field(2, tensor.SerializeToString()))
+        for key, tensor in inputs.items()
+    )
+    return _field(6, _field(1, request))
+
+
+def _field(number, payload):
+    """One length-delimited protobuf field (wire type 2): tag, length, bytes."""
+    return _varint(number << 3 | 2) + _varint(len(payload)) + payload
+
+
+def _varint(value):
+    out = bytearray()
+    while value > 0x7F:
+        out.append(value & 0x7F | 0x80)
+        value >>= 7
+    out.append(value)
+    return bytes(out)

@@ -33,7 +33,7 @@ import numpy as np
 import tensorflow as tf
 from tensorflow.lite.python import convert as tflite_convert
 
-from convmixer_tf import artifacts
+from convmixer_tf import _extras, artifacts
 from convmixer_tf.deploy.logits import logits_model
 
 MODES = ("float32", "float16", "dynamic_int8", "full_int8", "int8_float_gelu")
@@ -235,7 +235,7 @@ def save(flat, path):
 
 def op_counts(flat):
     """{op name: count} of a flatbuffer's operators (custom ops by their custom code)."""
-    from ai_edge_litert import schema_py_generated as schema
+    schema = _extras.require("ai_edge_litert.schema_py_generated", "Reading a .tflite file")
 
     names = {v: k for k, v in vars(schema.BuiltinOperator).items() if not k.startswith("_")}
     model = schema.Model.GetRootAsModel(flat, 0)
@@ -259,7 +259,7 @@ class LiteRTModel:
     applied by default): resizes dynamic inputs before allocating, (de)quantizes int8 I/O."""
 
     def __init__(self, model, num_threads=None, xnnpack=True):
-        from ai_edge_litert import interpreter as litert
+        litert = _extras.require("ai_edge_litert.interpreter", "Running a .tflite model")
 
         kwargs = dict(num_threads=num_threads)
         if not xnnpack:

@@ -20,7 +20,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from convmixer_tf import preprocessing
+from convmixer_tf import _extras, preprocessing
 from convmixer_tf.training import augment as augment_lib, config
 
 DIGITS_CLASS_NAMES = tuple(str(i) for i in range(10))
@@ -613,10 +613,14 @@ def _file_split(pairs):
     return _indexed(len(pairs), read, encoded=True, key=key)
 
 
+def _import_tfds():
+    return _extras.require("tensorflow_datasets", "A tensorflow-datasets data set", extra="tfds")
+
+
 def _tfds_features(info, name):
     """(image key, label key) of a tfds data set: its supervised keys, else the first Image and
     ClassLabel features."""
-    import tensorflow_datasets as tfds
+    tfds = _import_tfds()
 
     features = info.features
     keys = info.supervised_keys
@@ -639,7 +643,7 @@ def _tfds_source(name, data_dir, validation_split, seed):
     `$TFDS_DATA_DIR` or ~/tensorflow_datasets). Test split: "test", else "validation", else
     the last `validation_split` of "train". Read in stored order (tfds has no random access);
     the cache makes the training split indexable for a true per-epoch shuffle."""
-    import tensorflow_datasets as tfds
+    tfds = _import_tfds()
 
     try:
         builder = tfds.builder(name, data_dir=data_dir)
