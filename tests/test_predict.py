@@ -26,8 +26,9 @@ def exported(tmp_path_factory):
     artifacts.save_model(model, model_path)
     artifacts.write_metadata(model_path, CLASSES, (16, 16))
     result = export.export_model(model_path, tflite_modes=("float32",), log=lambda _: None)
+    report = result["tflite"]
     return dict(root=root, saved=str(root / "tiny"),
-                tflite=result["tflite"]["files"]["float32"]["path"])
+                tflite=os.path.join(report["path"], report["builds"]["float32"]["files"][0]))
 
 
 @pytest.fixture(scope="module")
