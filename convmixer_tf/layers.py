@@ -127,17 +127,21 @@ _GELU_KERNELS = {}
 
 
 def _gelu_kernels(xla):
-    """(forward, gradient) float32 GELU functions; with `xla` each is one XLA-fused CPU loop
-    (a few elementwise ops: none of XLA's CPU convolution weaknesses apply)."""
+    """(forward, gradient) GELU functions computing in float32 and returning the input's dtype;
+    with `xla` each is one XLA-fused CPU loop, the bfloat16 casts included (a few elementwise
+    ops: none of XLA's CPU convolution weaknesses apply)."""
     if xla not in _GELU_KERNELS:
         import tensorflow as tf
 
         def forward(x):
-            return x * (0.5 + 0.5 * tf.math.erf(x * SQRT_HALF))
+            xf = tf.cast(x, "float32")
+            return tf.cast(xf * (0.5 + 0.5 * tf.math.erf(xf * SQRT_HALF)), x.dtype)
 
         def gradient(x, dy):
-            cdf = 0.5 + 0.5 * tf.math.erf(x * SQRT_HALF)
-            return dy * (cdf + x * (INV_SQRT_2PI * tf.exp(-0.5 * tf.square(x))))
+            xf, dyf = tf.cast(x, "float32"), tf.cast(dy, "float32")
+            cdf = 0.5 + 0.5 * tf.math.erf(xf * SQRT_HALF)
+            dx = dyf * (cdf + xf * (INV_SQRT_2PI * tf.exp(-0.5 * tf.square(xf))))
+            return tf.cast(dx, x.dtype)
 
         if xla:
             forward = tf.function(forward, jit_compile=True, reduce_retracing=True)
@@ -173,8 +177,7 @@ class GELU(layers.Layer):
             return keras.activations.gelu(inputs, approximate=False)
         import tensorflow as tf
 
-        y = _gelu_exact_tf(tf.cast(inputs, "float32"), self.xla)
-        return tf.cast(y, self.compute_dtype)
+        return _gelu_exact_tf(tf.cast(inputs, self.compute_dtype), self.xla)
 
     def get_config(self):
         return {**super().get_config(), "xla": self.xla}
