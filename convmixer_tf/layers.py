@@ -189,9 +189,12 @@ class GELU(layers.Layer):
 def _onednn_enabled():
     """Whether TF runs its convolutions on oneDNN (x86 builds, unless TF_ENABLE_ONEDNN_OPTS=0):
     only oneDNN has the grouped-convolution filter gradient `FastDepthwiseConv2D` uses."""
-    from tensorflow.python.util import _pywrap_util_port
+    try:  # TF's own switch (the env var included); private, so a missing one means "no"
+        from tensorflow.python.util import _pywrap_util_port
 
-    return bool(_pywrap_util_port.IsMklEnabled())
+        return bool(_pywrap_util_port.IsMklEnabled())
+    except (ImportError, AttributeError):
+        return False
 
 
 def _depthwise_filter_gradient(x, dy, kernel_shape):

@@ -112,9 +112,13 @@ def _depthwise_grads(layer, x, dy):
 
 # 32 channels: groups of 16 in the filter gradient; 12: groups of 4; 7: one channel each.
 @pytest.mark.parametrize("channels,kernel_size", [(32, 5), (12, 3), (7, 7), (32, (3, 5))])
-def test_fast_depthwise_matches_autodiff(channels, kernel_size):
+@pytest.mark.parametrize("onednn", [True, False], ids=["onednn", "tf-kernel-fallback"])
+def test_fast_depthwise_matches_autodiff(channels, kernel_size, onednn, monkeypatch):
     """Output, input gradient and filter/bias gradients equal the stock layer's autodiff
     (float32, relative 1e-5), eagerly and inside a tf.function (oneDNN's graph rewrites)."""
+    if onednn and not layers._onednn_enabled():
+        pytest.skip("TF runs without oneDNN here")
+    monkeypatch.setattr(layers, "_onednn_enabled", lambda: onednn)
     stock, fast = _depthwise_pair(channels, kernel_size)
     rng = np.random.default_rng(3)
     x = tf.constant(rng.standard_normal((3, 9, 7, channels)).astype("float32"))
