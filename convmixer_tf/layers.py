@@ -11,10 +11,10 @@
 layer names: BatchNormalization -> `FusedBatchNormalization` (TF's FusedBatchNormV3 kernel instead
 of Keras's moments + batch_normalization chain of small ops) and the exact-erf GELU activation ->
 `GELU` (a hand-written gradient instead of autodiff through five elementwise ops, forward and
-gradient each compiled by XLA into one fused loop: XLA only sees elementwise math there).
-Under a bfloat16 policy the depthwise convolutions compute in float32 (TF's bfloat16 depthwise
-filter gradient is ~3x slower on CPU). Outside the TensorFlow backend the layers fall back to the
-stock Keras code.
+gradient each compiled by XLA into one fused loop: XLA only sees elementwise math there), and
+DepthwiseConv2D -> `FastDepthwiseConv2D` (hand-written gradients: TF's depthwise filter gradient
+was the slowest kernel of the training step). Outside the TensorFlow backend the layers fall back
+to the stock Keras code.
 """
 
 import math
@@ -127,17 +127,21 @@ _GELU_KERNELS = {}
 
 
 def _gelu_kernels(xla):
-    """(forward, gradient) float32 GELU functions; with `xla` each is one XLA-fused CPU loop
-    (a few elementwise ops: none of XLA's CPU convolution weaknesses apply)."""
+    """(forward, gradient) GELU functions computing in float32 and returning the input's dtype;
+    with `xla` each is one XLA-fused CPU loop, the bfloat16 casts included (a few elementwise
+    ops: none of XLA's CPU convolution weaknesses apply)."""
     if xla not in _GELU_KERNELS:
         import tensorflow as tf
 
         def forward(x):
-            return x * (0.5 + 0.5 * tf.math.erf(x * SQRT_HALF))
+            xf = tf.cast(x, "float32")
+            return tf.cast(xf * (0.5 + 0.5 * tf.math.erf(xf * SQRT_HALF)), x.dtype)
 
         def gradient(x, dy):
-            cdf = 0.5 + 0.5 * tf.math.erf(x * SQRT_HALF)
-            return dy * (cdf + x * (INV_SQRT_2PI * tf.exp(-0.5 * tf.square(x))))
+            xf, dyf = tf.cast(x, "float32"), tf.cast(dy, "float32")
+            cdf = 0.5 + 0.5 * tf.math.erf(xf * SQRT_HALF)
+            dx = dyf * (cdf + xf * (INV_SQRT_2PI * tf.exp(-0.5 * tf.square(xf))))
+            return tf.cast(dx, x.dtype)
 
         if xla:
             forward = tf.function(forward, jit_compile=True, reduce_retracing=True)
@@ -173,14 +177,100 @@ class GELU(layers.Layer):
             return keras.activations.gelu(inputs, approximate=False)
         import tensorflow as tf
 
-        y = _gelu_exact_tf(tf.cast(inputs, "float32"), self.xla)
-        return tf.cast(y, self.compute_dtype)
+        return _gelu_exact_tf(tf.cast(inputs, self.compute_dtype), self.xla)
 
     def get_config(self):
         return {**super().get_config(), "xla": self.xla}
 
     def compute_output_shape(self, input_shape):
         return input_shape
+
+
+def _onednn_enabled():
+    """Whether TF runs its convolutions on oneDNN (x86 builds, unless TF_ENABLE_ONEDNN_OPTS=0):
+    only oneDNN has the grouped-convolution filter gradient `FastDepthwiseConv2D` uses."""
+    try:  # TF's own switch (the env var included); private, so a missing one means "no"
+        from tensorflow.python.util import _pywrap_util_port
+
+        return bool(_pywrap_util_port.IsMklEnabled())
+    except (ImportError, AttributeError):
+        return False
+
+
+def _depthwise_filter_gradient(x, dy, kernel_shape):
+    """dL/dkernel of a stride-1 'same' depthwise convolution, [kh, kw, c, 1].
+
+    With oneDNN: the filter gradient of a grouped convolution with `g` channels per group
+    (g = 16 where it divides c), whose [kh, kw, g, c] result holds the depthwise one on its
+    block diagonals. It does g times the multiply-adds, yet runs ~2x faster than TF's
+    DepthwiseConv2dNativeBackpropFilter (BENCHMARKS.md), which oneDNN computes poorly."""
+    import tensorflow as tf
+
+    kh, kw, c, _ = kernel_shape
+    strides = [1, 1, 1, 1]
+    if not _onednn_enabled():
+        return tf.raw_ops.DepthwiseConv2dNativeBackpropFilter(
+            input=x, filter_sizes=[kh, kw, c, 1], out_backprop=dy, strides=strides,
+            padding="SAME")
+    g = next(d for d in (16, 8, 4, 2, 1) if c % d == 0)
+    grouped = tf.raw_ops.Conv2DBackpropFilter(
+        input=x, filter_sizes=[kh, kw, g, c], out_backprop=dy, strides=strides, padding="SAME")
+    # grouped[..., i, G*g + o] pairs input channel G*g + i with output channel G*g + o.
+    grouped = tf.transpose(tf.reshape(grouped, [kh, kw, g, c // g, g]), [0, 1, 3, 2, 4])
+    return tf.reshape(tf.linalg.diag_part(grouped), [kh, kw, c, 1])
+
+
+def _depthwise_same_tf(x, kernel):
+    import tensorflow as tf
+
+    strides = [1, 1, 1, 1]
+
+    @tf.custom_gradient
+    def depthwise(x, kernel):
+        def gradient(dy):
+            # 'same' padding, stride 1, odd kernel: the input gradient is the forward
+            # convolution of dy with the kernel flipped in both spatial axes.
+            dx = tf.nn.depthwise_conv2d(dy, tf.reverse(kernel, [0, 1]), strides, "SAME")
+            return dx, _depthwise_filter_gradient(x, dy, kernel.shape)
+
+        return tf.nn.depthwise_conv2d(x, kernel, strides, "SAME"), gradient
+
+    return depthwise(x, kernel)
+
+
+@keras.saving.register_keras_serializable(package="convmixer_tf")
+class FastDepthwiseConv2D(layers.DepthwiseConv2D):
+    """`DepthwiseConv2D` with hand-written gradients on the TF backend (stride 1, 'same'
+    padding, odd kernel, depth multiplier 1, no dilation, channels last): the same function
+    and weights; the filter gradient through oneDNN's grouped convolution (see
+    `_depthwise_filter_gradient`), the input gradient as a flipped-kernel forward convolution.
+    Other configurations and backends run the stock code."""
+
+    def _fast(self, inputs):
+        return (
+            _tensorflow_backend()
+            and tuple(self.strides) == (1, 1)
+            and tuple(self.dilation_rate) == (1, 1)
+            and self.depth_multiplier == 1
+            and self.padding == "same"
+            and self.data_format == "channels_last"
+            and all(k % 2 for k in self.kernel_size)
+            and len(inputs.shape) == 4
+            and inputs.shape[-1] is not None
+        )
+
+    def call(self, inputs):
+        if not self._fast(inputs):
+            return super().call(inputs)
+        import tensorflow as tf
+
+        x = tf.cast(inputs, self.compute_dtype)
+        y = _depthwise_same_tf(x, tf.cast(self.kernel, self.compute_dtype))
+        if self.use_bias:
+            y = tf.nn.bias_add(y, tf.cast(self.bias, self.compute_dtype))
+        if self.activation is not None:
+            y = self.activation(y)
+        return y
 
 
 def _is_exact_gelu(layer):
@@ -192,13 +282,15 @@ def _is_exact_gelu(layer):
     )
 
 
-def _fast_clone(layer, batchnorm=True, gelu=True, gelu_xla=True, depthwise_float32=True):
+def _fast_clone(layer, batchnorm=True, gelu=True, gelu_xla=True, depthwise=True,
+                depthwise_float32=False):
     config = layer.get_config()
-    if depthwise_float32 and type(layer) is layers.DepthwiseConv2D:
-        if layer.compute_dtype == "bfloat16":
-            # TF's bfloat16 depthwise filter gradient is ~3x slower than float32's on CPU.
+    if type(layer) is layers.DepthwiseConv2D:
+        if depthwise_float32 and layer.compute_dtype == "bfloat16":
+            # With TF's own kernels: its bfloat16 depthwise filter gradient is ~3x slower
+            # than float32's on CPU. `FastDepthwiseConv2D` is fastest in bfloat16.
             config["dtype"] = "float32"
-            return layers.DepthwiseConv2D.from_config(config)
+        return (FastDepthwiseConv2D if depthwise else layers.DepthwiseConv2D).from_config(config)
     if batchnorm and type(layer) is layers.BatchNormalization:
         return FusedBatchNormalization.from_config(config)
     if gelu and _is_exact_gelu(layer):
@@ -212,6 +304,8 @@ def _stock_clone(layer):
         return layers.BatchNormalization.from_config(config)
     if type(layer) is GELU:
         return layers.Activation("gelu", name=config["name"], dtype=config.get("dtype"))
+    if type(layer) is FastDepthwiseConv2D:
+        return layers.DepthwiseConv2D.from_config(config)
     return layer.__class__.from_config(config)
 
 
@@ -221,16 +315,19 @@ def _clone(model, clone_function):
     return clone
 
 
-def accelerate(model, batchnorm=True, gelu=True, gelu_xla=True, depthwise_float32=True):
+def accelerate(model, batchnorm=True, gelu=True, gelu_xla=True, depthwise=True,
+               depthwise_float32=False):
     """A copy of a functional `model` with the faster, equivalent layers (each switch picks one
-    swap) and the same weights and layer names. Compile the returned model."""
-    options = dict(
-        batchnorm=batchnorm, gelu=gelu, gelu_xla=gelu_xla, depthwise_float32=depthwise_float32
-    )
+    swap) and the same weights and layer names. Compile the returned model.
+    `depthwise_float32` computes the depthwise convolutions in float32 under a bfloat16 policy
+    (faster with TF's own depthwise kernels, i.e. with `depthwise=False`)."""
+    options = dict(batchnorm=batchnorm, gelu=gelu, gelu_xla=gelu_xla, depthwise=depthwise,
+                   depthwise_float32=depthwise_float32)
     return _clone(model, lambda layer: _fast_clone(layer, **options))
 
 
 def standardize(model):
     """The inverse of `accelerate`: stock Keras layers only (for saving, TF Serving, TFLite).
-    Depthwise layers that `accelerate` moved to float32 under a bfloat16 policy stay float32."""
+    Depthwise layers that `accelerate(depthwise_float32=True)` moved to float32 under a
+    bfloat16 policy stay float32."""
     return _clone(model, _stock_clone)

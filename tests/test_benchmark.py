@@ -1,6 +1,5 @@
-"""scripts/benchmark.py: its pieces, and one --quick smoke run (no timing assertions)."""
+"""scripts/benchmark*.py: their pieces, and one --quick smoke run (no timing assertions)."""
 
-import importlib.util
 import json
 import os
 import subprocess
@@ -8,19 +7,15 @@ import sys
 
 import pytest
 
+import benchmark
+import benchmark_harness as bench
+import benchmark_train
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(ROOT, "scripts", "benchmark.py")
 
 
-@pytest.fixture(scope="module")
-def bench():
-    spec = importlib.util.spec_from_file_location("benchmark", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-def test_flops_match_the_layers_of_the_keras_model(bench):
+def test_flops_match_the_layers_of_the_keras_model():
     from convmixer_tf import model as model_lib
 
     cfg = dict(dim=32, depth=3, kernel_size=5, patch_size=2, image=16, classes=7)
@@ -38,7 +33,7 @@ def test_flops_match_the_layers_of_the_keras_model(bench):
     assert bench.flops_per_image(**cfg) == 2 * macs
 
 
-def test_interleaved_rotates_and_takes_medians(bench):
+def test_interleaved_rotates_and_takes_medians():
     calls = []
 
     def make(name, n):
@@ -54,37 +49,51 @@ def test_interleaved_rotates_and_takes_medians(bench):
     assert res["a"]["per_s"] == pytest.approx(2 / res["a"]["median_s"])
 
 
-def test_ops_outside_delegates(bench):
-    def node(i, name, inputs, outputs):
-        return dict(index=i, op_name=name, inputs=inputs, outputs=outputs)
-
-    # 0 -QUANTIZE-> 1 -CONV-> 2 -GELU-> 3 -CONV-> 4 ; XNNPACK took each CONV alone.
-    nodes = [
-        node(0, "QUANTIZE", [0], [1]),
-        node(1, "CONV_2D", [1, 9], [2]),
-        node(2, "GELU", [2], [3]),
-        node(3, "CONV_2D", [3, 8], [4]),
-        node(4, "DELEGATE", [1, 9], [2]),
-        node(5, "DELEGATE", [3, 8], [4]),
-    ]
-    assert bench.ops_outside_delegates(nodes) == {"DELEGATE": 2, "QUANTIZE": 1, "GELU": 1}
-    one = nodes[:4] + [node(4, "DELEGATE", [0, 8, 9], [4])]
-    assert bench.ops_outside_delegates(one) == {"DELEGATE": 1}
+def _result(per_s):
+    return dict(per_s=per_s, median_s=1 / per_s)
 
 
-def test_bad_flags_are_rejected(bench, capsys):
+def test_ratios_are_against_pytorch_best_of_each_precision_and_overall():
+    res = {
+        "keras fp32 + fast layers": _result(90.0),
+        "keras bf16 + fast layers": _result(150.0),
+        "torch eager fp32 NCHW": _result(30.0),
+        "torch.compile fp32 channels_last": _result(45.0),
+        "torch eager bf16 autocast NCHW": _result(100.0),
+    }
+    assert bench.best_torch(res, "fp32")[0] == "torch.compile fp32 channels_last"
+    assert bench.best_torch(res)[0] == "torch eager bf16 autocast NCHW"
+    assert bench.best_torch({"keras fp32": _result(1.0)}) is None
+    rows = {r[0]: r for r in benchmark_train.compare_rows(res, 1e9, {"float32": 1e11,
+                                                                     "bfloat16": 3e11})}
+    assert rows["keras fp32 + fast layers"][2:5] == ("2.00x", "0.90x", "90.0%")
+    assert rows["keras bf16 + fast layers"][2:5] == ("1.50x", "1.50x", "50.0%")
+
+
+def test_a_torch_configuration_that_fails_to_build_is_left_out(capsys):
+    class Args:
+        backend = "tensorflow"
+
+    def make(cfg, args, compile_=False, **_):
+        if compile_:
+            raise RuntimeError("no C++ compiler\nmore")
+        return lambda: 1
+
+    cands = benchmark_train.torch_candidates({}, Args(), make=make)
+    assert "torch.compile fp32 channels_last" not in cands
+    assert "torch eager bf16 autocast channels_last" in cands
+    assert "skipped torch.compile fp32 channels_last: RuntimeError: no C++ compiler" in (
+        capsys.readouterr().out)
+
+
+def test_bad_flags_are_rejected(capsys):
     with pytest.raises(SystemExit):
-        bench.parse_args(["--only", "train,gpu"])
+        benchmark.parse_args(["--only", "train,gpu"])
     assert "--only takes" in capsys.readouterr().err
     with pytest.raises(SystemExit):
-        bench.parse_args(["--threads", "0"])
-    args = bench.parse_args(["--only", "peak, tflite"])
+        benchmark.parse_args(["--threads", "0"])
+    args = benchmark.parse_args(["--only", "peak, tflite"])
     assert args.sections == ["peak", "tflite"]
-
-
-def test_convert_tflite_rejects_unknown_mode(bench):
-    with pytest.raises(ValueError, match="must be one of"):
-        bench.convert_tflite(None, ["int4"], [])
 
 
 def test_quick_run_reports_every_section(tmp_path):
@@ -92,21 +101,24 @@ def test_quick_run_reports_every_section(tmp_path):
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
     proc = subprocess.run(
         [sys.executable, SCRIPT, "--quick", "--rounds", "1", "--json", str(out)],
-        capture_output=True, text=True, timeout=240, env=env, cwd=ROOT,
+        capture_output=True, text=True, timeout=600, env=env, cwd=ROOT,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
-    for title in ("Matmul peak", "Training, ConvMixer", "Inference, ConvMixer", "Edge, batch 1"):
+    for title in ("Matmul peak", "Training, ConvMixer", "One layer of each type",
+                  "Inference, ConvMixer", "Edge, batch 1", "PyTorch's best: fp32: torch"):
         assert title in proc.stdout
     results = json.loads(out.read_text())
-    assert set(results) >= {"machine", "peak", "train", "infer", "tflite"}
+    assert set(results) >= {"machine", "peak", "train", "layers", "infer", "tflite"}
     train = results["train"]
-    assert "torch eager fp32" in train and "keras fp32 + fused BN/GELU" in train
+    assert {"keras fp32 + fast layers", "keras bf16 + fast layers", "torch eager fp32 NCHW",
+            "torch eager bf16 autocast channels_last"} <= set(train)
     assert all(r["per_s"] > 0 for r in train.values())
+    assert "keras bf16 fast | depthwise conv | fwd+bwd" in results["layers"]
+    # Every mode of the library's converter, from the library's runner and delegation report.
+    from convmixer_tf.deploy import tflite
+
     edge = results["tflite"]["16_1"]
-    assert set(edge["results"]) >= {f"litert {m}" for m in
-                                    ("float32", "float16", "dynamic_int8", "full_int8",
-                                     "int8_float_gelu")} | {"litert full_int8, no XNNPACK"}
-    # Full int8 leaves GELU to TFLite's kernels; keeping GELU in float gives XNNPACK everything.
-    assert "GELU" in edge["info"]["litert full_int8"][3]
-    assert edge["info"]["litert int8_float_gelu"][2:4] == [1, "none"]
-    assert edge["info"]["litert full_int8, no XNNPACK"][2] == 0  # no partitions
+    assert set(edge["results"]) >= {f"litert {m}" for m in tflite.MODES}
+    assert edge["info"]["litert float32"][3:5] == [1, "none"]
+    # Full int8 leaves its int8 GELUs to TFLite's own kernels, outside XNNPACK.
+    assert "GELU" in edge["info"]["litert int8"][4]

@@ -29,8 +29,8 @@ def test_accelerate_swaps_layers_keeps_names_and_weights():
     model = _tiny()
     fast = layers.accelerate(model)
     kinds = {type(l).__name__ for l in fast.layers}
-    assert "FusedBatchNormalization" in kinds and "GELU" in kinds
-    assert "BatchNormalization" not in kinds and "Activation" not in kinds
+    assert {"FusedBatchNormalization", "GELU", "FastDepthwiseConv2D"} <= kinds
+    assert not kinds & {"BatchNormalization", "Activation", "DepthwiseConv2D"}
     assert [l.name for l in fast.layers] == [l.name for l in model.layers]
     for a, b in zip(model.weights, fast.weights):
         np.testing.assert_array_equal(a.numpy(), b.numpy())
@@ -61,7 +61,9 @@ def test_relu_model_only_swaps_batchnorm():
 def test_standardize_round_trip_saves_with_stock_layers(tmp_path):
     model, x = _tiny(), _images()
     back = layers.standardize(layers.accelerate(model))
-    assert {type(l).__name__ for l in back.layers} >= {"BatchNormalization", "Activation"}
+    kinds = {type(l).__name__ for l in back.layers}
+    assert kinds >= {"BatchNormalization", "Activation", "DepthwiseConv2D"}
+    assert not kinds & {"FusedBatchNormalization", "GELU", "FastDepthwiseConv2D"}
     path = str(tmp_path / "m.keras")
     back.save(path)
     loaded = keras.models.load_model(path)
@@ -85,7 +87,59 @@ def test_mixed_bfloat16_training_step_runs():
     loss = fast.train_on_batch(_images(), y)
     assert np.isfinite(loss)
     assert fast.get_layer("stem_act").compute_dtype == "bfloat16"
+    assert fast.get_layer("block0_depthwise").compute_dtype == "bfloat16"
     assert fast.get_layer("predictions").compute_dtype == "float32"
+
+
+def _depthwise_pair(channels, kernel_size, **kwargs):
+    keras.utils.set_random_seed(1)
+    stock = keras.layers.DepthwiseConv2D(kernel_size, padding="same", **kwargs)
+    stock.build((None, 9, 7, channels))
+    stock.bias.assign(np.random.default_rng(2).standard_normal(stock.bias.shape).astype("float32"))
+    fast = layers.FastDepthwiseConv2D.from_config(stock.get_config())
+    fast.build((None, 9, 7, channels))
+    fast.set_weights(stock.get_weights())
+    return stock, fast
+
+
+def _depthwise_grads(layer, x, dy):
+    with tf.GradientTape() as tape:
+        tape.watch(x)
+        y = layer(x)
+        loss = tf.reduce_sum(y * dy)
+    return [y, *tape.gradient(loss, [x, *layer.trainable_variables])]
+
+
+# 32 channels: groups of 16 in the filter gradient; 12: groups of 4; 7: one channel each.
+@pytest.mark.parametrize("channels,kernel_size", [(32, 5), (12, 3), (7, 7), (32, (3, 5))])
+@pytest.mark.parametrize("onednn", [True, False], ids=["onednn", "tf-kernel-fallback"])
+def test_fast_depthwise_matches_autodiff(channels, kernel_size, onednn, monkeypatch):
+    """Output, input gradient and filter/bias gradients equal the stock layer's autodiff
+    (float32, relative 1e-5), eagerly and inside a tf.function (oneDNN's graph rewrites)."""
+    if onednn and not layers._onednn_enabled():
+        pytest.skip("TF runs without oneDNN here")
+    monkeypatch.setattr(layers, "_onednn_enabled", lambda: onednn)
+    stock, fast = _depthwise_pair(channels, kernel_size)
+    rng = np.random.default_rng(3)
+    x = tf.constant(rng.standard_normal((3, 9, 7, channels)).astype("float32"))
+    dy = tf.constant(rng.standard_normal((3, 9, 7, channels)).astype("float32"))
+    want = _depthwise_grads(stock, x, dy)
+    for got in (_depthwise_grads(fast, x, dy), tf.function(_depthwise_grads)(fast, x, dy)):
+        for a, b in zip(want, got):
+            scale = float(tf.reduce_max(tf.abs(a)))
+            np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-5 * scale)
+
+
+def test_fast_depthwise_other_configs_run_the_stock_code():
+    """Strides, 'valid' padding and depth multipliers take Keras's own (autodiff) path."""
+    rng = np.random.default_rng(4)
+    x = tf.constant(rng.standard_normal((2, 8, 8, 6)).astype("float32"))
+    for kwargs in (dict(strides=2), dict(depth_multiplier=2)):
+        stock, fast = _depthwise_pair(6, 3, **kwargs)
+        assert not fast._fast(x)
+        np.testing.assert_array_equal(fast(x), stock(x))
+    stock = keras.layers.DepthwiseConv2D(3, padding="valid")
+    assert not layers.FastDepthwiseConv2D.from_config(stock.get_config())._fast(x)
 
 
 def test_gelu_gradient_matches_erf_formula():

@@ -1,0 +1,212 @@
+"""What every benchmark section shares: interleaved timing, FLOP counts, the models of both
+frameworks, the matmul peak (the MFU denominator), ratios against PyTorch's best, tables."""
+
+import os
+import platform
+import statistics
+import time
+
+
+def flops_per_image(dim, depth, kernel_size, patch_size, image, classes, **_):
+    """Forward FLOPs (2 x multiply-adds) of one image: stem, depthwise, pointwise, head.
+    Elementwise work (GELU, BN, adds) is left out, as usual for MFU."""
+    tokens = (image // patch_size) ** 2
+    macs = tokens * dim * 3 * patch_size**2  # stem
+    macs += depth * tokens * dim * (kernel_size**2 + dim)  # depthwise + pointwise
+    macs += dim * classes  # head
+    return 2 * macs
+
+
+def interleaved(candidates, rounds, warmup=1):
+    """Runs each `candidates[name]()` (returns items processed) `warmup` times, then `rounds`
+    rounds in rotating order; returns {name: dict(median_s, items, per_s, times)}."""
+    names = list(candidates)
+    for name in names:
+        for _ in range(warmup):
+            candidates[name]()
+    times = {n: [] for n in names}
+    items = {}
+    for r in range(rounds):
+        for name in names[r % len(names):] + names[: r % len(names)]:
+            start = time.perf_counter()
+            items[name] = candidates[name]()
+            times[name].append(time.perf_counter() - start)
+    out = {}
+    for name in names:
+        med = statistics.median(times[name])
+        out[name] = dict(median_s=med, items=items[name], per_s=items[name] / med,
+                         best_per_s=items[name] / min(times[name]),
+                         times=[round(t, 4) for t in times[name]])
+    return out
+
+
+def precision_class(name):
+    """"bf16" for a candidate computing in bfloat16 (its name says bf16), else "fp32"."""
+    return "bf16" if "bf16" in name else "fp32"
+
+
+def best_torch(results, precision=None):
+    """(name, result) of the fastest PyTorch candidate, of one precision class or overall;
+    None when no PyTorch candidate ran."""
+    torch = {n: r for n, r in results.items() if n.startswith("torch")
+             and (precision is None or precision_class(n) == precision)}
+    if not torch:
+        return None
+    name = max(torch, key=lambda n: torch[n]["per_s"])
+    return name, torch[name]
+
+
+def ratio(value, reference):
+    """`value / reference` as '1.23x', '-' without a reference."""
+    return f"{value / reference:.2f}x" if reference else "-"
+
+
+def mfu(per_s, flops_per_item, peak):
+    return f"{100 * per_s * flops_per_item / peak:.1f}%" if peak else "-"
+
+
+def machine_info(args):
+    info = dict(python=platform.python_version(), machine=platform.machine())
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            info["cpu"] = next(line.split(":", 1)[1].strip() for line in f
+                               if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    from convmixer_tf import layers
+
+    info["cpu_flags"] = sorted(layers.cpu_flags() & {"avx2", "avx512f", "avx512_bf16",
+                                                     "avx512_vnni", "amx_bf16"})
+    info["cores"] = os.cpu_count()
+    if args.backend == "jax":
+        import jax
+
+        info["jax_devices"] = [str(d) for d in jax.devices()]
+    if not args.no_torch:
+        import torch
+
+        if torch.cuda.is_available():
+            info["gpu"] = torch.cuda.get_device_name(0)
+    info["loadavg_start"] = os.getloadavg()
+    info["threads"] = args.threads
+    from importlib import metadata
+
+    for dist in ("tensorflow", "keras", "torch", "ai-edge-litert", "jax", "jaxlib"):
+        try:  # read from the installed metadata: importing TF would claim a GPU's memory
+            info[dist] = metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            pass
+    return info
+
+
+def table(title, header, rows):
+    lines = [f"\n### {title}\n", "| " + " | ".join(header) + " |",
+             "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+    print("\n".join(lines), flush=True)
+
+
+# ----------------------------------------------------------------------------- models
+
+
+def keras_model(cfg, precision="float32", fast=False):
+    """Our ConvMixer for `cfg`; `fast` is False, True (every `layers.accelerate` swap) or
+    a dict of `accelerate` switches."""
+    import keras
+
+    from convmixer_tf import layers, model as model_lib
+
+    keras.mixed_precision.set_global_policy(precision)
+    try:
+        model = model_lib.ConvMixer(
+            cfg["dim"], cfg["depth"], cfg["kernel_size"], cfg["patch_size"],
+            activation=cfg["activation"], input_shape=(cfg["image"], cfg["image"], 3),
+            classes=cfg["classes"], classifier_activation=None,
+        )
+        if not fast:
+            return model
+        return layers.accelerate(model, **(fast if isinstance(fast, dict) else {}))
+    finally:
+        keras.mixed_precision.set_global_policy("float32")
+
+
+def torch_device(args):
+    import torch
+
+    if args.backend == "jax" and torch.cuda.is_available():
+        return "cuda"
+    return "cpu"
+
+
+def torch_model(cfg, device="cpu", channels_last=False):
+    """The paper's PyTorch ConvMixer (scripts/reference_torch.py) on `device`."""
+    import torch
+
+    import reference_torch
+
+    model = reference_torch.ConvMixer(cfg["dim"], cfg["depth"], cfg["kernel_size"],
+                                      cfg["patch_size"], cfg["activation"], cfg["classes"])
+    model = model.to(device)
+    return model.to(memory_format=torch.channels_last) if channels_last else model
+
+
+# ----------------------------------------------------------------------------- peak
+
+
+def matmul_peak(cfg, args):
+    """Measured dense matmul GFLOP/s (fp32 and bf16) of this machine: the MFU denominator."""
+    import numpy as np
+
+    n = cfg["n"]
+    flops = 2 * n**3
+    cands = {}
+    if args.backend == "tensorflow":
+        import tensorflow as tf
+
+        for dtype in ("float32", "bfloat16"):
+            a = tf.cast(tf.random.normal((n, n)), dtype)
+            f = tf.function(lambda a=a: tf.matmul(a, a))
+
+            def run(f=f):
+                f().numpy()
+                return flops
+
+            cands[f"tf matmul {dtype}"] = run
+    else:
+        import jax
+        import jax.numpy as jnp
+
+        for dtype in ("float32", "bfloat16"):
+            a = jnp.asarray(np.random.rand(n, n), dtype=dtype)
+            f = jax.jit(lambda a: a @ a)
+
+            def run(f=f, a=a):
+                f(a).block_until_ready()
+                return flops
+
+            cands[f"jax matmul {dtype}"] = run
+    if not args.no_torch:
+        import torch
+
+        dev = torch_device(args)
+        for dtype in (torch.float32, torch.bfloat16):
+            a = torch.randn(n, n, device=dev, dtype=dtype)
+
+            def run(a=a):
+                (a @ a).sum().item()
+                return flops
+
+            cands[f"torch matmul {str(dtype).split('.')[-1]}"] = run
+    res = interleaved(cands, args.rounds or cfg["rounds"])
+    table(f"Matmul peak ({n}x{n}x{n})", ["kernel", "GFLOP/s (median)", "GFLOP/s (best)"],
+          [(k, f"{v['per_s'] / 1e9:.1f}", f"{v['best_per_s'] / 1e9:.1f}")
+           for k, v in res.items()])
+    # The MFU denominator: the best rate any framework reached, per dtype.
+    peak = {d: max(v["best_per_s"] for k, v in res.items() if k.endswith(d))
+            for d in ("float32", "bfloat16")}
+    return dict(results=res, peak_flops=peak)
+
+
+def peak_for(name, peak):
+    """The matmul peak (FLOP/s) of a candidate's precision class."""
+    return peak.get("bfloat16" if precision_class(name) == "bf16" else "float32")

@@ -1,0 +1,323 @@
+"""Training sections of scripts/benchmark.py: whole training steps (ours vs every PyTorch
+configuration) and a per-layer forward/backward profile at the same shapes."""
+
+from benchmark_harness import (best_torch, flops_per_image, interleaved, keras_model, mfu,
+                               peak_for, precision_class, ratio, table, torch_device,
+                               torch_model)
+
+
+def _tf_dataset(cfg, n_images=512):
+    """The training job's input pipeline shape (uint8 images, shuffle, batch, one-hot, prefetch),
+    over random data kept in memory."""
+    import numpy as np
+    import tensorflow as tf
+
+    rng = np.random.default_rng(0)
+    x = rng.integers(0, 256, (n_images, cfg["image"], cfg["image"], 3), dtype=np.uint8)
+    y = rng.integers(0, cfg["classes"], n_images).astype("int32")
+    ds = tf.data.Dataset.from_tensor_slices((x, y)).repeat().shuffle(n_images, seed=0)
+    ds = ds.batch(cfg["batch"], drop_remainder=True)
+    ds = ds.map(lambda a, b: (a, tf.one_hot(b, cfg["classes"])),
+                num_parallel_calls=tf.data.AUTOTUNE)
+    return ds.prefetch(tf.data.AUTOTUNE)
+
+
+def keras_candidate(cfg, args, precision, fast, jit_compile=False, pipeline=True):
+    import keras
+
+    model = keras_model(cfg, precision, fast)
+    model.compile(
+        optimizer=keras.optimizers.AdamW(1e-3, weight_decay=0.01, global_clipnorm=1.0),
+        loss=keras.losses.CategoricalCrossentropy(from_logits=True, label_smoothing=0.1),
+        jit_compile=jit_compile,
+    )
+    steps = cfg["steps"]
+    if args.backend == "tensorflow":
+        import tensorflow as tf
+
+        ds = _tf_dataset(cfg)
+        if not pipeline:  # one batch, materialised once: no input work on the step's path
+            ds = tf.data.Dataset.from_tensors(next(iter(ds))).cache().repeat()
+        # fit()'s own step function on one long-lived iterator: the steady state of an epoch.
+        # (Each fit() call also pays ~1 s of iterator set-up/tear-down here, once per epoch.)
+        model.make_train_function()
+        iterator = iter(ds)
+
+        def run():
+            for _ in range(steps):
+                logs = model.train_function(iterator)
+            float(logs["loss"])  # waits for the last step
+            return steps * cfg["batch"]
+    else:
+        import numpy as np
+
+        rng = np.random.default_rng(0)
+        n = steps * cfg["batch"]
+        x = rng.integers(0, 256, (n, cfg["image"], cfg["image"], 3)).astype("float32")
+        y = np.eye(cfg["classes"], dtype="float32")[rng.integers(0, cfg["classes"], n)]
+
+        def run():
+            model.fit(x, y, batch_size=cfg["batch"], epochs=1, verbose=0, shuffle=False)
+            return n
+    return run
+
+
+def torch_candidate(cfg, args, bf16=False, compile_=False, channels_last=False):
+    import torch
+
+    dev = torch_device(args)
+    model = torch_model(cfg, dev, channels_last)
+    x = torch.randn(cfg["batch"], 3, cfg["image"], cfg["image"], device=dev)
+    y = torch.randint(0, cfg["classes"], (cfg["batch"],), device=dev)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    opt = torch.optim.AdamW(model.parameters(), 1e-3, weight_decay=0.01)
+    loss_fn = torch.nn.CrossEntropyLoss(label_smoothing=0.1)
+    fwd = torch.compile(model) if compile_ else model
+    steps = cfg["steps"]
+
+    def run():
+        for _ in range(steps):
+            opt.zero_grad(set_to_none=True)
+            with torch.autocast(dev, dtype=torch.bfloat16, enabled=bf16):
+                loss = loss_fn(fwd(x), y)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            opt.step()
+        loss.item()
+        return steps * cfg["batch"]
+
+    if compile_:
+        run()  # compiles now, so a configuration torch.compile cannot build is caught here
+    return run
+
+
+# PyTorch configurations a PyTorch user would pick from, each run where it works.
+TORCH_CONFIGS = {
+    "torch eager fp32 NCHW": dict(),
+    "torch eager fp32 channels_last": dict(channels_last=True),
+    "torch.compile fp32 channels_last": dict(compile_=True, channels_last=True),
+    "torch eager bf16 autocast NCHW": dict(bf16=True),
+    "torch eager bf16 autocast channels_last": dict(bf16=True, channels_last=True),
+}
+GPU_TORCH_CONFIGS = {"torch.compile bf16 autocast channels_last": dict(
+    bf16=True, compile_=True, channels_last=True)}
+
+
+def torch_candidates(cfg, args, make=torch_candidate):
+    """{name: run} for every PyTorch configuration that builds here; the others are printed
+    with the reason and left out."""
+    configs = dict(TORCH_CONFIGS)
+    if torch_device(args) == "cuda":
+        configs.update(GPU_TORCH_CONFIGS)
+    cands = {}
+    for name, options in configs.items():
+        if options.get("compile_") and getattr(args, "quick", False):
+            print(f"skipped {name}: --quick (compiling takes minutes)")
+            continue
+        try:
+            cands[name] = make(cfg, args, **options)
+        except Exception as error:  # noqa: BLE001 - a configuration torch cannot run here
+            print(f"skipped {name}: {type(error).__name__}: {str(error).splitlines()[0][:200]}")
+    return cands
+
+
+def keras_candidates(cfg, args):
+    cands = {}
+    if args.backend != "tensorflow":
+        cands["keras-jax fp32 (XLA)"] = keras_candidate(cfg, args, "float32", False, True)
+        cands["keras-jax bf16 (XLA)"] = keras_candidate(cfg, args, "mixed_bfloat16", False, True)
+        return cands
+    tf_depthwise = dict(depthwise=False)
+    cands["keras fp32 (stock layers)"] = keras_candidate(cfg, args, "float32", False)
+    if args.ablations:
+        cands["keras fp32 + fused BN"] = keras_candidate(
+            cfg, args, "float32", dict(gelu=False, depthwise=False))
+        cands["keras fp32 + GELU grad, XLA-fused"] = keras_candidate(
+            cfg, args, "float32", dict(batchnorm=False, depthwise=False))
+        cands["keras fp32 + fast depthwise"] = keras_candidate(
+            cfg, args, "float32", dict(batchnorm=False, gelu=False))
+        cands["keras fp32 + fused BN/GELU, TF depthwise"] = keras_candidate(
+            cfg, args, "float32", tf_depthwise)
+    cands["keras fp32 + fast layers"] = keras_candidate(cfg, args, "float32", True)
+    if args.ablations:
+        cands["keras bf16 (stock layers)"] = keras_candidate(cfg, args, "mixed_bfloat16", False)
+        cands["keras bf16 + fused BN/GELU, TF depthwise in fp32"] = keras_candidate(
+            cfg, args, "mixed_bfloat16", dict(depthwise=False, depthwise_float32=True))
+        cands["keras bf16 + fast layers, depthwise in fp32"] = keras_candidate(
+            cfg, args, "mixed_bfloat16", dict(depthwise_float32=True))
+    cands["keras bf16 + fast layers"] = keras_candidate(cfg, args, "mixed_bfloat16", True)
+    return cands
+
+
+def compare_rows(res, flops_per_item, peak, speed=lambda r: f"{r['per_s']:.1f}"):
+    """Table rows: speed, x PyTorch's best of the same precision, x PyTorch's best, MFU."""
+    overall = best_torch(res)
+    rows = []
+    for name, r in res.items():
+        same = best_torch(res, precision_class(name))
+        rows.append((name, speed(r), ratio(r["per_s"], same and same[1]["per_s"]),
+                     ratio(r["per_s"], overall and overall[1]["per_s"]),
+                     mfu(r["per_s"], flops_per_item, peak_for(name, peak))))
+    return rows
+
+
+def print_torch_best(res):
+    parts = []
+    for label, precision in (("fp32", "fp32"), ("bf16", "bf16"), ("overall", None)):
+        best = best_torch(res, precision)
+        if best:
+            parts.append(f"{label}: {best[0]} ({best[1]['per_s']:.1f}/s)")
+    if parts:
+        print("\nPyTorch's best: " + "; ".join(parts), flush=True)
+
+
+def train_section(cfg, args, peak):
+    """Training images/s of ConvMixer-256/8 (k5 p2), 32x32, batch 128: ours vs PyTorch."""
+    cands = keras_candidates(cfg, args)
+    if not args.no_torch:
+        cands.update(torch_candidates(cfg, args))
+    res = interleaved(cands, args.rounds or cfg["rounds"])
+    train_flops = 3 * flops_per_image(**cfg)  # forward + backward (2x)
+    table(f"Training, ConvMixer-{cfg['dim']}/{cfg['depth']} k{cfg['kernel_size']} "
+          f"p{cfg['patch_size']}, {cfg['image']}x{cfg['image']}, batch {cfg['batch']} "
+          f"(images/s, median of {args.rounds or cfg['rounds']} rounds)",
+          ["candidate", "images/s", "x PyTorch best, same precision", "x PyTorch best",
+           "MFU"], compare_rows(res, train_flops, peak))
+    print_torch_best(res)
+    return res
+
+
+# ----------------------------------------------------------------------------- per-layer
+
+
+def _keras_layer_pass(layer, x, backward):
+    import tensorflow as tf
+
+    @tf.function
+    def step(x):
+        with tf.GradientTape() as tape:
+            tape.watch(x)
+            y = layer(x, training=True)
+        if not backward:
+            return tf.reduce_sum(tf.cast(y[0, 0, 0], "float32"))
+        grads = tape.gradient(y, [x, *layer.trainable_variables], output_gradients=y)
+        return tf.add_n([tf.reduce_sum(tf.cast(g[..., :1], "float32")) for g in grads])
+
+    def run():
+        float(step(x))
+        return 1
+
+    return run
+
+
+def _keras_layers(cfg, precision, fast):
+    """One block's layer types, as `accelerate` (fast) or Keras (stock) builds them."""
+    import keras
+
+    from convmixer_tf import layers
+
+    keras.mixed_precision.set_global_policy(precision)
+    try:
+        stock = {
+            "depthwise conv": keras.layers.DepthwiseConv2D(cfg["kernel_size"], padding="same"),
+            "pointwise conv": keras.layers.Conv2D(cfg["dim"], 1),
+            "GELU": keras.layers.Activation("gelu"),
+            "BatchNorm": keras.layers.BatchNormalization(),
+        }
+        if fast:
+            clone = {  # the same swaps `accelerate` makes
+                "depthwise conv": layers.FastDepthwiseConv2D,
+                "BatchNorm": layers.FusedBatchNormalization,
+            }
+            made = {k: clone[k].from_config(v.get_config()) if k in clone else v
+                    for k, v in stock.items()}
+            made["GELU"] = layers.GELU()
+            return made
+        return stock
+    finally:
+        keras.mixed_precision.set_global_policy("float32")
+
+
+def _torch_layer_pass(module, x, bf16, backward):
+    import torch
+
+    def run():
+        x.grad = None
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            y = module(x)
+        if backward:
+            y.backward(y.detach())
+        else:
+            y[0, 0, 0, 0].item()
+        return 1
+
+    return run
+
+
+def _torch_layers(cfg, channels_last):
+    import torch
+
+    dim, k = cfg["dim"], cfg["kernel_size"]
+    made = {
+        "depthwise conv": torch.nn.Conv2d(dim, dim, k, groups=dim, padding="same"),
+        "pointwise conv": torch.nn.Conv2d(dim, dim, 1),
+        "GELU": torch.nn.GELU(),
+        "BatchNorm": torch.nn.BatchNorm2d(dim),
+    }
+    if channels_last:
+        made = {n: m.to(memory_format=torch.channels_last) for n, m in made.items()}
+    return made
+
+
+def layers_section(cfg, args):
+    """Milliseconds of each layer type of a block at the training shape, forward and
+    forward+backward: where a training step's time goes, ours against PyTorch's."""
+    import numpy as np
+
+    side = cfg["image"] // cfg["patch_size"]
+    shape = (cfg["batch"], side, side, cfg["dim"])
+    x = np.random.default_rng(0).standard_normal(shape).astype("float32")
+    frameworks = {}
+    if args.backend == "tensorflow":
+        import tensorflow as tf
+
+        for label, precision, fast in (("keras fp32 stock", "float32", False),
+                                       ("keras fp32 fast", "float32", True),
+                                       ("keras bf16 fast", "mixed_bfloat16", True)):
+            xt = tf.constant(x, "bfloat16" if "bf16" in label else "float32")
+            made = _keras_layers(cfg, precision, fast)
+            frameworks[label] = {n: (lambda b, m=m, xt=xt: _keras_layer_pass(m, xt, b))
+                                 for n, m in made.items()}
+    if not args.no_torch:
+        import torch
+
+        for label, cl, bf16 in (("torch fp32 channels_last", True, False),
+                                ("torch bf16 autocast NCHW", False, True)):
+            xt = torch.from_numpy(x.transpose(0, 3, 1, 2).copy())
+            if cl:
+                xt = xt.contiguous(memory_format=torch.channels_last)
+            xt.requires_grad_(True)
+            made = _torch_layers(cfg, cl)
+            frameworks[label] = {n: (lambda b, m=m, xt=xt, bf16=bf16:
+                                     _torch_layer_pass(m, xt, bf16, b))
+                                 for n, m in made.items()}
+    cands = {}
+    for label, made in frameworks.items():
+        for layer_name, make in made.items():
+            cands[f"{label} | {layer_name} | fwd"] = make(False)
+            cands[f"{label} | {layer_name} | fwd+bwd"] = make(True)
+    res = interleaved(cands, args.rounds or cfg["rounds"])
+    layer_names = list(next(iter(frameworks.values())))
+    rows = []
+    for label in frameworks:
+        row = [label]
+        for layer_name in layer_names:
+            fwd = res[f"{label} | {layer_name} | fwd"]["median_s"]
+            both = res[f"{label} | {layer_name} | fwd+bwd"]["median_s"]
+            row.append(f"{1e3 * fwd:.1f} / {1e3 * (both - fwd):.1f}")
+        rows.append(row)
+    table(f"One layer of each type, {shape[0]}x{side}x{side}x{cfg['dim']} "
+          f"(k{cfg['kernel_size']}): forward / backward ms (backward = fwd+bwd - fwd, medians)",
+          ["candidate", *layer_names], rows)
+    return res
