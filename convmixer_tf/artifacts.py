@@ -288,3 +288,18 @@ def publish_version(tmp_dir, model_dir):
     except OSError as error:
         raise OSError(f"cannot publish version {version} at {final}: {error}") from error
     return version, final
+
+
+@contextlib.contextmanager
+def new_version(model_dir):
+    """Yields a dict whose "tmp" is a hidden work folder in `model_dir`; when the block ends
+    cleanly the folder is published as the next version ("version", "path" added), and on any
+    error (or a failed publish) it is deleted, so no partial version is ever visible."""
+    tmp = make_temp_dir(model_dir)
+    published = {"tmp": tmp}
+    try:
+        yield published
+        published["version"], published["path"] = publish_version(tmp, model_dir)
+    finally:
+        if os.path.isdir(tmp):
+            shutil.rmtree(tmp, ignore_errors=True)

@@ -14,6 +14,7 @@ import base64
 import json
 import os
 import sys
+import urllib.error
 import urllib.request
 
 SIGNATURE = "serving_image_bytes"
@@ -92,7 +93,6 @@ def grpc_predict(server, request, timeout=10.0):
 
 def rest_predict(url, model_name, body, timeout=10.0):
     """POSTs `body` to `<url>/v1/models/<model>:predict`; returns the `predictions` list."""
-    import urllib.error
 
     endpoint = f"{url.rstrip('/')}/v1/models/{model_name}:predict"
     request = urllib.request.Request(endpoint, data=json.dumps(body).encode(),

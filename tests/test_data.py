@@ -8,7 +8,7 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 from PIL import Image
 
-from convmixer_tf.training import augment, data
+from convmixer_tf.training import data
 from convmixer_tf.training.config import AugmentConfig, TrainConfig
 from convmixer_tf.training.train import train
 

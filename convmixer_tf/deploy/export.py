@@ -13,7 +13,6 @@ import numpy as np
 
 from convmixer_tf import artifacts, preprocessing
 from convmixer_tf.deploy import saved_model, tflite
-from convmixer_tf.deploy.logits import ExportError
 
 TFLITE_MODES = ("float32", "float16", tflite.EDGE_BUILD)  # int8: every int8 build + the edge build
 
@@ -104,23 +103,16 @@ def export_tflite_version(model, tflite_root, name, meta, calibration, held_out,
     metadata.json (with the builds' report), then renames the set to
     `<tflite_root>/<next version>/` in one step. Returns the report with the published
     `version` and `path` (each build's `files` are names in that folder)."""
-    tmp = artifacts.make_temp_dir(tflite_root)
-    try:
+    with artifacts.new_version(tflite_root) as published:
         report = tflite.export_all(
-            model, tmp, name, calibration, held_out, meta["image_size"], eval_labels=labels,
-            modes=modes, max_accuracy_drop=max_accuracy_drop,
+            model, published["tmp"], name, calibration, held_out, meta["image_size"],
+            eval_labels=labels, modes=modes, max_accuracy_drop=max_accuracy_drop,
             min_int8_agreement=min_int8_agreement, int8_io=int8_io, log=log, gated=gated,
         )
-        artifacts.write_json(os.path.join(tmp, "metadata.json"), dict(
+        artifacts.write_json(os.path.join(published["tmp"], "metadata.json"), dict(
             class_names=meta["class_names"], image_size=meta["image_size"],
             crop_pct=meta["crop_pct"], tflite=report,
         ))
-        try:
-            version, final = artifacts.publish_version(tmp, tflite_root)
-        except OSError as error:
-            raise ExportError(str(error)) from error
-    finally:
-        if os.path.isdir(tmp):
-            shutil.rmtree(tmp, ignore_errors=True)
+    version, final = published["version"], published["path"]
     log(f"exported TFLite files: {final} (version {version})")
     return dict(report, version=version, path=final)

@@ -17,7 +17,6 @@ Signatures (every one returns the same named outputs):
 """
 
 import os
-import shutil
 import subprocess
 import sys
 import tempfile
@@ -323,8 +322,8 @@ def export_saved_model(model_path=None, export_root="saved_models", name=None, m
         sample_images = rng.integers(0, 256, (4, *image_size, 3)).astype(np.uint8)
     sample_images = np.asarray(sample_images, np.uint8)
     model_dir = os.path.join(export_root, name)
-    tmp = artifacts.make_temp_dir(model_dir)
-    try:
+    with artifacts.new_version(model_dir) as published:
+        tmp = published["tmp"]
         ServingModule(model, class_names, image_size, crop_pct, top_k=top_k).save(tmp)
         warm = sample_images[:1]
         tf_serving.write_warmup_requests(tmp, name, [
@@ -334,13 +333,7 @@ def export_saved_model(model_path=None, export_root="saved_models", name=None, m
         ])
         report = validate_saved_model(tmp, model, sample_images, class_names, image_size,
                                       crop_pct, tolerance=tolerance, log=log)
-        try:
-            version, final = artifacts.publish_version(tmp, model_dir)
-        except OSError as error:
-            raise ExportError(str(error)) from error
-    finally:
-        if os.path.isdir(tmp):
-            shutil.rmtree(tmp, ignore_errors=True)
+    version, final = published["version"], published["path"]
     configs = tf_serving.write_serving_configs(export_root)
     log(f"exported SavedModel: {final} (version {version})")
     return dict(path=final, version=version, report=report, configs=configs)
