@@ -120,5 +120,7 @@ def test_quick_run_reports_every_section(tmp_path):
     edge = results["tflite"]["16_1"]
     assert set(edge["results"]) >= {f"litert {m}" for m in tflite.MODES}
     assert edge["info"]["litert float32"][3:5] == [1, "none"]
-    # Full int8 leaves its int8 GELUs to TFLite's own kernels, outside XNNPACK.
-    assert "GELU" in edge["info"]["litert int8"][4]
+    # Full int8 leaves its int8 GELUs to TFLite's own kernels, outside XNNPACK; with GELU
+    # kept in float32 they stay inside.
+    assert "GELU" in edge["info"]["litert full_int8"][4]
+    assert "GELU" not in edge["info"]["litert int8_float_gelu"][4]
