@@ -386,8 +386,11 @@ def test_every_exported_file_runs_on_tflite_runtime_2_14(digits16, tmp_path):
     model.compile(keras.optimizers.Adam(0.003),
                   keras.losses.SparseCategoricalCrossentropy(from_logits=True))
     model.fit(x_train, y_train, batch_size=64, epochs=2, verbose=0)
+    # This test is about the runtime, not the gate: every build is written (a 2-epoch model
+    # may lose more than a point in int8; the gate has its own tests).
     report = tflite.export_all(model, str(tmp_path), "m", x_train[:64], x_test[:100], (16, 16),
-                               eval_labels=y_test[:100], log=lambda line: None, latency_rounds=2)
+                               eval_labels=y_test[:100], log=lambda line: None, latency_rounds=2,
+                               max_accuracy_drop=1.0)
     files = sorted(str(tmp_path / f) for f in os.listdir(tmp_path) if f.endswith(".tflite"))
     assert len(files) == 2 * (len(tflite.MODES) + 1)
     for entry in report["builds"].values():
