@@ -42,7 +42,7 @@ def tiny_job():
     assert os.path.isfile("saved_models/convmixer_digits/1/saved_model.pb")
     assert os.path.isfile("saved_models/convmixer_digits/1/assets.extra/tf_serving_warmup_requests")
     assert os.path.isfile("saved_models/models.config")
-    tflite_dir = "saved_models/convmixer_digits_tflite"
+    tflite_dir = "saved_models/convmixer_digits_tflite/1"  # the first version of the set
     names = sorted(os.listdir(tflite_dir))
     for mode in ("float32", "float16", "dynamic_int8", "int8"):
         assert any(mode in n and n.endswith(".tflite") for n in names), (mode, names)
