@@ -443,21 +443,18 @@ def _fit_size(images, runner):
 
 def compare(flat, model, images, batch_size=None):
     """(max abs logit error, top-1 agreement) of a flatbuffer against the Keras model."""
-    runner = LiteRTModel(flat)
-    images = _fit_size(np.asarray(images), runner)
+    images = _fit_size(np.asarray(images), LiteRTModel(flat))
     reference = np.asarray(logits_model(model)(images.astype(np.float32), training=False))
-    got = predict_batched(runner, images, batch_size or 64)
-    error = float(np.abs(got - reference).max())
-    agreement = float(np.mean(got.argmax(-1) == reference.argmax(-1)))
-    return error, agreement
+    report = accuracy_report(flat, reference, images, batch_size=batch_size or 64)
+    return report["max_logit_error"], report["agreement"]
 
 
-def accuracy_report(flat, reference_logits, images, labels=None):
+def accuracy_report(flat, reference_logits, images, labels=None, batch_size=64):
     """What the gate reads, for one flatbuffer on held-out images: top-1 `accuracy` on
     `labels` (None without labels), `agreement` with the Keras top-1 and `max_logit_error`
     (max abs difference from the Keras logits `reference_logits`)."""
     runner = LiteRTModel(flat)
-    got = predict_batched(runner, _fit_size(np.asarray(images), runner))
+    got = predict_batched(runner, _fit_size(np.asarray(images), runner), batch_size)
     report = dict(
         accuracy=None if labels is None else float(np.mean(got.argmax(-1) == labels)),
         agreement=float(np.mean(got.argmax(-1) == reference_logits.argmax(-1))),
