@@ -62,6 +62,10 @@ TORCH = [
     # Checkpoint conversion (torch.serialization.safe_globals: 2.5+). Not in the min check.
     "torch>=2.5",
 ]
+# `python -m benchmarks` (a checkout tool, not in the wheel): beyond the core, only the PyTorch
+# side (benchmarks/reference_torch.py, parity). torch.compile also needs a C++ compiler; the
+# GPU run (`--backend jax`) needs jax for your accelerator, installed as JAX documents.
+BENCH = TORCH
 TEST = [
     "pytest>=7.0",  # pytest.ini's `pythonpath` (7.0+)
 ] + TFDS + SERVING  # tests prepare a tiny tfds data set and parse the TF Serving files
@@ -80,6 +84,7 @@ setup(
         "tfds": TFDS,  # `--dataset tfds:<name>`, `--preset cifar10|imagenet`
         "serving": SERVING,  # scripts/serving_client.py (gRPC / offline PredictRequests)
         "torch": TORCH,  # PyTorch checkpoints (convmixer-convert, weights="....pth")
+        "bench": BENCH,  # python -m benchmarks (from a checkout)
         "test": TEST,
         "all": TFDS + SERVING + TORCH + TEST,
     },

@@ -16,7 +16,7 @@ torch = pytest.importorskip("torch")
 
 import convmixer_tf  # noqa: E402
 from convmixer_tf import checkpoints, cli, model as model_lib, presets  # noqa: E402
-import reference_torch as rt  # noqa: E402
+from benchmarks import reference_torch as rt  # noqa: E402
 
 RTOL, ATOL = 1e-4, 1e-5
 DIM, DEPTH, CLASSES = 24, 2, 10

@@ -8,7 +8,8 @@ import os
 import pytest
 
 ROOT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "convmixer_tf")
-CORE = {"model", "presets", "imagenet", "layers", "checkpoints", "artifacts", "preprocessing"}
+CORE = {"model", "presets", "imagenet", "layers", "checkpoints", "artifacts", "preprocessing",
+        "timing"}
 
 
 def module_names():

@@ -137,7 +137,7 @@ def test_initialisation_is_pytorchs_default():
         for weight in model.get_layer(name).weights:
             check(weight.numpy(), 1 / np.sqrt(fan), f"{name} {weight.name}")
     torch = pytest.importorskip("torch")
-    import reference_torch
+    from benchmarks import reference_torch
 
     torch.manual_seed(0)  # the same bounds hold for the paper's model
     reference = dict(reference_torch.ConvMixer(dim, 2, k, p, num_classes=10).named_parameters())

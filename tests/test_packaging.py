@@ -1,6 +1,6 @@
 """Packaging: ranges in setup.py agree with constraints-min.txt and requirements-lock.txt, one
-version, a wheel that carries its data and nothing from scripts/, missing extras named; the
-`large` tests install the wheel into fresh venvs (lower bounds; the lock) and run it."""
+version, a wheel that carries its data and nothing from scripts/ or benchmarks/, missing extras
+named; the `large` tests install the wheel into fresh venvs (lower bounds; the lock) and run it."""
 
 import ast
 import os
@@ -68,14 +68,14 @@ def test_ranges_lower_bounds_are_constraints_min_and_the_lock_satisfies_them(mon
     assert {"tensorflow", "keras", "numpy", "ai-edge-litert"} <= core
     assert not core & {"torch", "tensorflow-datasets", "tensorflow-serving-api"}
     assert set(extras["all"]) == set(extras["tfds"] + extras["serving"] + extras["torch"]
-                                     + extras["test"])
+                                     + extras["bench"] + extras["test"])
 
 
 def test_version_is_defined_once(monkeypatch):
     assert _setup_kwargs(monkeypatch)["version"] == convmixer_tf.__version__
     assignment = re.compile(r"^\s*(__version__|version)\s*=\s*['\"]", re.M)
-    sources = [ROOT / "setup.py", *(p for d in ("convmixer_tf", "scripts", "tests")
-                                    for p in (ROOT / d).rglob("*.py"))]
+    folders = ("convmixer_tf", "scripts", "benchmarks", "tests")
+    sources = [ROOT / "setup.py", *(p for d in folders for p in (ROOT / d).rglob("*.py"))]
     hits = [str(p.relative_to(ROOT)) for p in sources
             if assignment.search(p.read_text(encoding="utf-8"))]
     assert hits == ["convmixer_tf/__init__.py"]
@@ -101,13 +101,14 @@ def test_a_broken_package_is_not_reported_as_missing(tmp_path, monkeypatch):
         _extras.require("half_installed", "A test", extra="torch")
 
 
-def test_package_never_imports_scripts():
+def test_package_never_imports_scripts_benchmarks_or_tests():
     for path in (ROOT / "convmixer_tf").rglob("*.py"):
         for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
             names = ([a.name for a in node.names] if isinstance(node, ast.Import)
                      else [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
             for name in names:
-                assert name.split(".")[0] not in ("reference_torch", "scripts", "tests"), (
+                assert name.split(".")[0] not in ("reference_torch", "scripts", "benchmarks",
+                                                  "tests"), (
                     f"{path.relative_to(ROOT)} imports {name}")
 
 
@@ -135,7 +136,8 @@ def test_wheel_contents_and_metadata(tmp_path, monkeypatch):
     data_files = {str(p.relative_to(ROOT)) for p in (ROOT / "convmixer_tf").rglob("*.json")}
     sources = {str(p.relative_to(ROOT)) for p in (ROOT / "convmixer_tf").rglob("*.py")}
     assert data_files and data_files | sources <= names
-    assert not [n for n in names if n.startswith(("scripts/", "tests/")) or "reference_torch" in n]
+    assert not [n for n in names if n.startswith(("scripts/", "benchmarks/", "tests/"))
+                or "reference_torch" in n]
     for script in CONSOLE_SCRIPTS:
         assert f"{script} = convmixer_tf.cli:" in entry_points
     requires = [line.split(": ", 1)[1] for line in metadata.splitlines()

@@ -1,4 +1,4 @@
-"""scripts/parity.py: the same data order, schedule and (with --init copied) the same start give
+"""benchmarks/parity.py: the same data order, schedule and (with --init copied) the same start give
 the same training on both sides. The full comparison is in BENCHMARKS.md."""
 
 import json
@@ -7,7 +7,7 @@ import os
 import numpy as np
 import pytest
 
-import parity
+from benchmarks import parity
 
 FASHION_MNIST = os.path.expanduser("~/.keras/datasets/fashion-mnist/train-images-idx3-ubyte.gz")
 

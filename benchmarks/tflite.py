@@ -1,10 +1,10 @@
-"""Edge section of scripts/benchmark.py: LiteRT builds from the library's converter
+"""Edge section of `python -m benchmarks`: LiteRT builds from the library's converter
 (`convmixer_tf.deploy.tflite`, every mode it offers) at batch 1, beside TF and PyTorch."""
 
 import time
 
-from benchmark_harness import interleaved, keras_model, table, torch_model
-from benchmark_infer import keras_infer_candidate, torch_infer_candidate
+from .harness import interleaved, keras_model, short_name, table, torch_model
+from .infer import keras_infer_candidate, torch_infer_candidate
 
 
 def _partitions(runner):
@@ -26,13 +26,15 @@ def tflite_section(cfgs, calibration, args):
         images = rng.integers(0, 256, (calibration + 4, cfg["image"], cfg["image"], 3))
         images = images.astype("float32")
         calib, test = images[:calibration], images[calibration:]
-        model = keras_model(cfg)
+        model = keras_model(cfg)  # logits (no softmax): what the gate compares
+        reference = np.asarray(model(test, training=False))
         cands, info = {}, {}
         for mode in tflite.MODES:
             start = time.perf_counter()
             flat = tflite.convert(model, mode, calib, input_shape=(1, cfg["image"], cfg["image"]))
             convert_s = time.perf_counter() - start
-            error, agreement = tflite.compare(flat, model, test)
+            report = tflite.accuracy_report(flat, reference, test)
+            error, agreement = report["max_logit_error"], report["agreement"]
             runner = tflite.LiteRTModel(flat, num_threads=args.threads)
             left = {f"{name}x{total - done}" for name, _, done, total in runner.delegation()
                     if done < total}
@@ -59,6 +61,6 @@ def tflite_section(cfgs, calibration, args):
               ["candidate", "latency ms", "x torch fp32", "MB", "max abs logit err",
                "top-1 agreement", "XNNPACK partitions", "ops outside XNNPACK", "convert s"],
               rows)
-        results[f"{cfg['dim']}_{cfg['depth']}"] = dict(
+        results[short_name(cfg)] = dict(
             results=res, info={k: list(v) for k, v in info.items()})
     return results

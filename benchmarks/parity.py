@@ -1,8 +1,8 @@
 """Training-dynamics parity: the paper's PyTorch ConvMixer and ours, trained alike on Fashion-MNIST.
 
-    python scripts/parity.py                  # the BENCHMARKS.md table (24 min, 2 busy cores)
-    python scripts/parity.py --seeds 0 --epochs 1 --train-size 1024 --test-size 512 --dim 32
-    python scripts/parity.py --sides keras --init keras   # ablation: Keras's default init
+    python -m benchmarks.parity               # the BENCHMARKS.md table (24 min, 2 busy cores)
+    python -m benchmarks.parity --seeds 0 --epochs 1 --train-size 1024 --test-size 512 --dim 32
+    python -m benchmarks.parity --sides keras --init keras   # ablation: Keras's default init
 
 Both sides get the same real images (Fashion-MNIST through `keras.datasets`, 28x28 grey repeated
 to 3 channels and kept at 28, so patch 2 gives a 14x14 grid), the same batches in the same order
@@ -129,7 +129,7 @@ def torch_model(args, seed):
     """The paper's model as `torch.manual_seed(seed)` initialises it."""
     import torch
 
-    import reference_torch
+    from . import reference_torch
 
     torch.manual_seed(seed)
     return reference_torch.ConvMixer(args.dim, args.depth, args.kernel_size, args.patch_size,
@@ -231,7 +231,8 @@ def run_torch(args, seed, train, test, orders):
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="python -m benchmarks.parity",
+                                description=__doc__.split("\n")[0])
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1],
                    help="init (torch and Keras) and data order")
     p.add_argument("--sides", nargs="+", default=["torch", "keras"], choices=["torch", "keras"])

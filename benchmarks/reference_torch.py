@@ -1,6 +1,7 @@
-"""The paper's PyTorch ConvMixer, in both published state-dict layouts (torch is optional).
+"""The paper's PyTorch ConvMixer, in both published state-dict layouts (torch: `[bench]`).
 
-The reference for checkpoint conversion tests and the PyTorch side of the benchmarks:
+The reference for checkpoint conversion tests (`from benchmarks import reference_torch`) and the
+PyTorch side of the benchmarks:
 `layout="official"` is the paper's `nn.Sequential` (keys `0.weight`, `3.0.fn.0.weight`, ...),
 `layout="timm"` is timm's module (`stem.0.weight`, `blocks.0.0.fn.0.weight`, `head.weight`).
 """

@@ -1,15 +1,15 @@
 """Per-op account of ConvMixer-768/32 on LiteRT: one block's depthwise and pointwise
 convolutions at its shape (batch 1, 32x32x768), per TFLite build, with and without XNNPACK.
 
-    python scripts/benchmark_depthwise.py                 # 1 thread, CPU time, ~3 min
-    python scripts/benchmark_depthwise.py --threads 2     # wall time (needs a quiet machine)
+    python -m benchmarks.depthwise                 # 1 thread, CPU time, ~3 min
+    python -m benchmarks.depthwise --threads 2     # wall time (needs a quiet machine)
 
 Each op is converted alone (input -> op -> global pooling -> dense) by the export's own code
 (`convmixer_tf.deploy.tflite.convert_builds`), so the numbers are what the op costs inside an
 exported file; "7x7 split" is the export's default (`RowSplitDepthwiseConv2D`: 3x7 + 3x7 + 1x7),
-"7x7 unsplit" the converter's plain 7x7. Candidates are timed interleaved (median of rounds);
-with one thread the time is the calling thread's CPU time (`time.thread_time`: robust to other
-jobs on a shared machine), with more it is wall time.
+"7x7 unsplit" the converter's plain 7x7. Candidates are timed interleaved (median of rounds,
+`convmixer_tf.timing`); with one thread the time is the calling thread's CPU time
+(`time.thread_time`: robust to other jobs on a shared machine), with more it is wall time.
 """
 
 import argparse
@@ -17,10 +17,13 @@ import contextlib
 import io
 import json
 import os
-import statistics
-import time
+
+from convmixer_tf import timing
+
+from .harness import model_shape
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+BLOCK = model_shape("768_32")  # the block shape measured: (224 / 7)^2 tokens x 768
 
 OPS = {  # name: (kernel size or None for the 1x1 pointwise, split the depthwise?)
     "depthwise 3x3": (3, True),
@@ -31,7 +34,7 @@ OPS = {  # name: (kernel size or None for the 1x1 pointwise, split the depthwise
 }
 
 
-def op_model(kernel, size=32, dim=768):
+def op_model(kernel, size=BLOCK["image"] // BLOCK["patch_size"], dim=BLOCK["dim"]):
     import keras
 
     inputs = keras.Input((size, size, dim), name="images")
@@ -44,7 +47,8 @@ def op_model(kernel, size=32, dim=768):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="python -m benchmarks.depthwise",
+                                description=__doc__.split("\n")[0])
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--rounds", type=int, default=10)
     p.add_argument("--modes", default="float32,dynamic_int8,full_int8")
@@ -54,33 +58,27 @@ def main(argv=None):
 
     from convmixer_tf.deploy import tflite
 
+    side, dim = BLOCK["image"] // BLOCK["patch_size"], BLOCK["dim"]
     rng = np.random.default_rng(0)
-    calibration = rng.uniform(0, 3, (4, 32, 32, 768)).astype("float32")
+    calibration = rng.uniform(0, 3, (4, side, side, dim)).astype("float32")
     x = calibration[:1]
     runners = {}
     for op, (kernel, split) in OPS.items():
         with contextlib.redirect_stdout(io.StringIO()):
             flats = tflite.convert_builds(op_model(kernel), args.modes.split(","), calibration,
-                                          (1, 32, 32), split_depthwise=split)
+                                          (1, side, side), split_depthwise=split)
         for mode, flat in flats.items():
             for xnnpack in (True, False):
                 runners[(op, mode, xnnpack)] = tflite.LiteRTModel(
                     flat, num_threads=args.threads, xnnpack=xnnpack)
-    keys = list(runners)
-    for key in keys:
-        runners[key].predict(x)
-    clock = time.thread_time if args.threads == 1 else time.perf_counter
-    times = {key: [] for key in keys}
-    for r in range(args.rounds):
-        for key in keys[r % len(keys):] + keys[:r % len(keys)]:
-            start = clock()
-            runners[key].predict(x)
-            times[key].append(clock() - start)
-    ms = {key: 1000 * statistics.median(t) for key, t in times.items()}
+    clock = timing.clock_for_threads(args.threads)
+    timed = timing.interleaved({key: lambda r=r: r.predict(x) for key, r in runners.items()},
+                               args.rounds, clocks=(clock,))
+    ms = {key: timing.median_ms(t[clock]) for key, t in timed.items()}
     modes = args.modes.split(",")
-    what = "CPU" if args.threads == 1 else "wall"
-    print(f"## LiteRT per op, batch 1, 32x32x768, {args.threads} thread(s), {what} ms, median "
-          f"of {args.rounds} interleaved rounds (XNNPACK / TFLite builtin kernels)\n")
+    what = "CPU" if clock == "cpu" else "wall"
+    print(f"## LiteRT per op, batch 1, {side}x{side}x{dim}, {args.threads} thread(s), {what} "
+          f"ms, median of {args.rounds} interleaved rounds (XNNPACK / TFLite builtin kernels)\n")
     print("| op | " + " | ".join(modes) + " |")
     print("|---|" + "---|" * len(modes))
     for op in OPS:

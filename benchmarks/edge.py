@@ -1,17 +1,17 @@
 """Batch-1 latency of the TFLite builds against every PyTorch CPU configuration, one thread
 each, as CPU time per image: what one core spends, unaffected by other jobs on a shared machine.
 
-    python scripts/benchmark_edge.py                         # ConvMixer-768/32, 224x224, ~15 min
-    python scripts/benchmark_edge.py --variant 256_8         # ConvMixer-256/8, 32x32
-    python scripts/benchmark_edge.py --quick                 # tiny shapes, no torch.compile
+    python -m benchmarks.edge                         # ConvMixer-768/32, 224x224, ~15 min
+    python -m benchmarks.edge --variant 256_8         # ConvMixer-256/8, 32x32 (any preset)
+    python -m benchmarks.edge --quick                 # the variant at tiny size, no torch.compile
 
 With one thread, LiteRT (XNNPACK and the builtin kernels) and PyTorch (eager, bf16 autocast,
 torch.compile) compute in the calling thread, so `time.thread_time()` around one call is its
 CPU time; wall time (also reported) counts the time other processes held the core. Candidates
-are interleaved (each round runs every candidate once, rotating order) and the median over
-rounds is reported. Weights are random (latency does not depend on them); the LiteRT builds
-are the export's (`convmixer_tf.deploy.tflite.convert_builds`), plus the full-int8 build
-without the large-depthwise split, and full int8 without XNNPACK.
+are interleaved (`convmixer_tf.timing.interleaved`: each round runs every candidate once,
+rotating order) and the median over rounds is reported. Weights are random (latency does not
+depend on them); the LiteRT builds are the export's (`convmixer_tf.deploy.tflite.convert_builds`),
+plus the full-int8 build without the large-depthwise split, and full int8 without XNNPACK.
 """
 
 import argparse
@@ -20,21 +20,12 @@ import copy
 import io
 import json
 import os
-import statistics
-import sys
-import time
+
+from convmixer_tf import timing
+
+from .harness import keras_model, model_shape, torch_model, variant
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # reference_torch
-
-VARIANTS = {
-    "768_32": dict(dim=768, depth=32, kernel_size=7, patch_size=7, image=224, classes=1000,
-                   activation="relu"),
-    "256_8": dict(dim=256, depth=8, kernel_size=5, patch_size=2, image=32, classes=10,
-                  activation="gelu"),
-    "quick": dict(dim=32, depth=2, kernel_size=7, patch_size=7, image=28, classes=10,
-                  activation="gelu"),
-}
 
 
 def litert_candidates(cfg, model, calibration, x):
@@ -69,15 +60,15 @@ def litert_candidates(cfg, model, calibration, x):
 def torch_candidates(cfg, x, compile_=True):
     """{name: (run, {})}: eager fp32 NCHW / channels_last, bf16 autocast, torch.compile."""
     import numpy as np
-    import reference_torch
     import torch
+
+    from convmixer_tf import presets
 
     torch.set_num_threads(1)
     torch.set_flush_denormal(True)  # as TF's thread pools do
-    model = reference_torch.ConvMixer(cfg["dim"], cfg["depth"], cfg["kernel_size"],
-                                      cfg["patch_size"], cfg["activation"], cfg["classes"]).eval()
-    mean = np.array([0.485, 0.456, 0.406], "float32") * 255
-    std = np.array([0.229, 0.224, 0.225], "float32") * 255
+    model = torch_model(cfg).eval()
+    mean = np.array(presets.IMAGENET_MEAN, "float32") * 255
+    std = np.array(presets.IMAGENET_STD, "float32") * 255
     nchw = torch.from_numpy(((x - mean) / std).transpose(0, 3, 1, 2).copy())
     last = nchw.contiguous(memory_format=torch.channels_last)
     model_last = copy.deepcopy(model).to(memory_format=torch.channels_last)
@@ -103,40 +94,39 @@ def torch_candidates(cfg, x, compile_=True):
 
 
 def measure(candidates, rounds):
-    names = list(candidates)
-    for name in names:  # warm-up (and torch.compile's compilation)
-        candidates[name][0]()
-    cpu, wall = {n: [] for n in names}, {n: [] for n in names}
-    for r in range(rounds):
-        for name in names[r % len(names):] + names[:r % len(names)]:
-            c, w = time.thread_time(), time.perf_counter()
-            candidates[name][0]()
-            cpu[name].append(time.thread_time() - c)
-            wall[name].append(time.perf_counter() - w)
-    return {n: dict(cpu_ms=1000 * statistics.median(cpu[n]),
-                    wall_ms=1000 * statistics.median(wall[n])) for n in names}
+    """{name: dict(cpu_ms, wall_ms)}: medians of interleaved rounds (the warm-up round also
+    runs torch.compile's compilation)."""
+    timed = timing.interleaved({n: c[0] for n, c in candidates.items()}, rounds,
+                               clocks=("cpu", "wall"))
+    return {n: dict(cpu_ms=timing.median_ms(t["cpu"]), wall_ms=timing.median_ms(t["wall"]))
+            for n, t in timed.items()}
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--variant", choices=sorted(VARIANTS), default="768_32")
-    p.add_argument("--quick", action="store_true", help="tiny shapes, no torch.compile")
+    p = argparse.ArgumentParser(prog="python -m benchmarks.edge",
+                                description=__doc__.split("\n")[0])
+    p.add_argument("--variant", default="768_32",
+                   help="a presets.MODEL_CONFIGS name, or its short form (768_32, 256_8)")
+    p.add_argument("--quick", action="store_true",
+                   help="the variant's kernel, patch and activation at tiny size; no torch.compile")
     p.add_argument("--rounds", type=int, default=7)
     p.add_argument("--no-compile", action="store_true", help="skip torch.compile")
     p.add_argument("--json", default="")
     args = p.parse_args(argv)
-    cfg = VARIANTS["quick" if args.quick else args.variant]
+    try:
+        variant(args.variant)
+    except ValueError as error:
+        p.error(str(error))
+    if args.rounds < 1:
+        p.error(f"--rounds must be >= 1; got {args.rounds}")
+    cfg = model_shape(args.variant, quick=args.quick)
     import keras
     import numpy as np
     import tensorflow as tf
 
     tf.config.threading.set_intra_op_parallelism_threads(1)
-    from convmixer_tf.model import ConvMixer
-
     keras.utils.set_random_seed(0)
-    model = ConvMixer(cfg["dim"], cfg["depth"], cfg["kernel_size"], cfg["patch_size"],
-                      activation=cfg["activation"], input_shape=(cfg["image"],) * 2 + (3,),
-                      classes=cfg["classes"], classifier_activation=None)
+    model = keras_model(cfg)
     rng = np.random.default_rng(1)
     calibration = rng.integers(0, 256, (8, cfg["image"], cfg["image"], 3)).astype("float32")
     x = calibration[:1]

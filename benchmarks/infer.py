@@ -1,8 +1,7 @@
-"""Inference section of scripts/benchmark.py: ConvMixer-768/32 latency, ours vs PyTorch."""
+"""Inference section of `python -m benchmarks`: ConvMixer-768/32 latency, ours vs PyTorch."""
 
-from benchmark_harness import (flops_per_image, interleaved, keras_model, table, torch_device,
-                               torch_model)
-from benchmark_train import compare_rows, print_torch_best
+from .harness import flops_per_image, interleaved, keras_model, table, torch_device, torch_model
+from .train import compare_rows, print_torch_best
 
 
 def keras_infer_candidate(model, x, args):

@@ -1,18 +1,19 @@
-"""scripts/benchmark*.py: their pieces, and one --quick smoke run (no timing assertions)."""
+"""The benchmarks package: its pieces, its shape (a package, shapes from presets), and one
+`python -m benchmarks --quick` smoke run (no timing assertions)."""
 
+import ast
 import json
 import os
+import pathlib
 import subprocess
 import sys
 
 import pytest
 
-import benchmark
-import benchmark_harness as bench
-import benchmark_train
+from benchmarks import __main__ as benchmark, harness as bench, train as benchmark_train
+from convmixer_tf import presets
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SCRIPT = os.path.join(ROOT, "scripts", "benchmark.py")
 
 
 def test_flops_match_the_layers_of_the_keras_model():
@@ -31,6 +32,58 @@ def test_flops_match_the_layers_of_the_keras_model():
         elif kind == "Dense":
             macs += layer.kernel.shape[0] * layer.kernel.shape[1]
     assert bench.flops_per_image(**cfg) == 2 * macs
+
+
+def test_shapes_come_from_the_presets():
+    cifar = presets.MODEL_CONFIGS["convmixer_256_8_ks5_p2"]
+    assert bench.variant("256_8") == bench.variant("convmixer_256_8_ks5_p2") == (
+        "convmixer_256_8_ks5_p2")
+    assert bench.model_shape("256_8") == dict(cifar, image=32, classes=10)
+    assert bench.model_shape("768_32") == dict(presets.MODEL_CONFIGS["convmixer_768_32"],
+                                               image=224, classes=1000)
+    quick = bench.model_shape("256_8", quick=True, depth=1)
+    assert quick == dict(cifar, dim=32, depth=1, image=16, classes=10)
+    with pytest.raises(ValueError, match="unknown or ambiguous model variant 'nope'.*768_32"):
+        bench.variant("nope")
+    # The run plan: every section's model is a preset (kernel, patch, activation kept --quick).
+    for quick in (False, True):
+        plan = benchmark.shapes_for(quick)
+        for cfg, name in ((plan["train"], "convmixer_256_8_ks5_p2"),
+                          (plan["infer"], "convmixer_768_32"),
+                          (plan["tflite"][0], "convmixer_256_8_ks5_p2")):
+            config = presets.MODEL_CONFIGS[name]
+            assert {k: cfg[k] for k in ("kernel_size", "patch_size", "activation")} == {
+                k: config[k] for k in ("kernel_size", "patch_size", "activation")}
+            if quick:
+                assert cfg["dim"] < config["dim"] and cfg["depth"] < config["depth"]
+            else:
+                assert (cfg["dim"], cfg["depth"]) == (config["dim"], config["depth"])
+    assert bench.short_name(benchmark.shapes_for(True)["tflite"][0]) == "16_1"
+
+
+def test_benchmarks_is_a_package_without_path_hacks():
+    """Modules import each other relatively (no bare sibling names, no sys.path edits), so
+    `python -m benchmarks...` and the tests need nothing on the path but the checkout."""
+    folder = pathlib.Path(ROOT) / "benchmarks"
+    siblings = {p.stem for p in folder.glob("*.py")}
+    for path in folder.glob("*.py"):
+        source = path.read_text(encoding="utf-8")
+        assert "sys.path" not in source, path.name
+        for node in ast.walk(ast.parse(source)):
+            if isinstance(node, ast.Import):
+                bare = [a.name for a in node.names if a.name.split(".")[0] in siblings]
+                assert not bare, (path.name, bare)
+            elif isinstance(node, ast.ImportFrom) and node.level == 0:
+                assert (node.module or "").split(".")[0] not in siblings, (path.name,
+                                                                            node.module)
+    assert not list((pathlib.Path(ROOT) / "scripts").glob("benchmark*.py"))
+
+
+def test_edge_rejects_an_unknown_variant_before_building_anything():
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.edge", "--variant", "512_4"],
+                          capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert proc.returncode == 2
+    assert "unknown or ambiguous model variant '512_4': choose from" in proc.stderr
 
 
 def test_interleaved_rotates_and_takes_medians():
@@ -100,7 +153,7 @@ def test_quick_run_reports_every_section(tmp_path):
     out = tmp_path / "bench.json"
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
     proc = subprocess.run(
-        [sys.executable, SCRIPT, "--quick", "--rounds", "1", "--json", str(out)],
+        [sys.executable, "-m", "benchmarks", "--quick", "--rounds", "1", "--json", str(out)],
         capture_output=True, text=True, timeout=600, env=env, cwd=ROOT,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -124,3 +177,22 @@ def test_quick_run_reports_every_section(tmp_path):
     # kept in float32 they stay inside.
     assert "GELU" in edge["info"]["litert full_int8"][4]
     assert "GELU" not in edge["info"]["litert int8_float_gelu"][4]
+
+
+@pytest.mark.large
+def test_edge_quick_run_times_every_build_against_torch(tmp_path):
+    pytest.importorskip("torch")
+    out = tmp_path / "edge.json"
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
+    proc = subprocess.run(
+        [sys.executable, "-m", "benchmarks.edge", "--quick", "--rounds", "1", "--json", str(out)],
+        capture_output=True, text=True, timeout=600, env=env, cwd=ROOT,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "## Edge, batch 1, 1 thread: ConvMixer-32/2 (k7, relu), 28x28" in proc.stdout
+    results = json.loads(out.read_text())
+    assert results["config"] == bench.model_shape("768_32", quick=True)
+    assert {"litert float32", "litert full_int8, no XNNPACK",
+            "litert full_int8, 7x7 depthwise unsplit", "torch eager fp32 NCHW"} <= set(
+        results["results"])
+    assert all(r["cpu_ms"] > 0 and r["wall_ms"] > 0 for r in results["results"].values())

@@ -1,10 +1,45 @@
-"""What every benchmark section shares: interleaved timing, FLOP counts, the models of both
-frameworks, the matmul peak (the MFU denominator), ratios against PyTorch's best, tables."""
+"""What every benchmark shares: model shapes from `presets`, interleaved timing
+(`convmixer_tf.timing`), FLOP counts, the models of both frameworks, the matmul peak (the MFU
+denominator), ratios against PyTorch's best, tables."""
 
 import os
 import platform
 import statistics
-import time
+
+from convmixer_tf import presets, timing
+
+# The input each benchmarked variant is measured at (the paper's: CIFAR-10 for 256/8, ImageNet
+# for the others), and its `--quick` size: the same kernel, patch and activation, tiny.
+INPUTS = {
+    "convmixer_256_8_ks5_p2": dict(image=32, classes=10, quick=dict(dim=32, depth=2, image=16)),
+}
+IMAGENET_INPUT = dict(image=224, classes=1000, quick=dict(dim=32, depth=2, image=28, classes=10))
+
+
+def variant(name):
+    """The MODEL_CONFIGS name of `name`: itself, or a short form ("256_8" for
+    convmixer_256_8_ks5_p2)."""
+    names = [k for k in presets.MODEL_CONFIGS
+             if name in (k, k.removeprefix("convmixer_")) or k.startswith(f"convmixer_{name}_")]
+    if len(names) != 1:
+        short = sorted(k.removeprefix("convmixer_") for k in presets.MODEL_CONFIGS)
+        raise ValueError(f"unknown or ambiguous model variant {name!r}: choose from "
+                         f"{', '.join(short)} (presets.MODEL_CONFIGS)")
+    return names[0]
+
+
+def model_shape(name, quick=False, **overrides):
+    """A benchmark's model: the preset's architecture (dim, depth, kernel_size, patch_size,
+    activation) at its input (image, classes); `quick` shrinks it, `overrides` win."""
+    full = variant(name)
+    inputs = dict(INPUTS.get(full, IMAGENET_INPUT))
+    small = inputs.pop("quick")
+    return {**presets.MODEL_CONFIGS[full], **inputs, **(small if quick else {}), **overrides}
+
+
+def short_name(cfg):
+    """"768_32": the dim and depth a result is filed under."""
+    return f"{cfg['dim']}_{cfg['depth']}"
 
 
 def flops_per_image(dim, depth, kernel_size, patch_size, image, classes, **_):
@@ -18,25 +53,14 @@ def flops_per_image(dim, depth, kernel_size, patch_size, image, classes, **_):
 
 
 def interleaved(candidates, rounds, warmup=1):
-    """Runs each `candidates[name]()` (returns items processed) `warmup` times, then `rounds`
-    rounds in rotating order; returns {name: dict(median_s, items, per_s, times)}."""
-    names = list(candidates)
-    for name in names:
-        for _ in range(warmup):
-            candidates[name]()
-    times = {n: [] for n in names}
-    items = {}
-    for r in range(rounds):
-        for name in names[r % len(names):] + names[: r % len(names)]:
-            start = time.perf_counter()
-            items[name] = candidates[name]()
-            times[name].append(time.perf_counter() - start)
+    """`timing.interleaved` over `candidates[name]()` (each returns the items it processed):
+    {name: dict(median_s, items, per_s, best_per_s, times)}, wall clock."""
     out = {}
-    for name in names:
-        med = statistics.median(times[name])
-        out[name] = dict(median_s=med, items=items[name], per_s=items[name] / med,
-                         best_per_s=items[name] / min(times[name]),
-                         times=[round(t, 4) for t in times[name]])
+    for name, r in timing.interleaved(candidates, rounds, warmup).items():
+        times = r["wall"]
+        med = statistics.median(times)
+        out[name] = dict(median_s=med, items=r["result"], per_s=r["result"] / med,
+                         best_per_s=r["result"] / min(times), times=[round(t, 4) for t in times])
     return out
 
 
@@ -139,10 +163,10 @@ def torch_device(args):
 
 
 def torch_model(cfg, device="cpu", channels_last=False):
-    """The paper's PyTorch ConvMixer (scripts/reference_torch.py) on `device`."""
+    """The paper's PyTorch ConvMixer (benchmarks/reference_torch.py) on `device`."""
     import torch
 
-    import reference_torch
+    from . import reference_torch
 
     model = reference_torch.ConvMixer(cfg["dim"], cfg["depth"], cfg["kernel_size"],
                                       cfg["patch_size"], cfg["activation"], cfg["classes"])

@@ -5,12 +5,14 @@ pipeline did before the cache) and on (decoded once, then augmented from memory)
 A CIFAR-10-like JPEG folder (32x32, train/<class>/*.jpg, test/<class>/*.jpg) is made first
 from Fashion-MNIST (Keras's cache, grey repeated to RGB) or, without it, random images. The
 cifar10 recipe's augmentation (hflip, RandAugment n2, colour jitter, erasing) runs in both.
-Modes alternate round by round in one process; medians over rounds. Besides wall-clock
-images/s it reports the process CPU time per image, which other jobs on the machine barely
-change, and 2 cores / that time: the rate with two cores to itself.
+Candidates are interleaved in one process (`convmixer_tf.timing`: each round runs every one,
+rotating order, after a warm-up); medians over rounds. Each timed call gets a fresh iterator
+whose first batch (or training step: fit's own step function) was taken untimed. Besides
+wall-clock images/s it reports the process CPU time per image, which other jobs on the machine
+barely change, and 2 cores / that time: the rate with two cores to itself.
 
     git show 7323ce4:convmixer_tf/training/data.py > /tmp/data_before.py   # the old pipeline
-    PYTHONPATH=. python scripts/benchmark_pipeline.py --folder /tmp/cifar_like --images 5000 \
+    python -m benchmarks.pipeline --folder /tmp/cifar_like --images 5000 \
         --before /tmp/data_before.py
 """
 
@@ -25,9 +27,11 @@ import keras
 import numpy as np
 from PIL import Image
 
-from convmixer_tf import layers, model as model_lib, presets
+from convmixer_tf import timing
 from convmixer_tf.training import data
 from convmixer_tf.training.config import TrainConfig
+
+from .harness import keras_model, model_shape
 
 
 def make_folder(root, images, test_images=1000, size=32):
@@ -49,30 +53,42 @@ def make_folder(root, images, test_images=1000, size=32):
         image.save(os.path.join(folder, f"{i}.jpg"), quality=90)
 
 
-def clocks():
-    """(wall seconds, this process's CPU seconds): the CPU time is what an image costs the
-    cores whatever else runs on the machine; the wall rate is what you get under that load."""
-    return time.perf_counter(), time.process_time()
+def fresh(train, step=next):
+    """`prepare` of a candidate: a new iterator over `train`, one `step` already taken (the
+    pipeline started and filled; untimed, as each training epoch starts)."""
+    def make():
+        iterator = iter(train)
+        step(iterator)
+        return iterator
+
+    return make
 
 
-def rates(images, begin):
-    """(images/s, CPU ms per image) since `begin` = clocks()."""
-    wall, cpu = clocks()
-    return images / (wall - begin[0]), 1000 * (cpu - begin[1]) / images
+def pulling(batch_size, batches):
+    """A candidate: the next `batches` batches of the prepared iterator; returns images."""
+    def run(iterator):
+        for _ in range(batches):
+            next(iterator)
+        return batches * batch_size
+
+    return run
 
 
-def pipeline_rate(train, batch_size, batches):
-    """(images/s, CPU ms/image) of `batches` batches of a pipeline (after a warm-up batch)."""
-    iterator = iter(train)
-    next(iterator)
-    begin = clocks()
-    for _ in range(batches):
-        next(iterator)
-    return rates(batches * batch_size, begin)
+def training(model, batch_size, steps):
+    """A candidate: `steps` training steps (fit's own step function) on the prepared
+    iterator; returns images."""
+    def run(iterator):
+        for _ in range(steps):
+            logs = model.train_function(iterator)
+        float(logs["loss"])  # waits for the last step
+        return steps * batch_size
+
+    return run
 
 
-def main():
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def main(argv=None):
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.pipeline",
+                                     description=__doc__.splitlines()[0])
     parser.add_argument("--folder", default="/tmp/convmixer_cifar_like")
     parser.add_argument("--images", type=int, default=5000)
     parser.add_argument("--batch-size", type=int, default=128)
@@ -82,10 +98,17 @@ def main():
     parser.add_argument("--before", default="",
                         help="an older training/data.py to compare with (its build_datasets)")
     parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--variant", default="convmixer_256_8_ks5_p2")
+    parser.add_argument("--variant", default="256_8",
+                        help="a presets.MODEL_CONFIGS name or its short form")
     parser.add_argument("--size", type=int, default=32, help="JPEG side made (and trained on)")
     parser.add_argument("--no-training", action="store_true", help="pipelines only")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
+    if min(args.rounds, args.batches, args.train_steps, args.images) < 1:
+        parser.error("--rounds, --batches, --train-steps and --images must be >= 1")
+    try:
+        cfg = model_shape(args.variant, image=args.size, classes=10)
+    except ValueError as error:
+        parser.error(str(error))
     if not os.path.isdir(os.path.join(args.folder, "train")):
         start = time.perf_counter()
         make_folder(args.folder, args.images, size=args.size)
@@ -103,46 +126,42 @@ def main():
     for cache, build in builders.items():
         for name, augment in (("cifar10 augmentation", recipe), ("no augmentation", None)):
             for batch in {args.batch_size, args.train_batch_size}:
-                begin = clocks()
+                start = time.perf_counter()
                 kwargs = {} if cache == "before" else dict(cache=cache)
                 ds = build(args.folder, args.size, batch, augment=augment, **kwargs)
                 ds.train  # the cache's decode pass happens here
                 builds[cache, name, batch] = ds
+                need = max((args.batches + 1) * args.batch_size,
+                           (args.train_steps + 1) * args.train_batch_size)
+                if ds.train_size < need:
+                    parser.error(f"{args.folder} has {ds.train_size} training images; a round "
+                                 f"takes {need} (one epoch): lower --batches / --train-steps")
                 print(f"{cache}, {name}, batch {batch}: built in "
-                      f"{time.perf_counter() - begin[0]:.1f} s ({ds.train_size} train images)")
+                      f"{time.perf_counter() - start:.1f} s ({ds.train_size} train images)")
 
-    model = layers.accelerate(model_lib.ConvMixer(
-        **presets.MODEL_CONFIGS[args.variant], input_shape=(args.size, args.size, 3),
-        classes=10, classifier_activation=None))
-    model.compile(optimizer=keras.optimizers.AdamW(1e-3),
-                  loss=keras.losses.CategoricalCrossentropy(from_logits=True))
+    candidates, prepare = {}, {}
+    for cache in builders:
+        for name in ("cifar10 augmentation", "no augmentation"):
+            key = "pipeline", cache, name
+            candidates[key] = pulling(args.batch_size, args.batches)
+            prepare[key] = fresh(builds[cache, name, args.batch_size].train)
     if not args.no_training:
-        model.fit(builds["off", "cifar10 augmentation", args.train_batch_size].train.take(2),
-                  verbose=0)  # compile once (the same shapes for every candidate)
-
-    results = {}
-    for round_ in range(args.rounds):
-        order = list(builders) if round_ % 2 == 0 else list(reversed(builders))
-        for cache in order:
-            for name in ("cifar10 augmentation", "no augmentation"):
-                results.setdefault(("pipeline", cache, name), []).append(pipeline_rate(
-                    builds[cache, name, args.batch_size].train, args.batch_size, args.batches))
-        for cache in order if not args.no_training else ():
-            ds = builds[cache, "cifar10 augmentation", args.train_batch_size].train
-            marks = []
-            callback = keras.callbacks.LambdaCallback(
-                on_train_batch_end=lambda batch, logs: marks.append(clocks()))
-            model.fit(ds.take(args.train_steps + 1), verbose=0, callbacks=[callback])
-            results.setdefault(("training", cache, "cifar10 augmentation"), []).append(
-                rates(args.train_steps * args.train_batch_size, marks[0]))
-        print(f"round {round_ + 1}: " + "; ".join(
-            f"{k[0]} {k[1]} {k[2]}: {v[-1][0]:.0f}/s {v[-1][1]:.3f} ms"
-            for k, v in results.items()), flush=True)
-    print(f"\nmedians of {args.rounds} rounds (images/s wall | CPU ms per image | 2 cores "
-          f"/ CPU time = images/s with the 2 cores to itself):")
-    for (what, cache, name), values in results.items():
-        wall = statistics.median(v[0] for v in values)
-        cpu = statistics.median(v[1] for v in values)
+        model = keras_model(cfg, fast=True)
+        model.compile(optimizer=keras.optimizers.AdamW(1e-3),
+                      loss=keras.losses.CategoricalCrossentropy(from_logits=True))
+        model.make_train_function()  # one step function, the same shapes for every candidate
+        for cache in builders:
+            key = "training", cache, "cifar10 augmentation"
+            candidates[key] = training(model, args.train_batch_size, args.train_steps)
+            prepare[key] = fresh(builds[cache, key[2], args.train_batch_size].train,
+                                 model.train_function)
+    results = timing.interleaved(candidates, args.rounds, clocks=("wall", "process"),
+                                 prepare=prepare)
+    print(f"\nmedians of {args.rounds} interleaved rounds (images/s wall | CPU ms per image | "
+          f"2 cores / CPU time = images/s with the 2 cores to itself):")
+    for (what, cache, name), r in results.items():
+        wall = r["result"] / statistics.median(r["wall"])
+        cpu = timing.median_ms(r["process"]) / r["result"]
         print(f"  {what:8s} {cache:6s} {name:22s} {wall:7.1f} images/s | "
               f"{cpu:6.3f} ms | {2000 / cpu:7.1f} images/s")
 

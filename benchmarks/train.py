@@ -1,9 +1,8 @@
-"""Training sections of scripts/benchmark.py: whole training steps (ours vs every PyTorch
+"""Training sections of `python -m benchmarks`: whole training steps (ours vs every PyTorch
 configuration) and a per-layer forward/backward profile at the same shapes."""
 
-from benchmark_harness import (best_torch, flops_per_image, interleaved, keras_model, mfu,
-                               peak_for, precision_class, ratio, table, torch_device,
-                               torch_model)
+from .harness import (best_torch, flops_per_image, interleaved, keras_model, mfu, peak_for,
+                      precision_class, ratio, table, torch_device, torch_model)
 
 
 def _tf_dataset(cfg, n_images=512):

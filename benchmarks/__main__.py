@@ -1,20 +1,20 @@
 """ConvMixer speed, this project against the paper's PyTorch model, side by side in one run.
 
-    python scripts/benchmark.py                    # everything, CPU, ~20 min on 2 cores
-    python scripts/benchmark.py --quick            # tiny shapes, ~1 min: a smoke run
-    python scripts/benchmark.py --only peak,train  # peak,train,layers,infer,tflite (comma list)
-    python scripts/benchmark.py --backend jax      # GPU: Keras on JAX (XLA, bf16) vs torch eager/compile
+    python -m benchmarks                    # everything, CPU, ~20 min on 2 cores
+    python -m benchmarks --quick            # tiny shapes, ~1 min: a smoke run
+    python -m benchmarks --only peak,train  # peak,train,layers,infer,tflite (comma list)
+    python -m benchmarks --backend jax      # GPU: Keras on JAX (XLA, bf16) vs torch eager/compile
 
 Every comparison is interleaved: each round runs every candidate once, in rotating order, after a
 warm-up, and the median over rounds is reported, so load changes hit ours and torch alike. Both
 frameworks get the same number of threads (`--threads`, default 2). Results print as Markdown
 tables (and `--json PATH` writes them); BENCHMARKS.md has the commands and the numbers.
-torch is an optional extra (`pip install convmixer_tf[torch]`); its side is the paper's model from
-scripts/reference_torch.py (the same modules timm uses) in every configuration a PyTorch user
+torch comes with the `[bench]` extra; its side is the paper's model from
+benchmarks/reference_torch.py (the same modules timm uses) in every configuration a PyTorch user
 would pick (eager NCHW and channels_last, torch.compile, bf16 autocast), and every ratio is
 against PyTorch's fastest configuration of the same precision and against its overall best.
-Sections: benchmark_harness.py (shared), benchmark_train.py (train, layers),
-benchmark_infer.py (infer), benchmark_tflite.py (tflite, the library's LiteRT builds).
+Sections: harness.py (shared), train.py (train, layers), infer.py (infer), tflite.py (tflite,
+the library's LiteRT builds).
 """
 
 import argparse
@@ -24,43 +24,42 @@ import sys
 import time
 
 # The sections import Keras, TF, torch and the library lazily: KERAS_BACKEND is set first.
-import benchmark_harness as harness
-import benchmark_infer
-import benchmark_train
+from . import harness, infer, train
 
 SECTIONS = ("peak", "train", "layers", "infer", "tflite")
 
-# Shapes from the issue: the paper's CIFAR model for training, the ImageNet one for inference.
+# Models by preset name (harness.model_shape: the paper's CIFAR model for training, the
+# ImageNet one for inference, both for the edge); rounds and sizes of each section.
 FULL = dict(
-    train=dict(dim=256, depth=8, kernel_size=5, patch_size=2, image=32, batch=128, classes=10,
-               activation="gelu", rounds=3, steps=2),
-    infer=dict(dim=768, depth=32, kernel_size=7, patch_size=7, image=224, batches=(1, 32),
-               classes=1000, activation="relu", rounds={1: 7, 32: 2}),
-    tflite=[
-        dict(dim=256, depth=8, kernel_size=5, patch_size=2, image=32, classes=10,
-             activation="gelu", rounds=30),
-        dict(dim=768, depth=32, kernel_size=7, patch_size=7, image=224, classes=1000,
-             activation="relu", rounds=5),
-    ],
+    train=dict(variant="256_8", batch=128, rounds=3, steps=2),
+    infer=dict(variant="768_32", batches=(1, 32), rounds={1: 7, 32: 2}),
+    tflite=[dict(variant="256_8", rounds=30), dict(variant="768_32", rounds=5)],
     peak=dict(n=2048, rounds=8),
     calibration=8,
 )
 QUICK = dict(
-    train=dict(dim=32, depth=2, kernel_size=5, patch_size=2, image=16, batch=16, classes=10,
-               activation="gelu", rounds=2, steps=1),
-    infer=dict(dim=32, depth=2, kernel_size=7, patch_size=7, image=28, batches=(1, 4),
-               classes=10, activation="relu", rounds={1: 2, 4: 2}),
-    tflite=[
-        dict(dim=16, depth=1, kernel_size=3, patch_size=2, image=16, classes=10,
-             activation="gelu", rounds=3),
-    ],
+    train=dict(FULL["train"], batch=16, rounds=2, steps=1),
+    infer=dict(FULL["infer"], batches=(1, 4), rounds={1: 2, 4: 2}),
+    tflite=[dict(variant="256_8", dim=16, depth=1, rounds=3)],
     peak=dict(n=256, rounds=2),
     calibration=2,
 )
 
 
+def shapes_for(quick):
+    """FULL or QUICK with every `variant` resolved to its model shape."""
+    def resolve(section):
+        section = dict(section)
+        return harness.model_shape(section.pop("variant"), quick, **section)
+
+    plan = QUICK if quick else FULL
+    return dict(plan, train=resolve(plan["train"]), infer=resolve(plan["infer"]),
+                tflite=[resolve(s) for s in plan["tflite"]])
+
+
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="python -m benchmarks",
+                                description=__doc__.split("\n")[0])
     p.add_argument("--only", default=",".join(SECTIONS),
                    help=f"comma-separated sections to run, from {','.join(SECTIONS)}")
     p.add_argument("--quick", action="store_true", help="tiny shapes: a smoke run in < 1 min")
@@ -111,7 +110,7 @@ def setup(args):
         try:
             import torch
         except ImportError:
-            print("torch is not installed (pip install convmixer_tf[torch]): skipping it")
+            print('torch is not installed (pip install -e ".[bench]"): skipping it')
             args.no_torch = True
         else:
             torch.set_num_threads(args.threads)
@@ -123,7 +122,7 @@ def setup(args):
 def main(argv=None):
     args = parse_args(argv)
     setup(args)
-    shapes = QUICK if args.quick else FULL
+    shapes = shapes_for(args.quick)
     if args.backend == "jax" and not args.quick:
         # Steps take milliseconds on a GPU: more of them per round for a stable median.
         shapes = dict(shapes, train=dict(shapes["train"], steps=50, rounds=5),
@@ -131,8 +130,8 @@ def main(argv=None):
                       peak=dict(n=8192, rounds=10))
     started = time.time()
     info = harness.machine_info(args)
-    print("## ConvMixer benchmark: " + " ".join(["python scripts/benchmark.py", *(argv or
-                                                                                    sys.argv[1:])]))
+    print("## ConvMixer benchmark: " + " ".join(["python -m benchmarks", *(argv or
+                                                                          sys.argv[1:])]))
     print(json.dumps(info))
     results = dict(machine=info)
     peak = {}
@@ -140,15 +139,15 @@ def main(argv=None):
         results["peak"] = harness.matmul_peak(shapes["peak"], args)
         peak = results["peak"]["peak_flops"]
     if "train" in args.sections:
-        results["train"] = benchmark_train.train_section(shapes["train"], args, peak)
+        results["train"] = train.train_section(shapes["train"], args, peak)
     if "layers" in args.sections:
-        results["layers"] = benchmark_train.layers_section(shapes["train"], args)
+        results["layers"] = train.layers_section(shapes["train"], args)
     if "infer" in args.sections:
-        results["infer"] = benchmark_infer.infer_section(shapes["infer"], args, peak)
+        results["infer"] = infer.infer_section(shapes["infer"], args, peak)
     if "tflite" in args.sections:
-        import benchmark_tflite  # LiteRT: only where the section runs
+        from . import tflite  # LiteRT: only where the section runs
 
-        results["tflite"] = benchmark_tflite.tflite_section(
+        results["tflite"] = tflite.tflite_section(
             shapes["tflite"], shapes["calibration"], args)
     info["loadavg_end"] = os.getloadavg()
     info["wall_s"] = round(time.time() - started, 1)
