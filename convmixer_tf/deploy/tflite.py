@@ -441,14 +441,6 @@ def _fit_size(images, runner):
     return images
 
 
-def compare(flat, model, images, batch_size=None):
-    """(max abs logit error, top-1 agreement) of a flatbuffer against the Keras model."""
-    images = _fit_size(np.asarray(images), LiteRTModel(flat))
-    reference = np.asarray(logits_model(model)(images.astype(np.float32), training=False))
-    report = accuracy_report(flat, reference, images, batch_size=batch_size or 64)
-    return report["max_logit_error"], report["agreement"]
-
-
 def accuracy_report(flat, reference_logits, images, labels=None, batch_size=64):
     """What the gate reads, for one flatbuffer on held-out images: top-1 `accuracy` on
     `labels` (None without labels), `agreement` with the Keras top-1 and `max_logit_error`
