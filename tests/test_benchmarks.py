@@ -34,6 +34,14 @@ def test_flops_match_the_layers_of_the_keras_model():
     assert bench.flops_per_image(**cfg) == 2 * macs
 
 
+def _run(module, *args):
+    """`python -m module args` from the checkout root: (return code, stdout, stderr)."""
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
+    proc = subprocess.run([sys.executable, "-m", module, *map(str, args)], capture_output=True,
+                          text=True, timeout=600, env=env, cwd=ROOT)
+    return proc.returncode, proc.stdout, proc.stderr
+
+
 def test_shapes_come_from_the_presets():
     cifar = presets.MODEL_CONFIGS["convmixer_256_8_ks5_p2"]
     assert bench.variant("256_8") == bench.variant("convmixer_256_8_ks5_p2") == (
@@ -80,10 +88,8 @@ def test_benchmarks_is_a_package_without_path_hacks():
 
 
 def test_edge_rejects_an_unknown_variant_before_building_anything():
-    proc = subprocess.run([sys.executable, "-m", "benchmarks.edge", "--variant", "512_4"],
-                          capture_output=True, text=True, timeout=120, cwd=ROOT)
-    assert proc.returncode == 2
-    assert "unknown or ambiguous model variant '512_4': choose from" in proc.stderr
+    code, _, err = _run("benchmarks.edge", "--variant", "512_4")
+    assert code == 2 and "unknown or ambiguous model variant '512_4': choose from" in err
 
 
 def test_interleaved_rotates_and_takes_medians():
@@ -151,15 +157,11 @@ def test_bad_flags_are_rejected(capsys):
 
 def test_quick_run_reports_every_section(tmp_path):
     out = tmp_path / "bench.json"
-    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
-    proc = subprocess.run(
-        [sys.executable, "-m", "benchmarks", "--quick", "--rounds", "1", "--json", str(out)],
-        capture_output=True, text=True, timeout=600, env=env, cwd=ROOT,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    code, stdout, stderr = _run("benchmarks", "--quick", "--rounds", 1, "--json", out)
+    assert code == 0, stderr[-3000:]
     for title in ("Matmul peak", "Training, ConvMixer", "One layer of each type",
                   "Inference, ConvMixer", "Edge, batch 1", "PyTorch's best: fp32: torch"):
-        assert title in proc.stdout
+        assert title in stdout
     results = json.loads(out.read_text())
     assert set(results) >= {"machine", "peak", "train", "layers", "infer", "tflite"}
     train = results["train"]
@@ -183,13 +185,9 @@ def test_quick_run_reports_every_section(tmp_path):
 def test_edge_quick_run_times_every_build_against_torch(tmp_path):
     pytest.importorskip("torch")
     out = tmp_path / "edge.json"
-    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
-    proc = subprocess.run(
-        [sys.executable, "-m", "benchmarks.edge", "--quick", "--rounds", "1", "--json", str(out)],
-        capture_output=True, text=True, timeout=600, env=env, cwd=ROOT,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "## Edge, batch 1, 1 thread: ConvMixer-32/2 (k7, relu), 28x28" in proc.stdout
+    code, stdout, stderr = _run("benchmarks.edge", "--quick", "--rounds", 1, "--json", out)
+    assert code == 0, stderr[-3000:]
+    assert "## Edge, batch 1, 1 thread: ConvMixer-32/2 (k7, relu), 28x28" in stdout
     results = json.loads(out.read_text())
     assert results["config"] == bench.model_shape("768_32", quick=True)
     assert {"litert float32", "litert full_int8, no XNNPACK",
