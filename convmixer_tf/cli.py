@@ -166,9 +166,11 @@ def train_main(argv=None):
         return 2
     print(f"held-out accuracy: {result['test_accuracy']:.2%}")
     print(f"saved model: {result['model_path']}")
-    if not result["is_chief"]:  # multi-worker: the chief alone publishes exports
+    if not result["is_chief"] or not do_export:  # multi-worker: the chief alone exports
         return 0
-    return export_main([result["model_path"]]) if do_export else 0
+    from convmixer_tf.deploy import export
+
+    return _export("convmixer-train", export.export_model, result["model_path"])
 
 
 # ---------------------------------------------------------------------------- export
@@ -178,7 +180,7 @@ def export_main(argv=None):
     """`convmixer-export`: a `.keras` model -> TF Serving SavedModel (new version) + TFLite.
     Exit status 0: everything written; 1: error; 2: usage; 3: finished, but the gate refused
     a TFLite build (named on stderr and in the metadata; every other file was written)."""
-    from convmixer_tf.deploy.tflite import EDGE_BUILD, MODES, REFUSED_EXIT_CODE
+    from convmixer_tf.deploy.modes import EDGE_BUILD, MODES
 
     parser = argparse.ArgumentParser(
         prog="convmixer-export", description=export_main.__doc__,
@@ -216,24 +218,36 @@ def export_main(argv=None):
 
     start_tensorflow()
     from convmixer_tf.deploy import export
+
+    return _export(
+        "convmixer-export", export.export_model, args.model, args.export_dir, args.name,
+        saved_model_export=args.saved_model, tflite_modes=modes,
+        calibration_dir=args.calibration_dir, int8_io=args.int8_io, tolerance=args.tolerance,
+        max_accuracy_drop=args.max_accuracy_drop / 100,
+        min_int8_agreement=args.min_int8_agreement,
+    )
+
+
+def _export(command, export_model, *args, **kwargs):
+    """Runs the export job and prints its outcome; the export exit-code policy: 0 everything
+    written, 1 error (nothing new published), 3 finished but a TFLite build was refused by the
+    gate or failed to convert (one line each; TensorFlow's messages are in the export's log)."""
     from convmixer_tf.deploy.logits import ExportError
+    from convmixer_tf.deploy.modes import REFUSED_EXIT_CODE
 
     try:
-        result = export.export_model(
-            args.model, args.export_dir, args.name, saved_model_export=args.saved_model,
-            tflite_modes=modes, calibration_dir=args.calibration_dir, int8_io=args.int8_io,
-            tolerance=args.tolerance, max_accuracy_drop=args.max_accuracy_drop / 100,
-            min_int8_agreement=args.min_int8_agreement,
-        )
+        result = export_model(*args, **kwargs)
     except (OSError, ValueError, ExportError) as error:
-        _error("convmixer-export", error)
+        _error(command, error)
         return 1
-    refused = result.get("tflite", {}).get("refused", {})
-    for build, why in refused.items():
-        print(f"convmixer-export: refused TFLite build {build}: {why}", file=sys.stderr)
-    if refused:
-        print(f"convmixer-export: finished; every other file was written (exit status "
-              f"{REFUSED_EXIT_CODE}: a build was refused)", file=sys.stderr)
+    report = result.get("tflite", {})
+    for build, why in report.get("refused", {}).items():
+        print(f"{command}: refused TFLite build {build}: {why}", file=sys.stderr)
+    for build, why in report.get("failed", {}).items():
+        print(f"{command}: {build}: {why}; see {result['log']}", file=sys.stderr)
+    if report.get("refused") or report.get("failed"):
+        print(f"{command}: finished; every other file was written (exit status "
+              f"{REFUSED_EXIT_CODE}: a TFLite build was refused or failed)", file=sys.stderr)
         return REFUSED_EXIT_CODE
     return 0
 

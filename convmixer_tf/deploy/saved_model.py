@@ -304,8 +304,9 @@ def validate_saved_model(export_dir, model, images, class_names, image_size, cro
 
 
 def export_saved_model(model_path=None, export_root="saved_models", name=None, model=None,
-                       sample_images=None, top_k=5, tolerance=TOLERANCE, log=print):
-    """Exports a `.keras` model (or `model`) to `<export_root>/<name>/<next version>/`.
+                       sample_images=None, top_k=5, tolerance=TOLERANCE, log=print, meta=None):
+    """Exports a `.keras` model (or `model`) to `<export_root>/<name>/<next version>/`; `meta`
+    (class_names, image_size, crop_pct) replaces the metadata file beside `model_path`.
 
     The version is written into a hidden temp dir beside the versions, validated in a fresh
     process, then renamed into place in one step: a failure (including a failed validation)
@@ -315,7 +316,7 @@ def export_saved_model(model_path=None, export_root="saved_models", name=None, m
     if model is None:
         model = artifacts.load_model(model_path)
     name = name or model.name
-    meta = artifacts.read_metadata(model, model_path)
+    meta = meta or artifacts.read_metadata(model, model_path)
     class_names, image_size, crop_pct = meta["class_names"], meta["image_size"], meta["crop_pct"]
     if sample_images is None:
         rng = np.random.default_rng(0)
