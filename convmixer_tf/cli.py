@@ -34,15 +34,15 @@ def _has_nvidia_driver():
 
 
 def start_tensorflow():
-    """Imports TensorFlow and lists its devices, dropping its start-up noise (`_STARTUP_NOISE`)
-    when the machine has no NVIDIA driver and the user did not ask for TF's info logs
-    (TF_CPP_MIN_LOG_LEVEL 0 or 1); every other line still reaches stderr. Also silences
-    tensorflow-datasets' warning about a missing folder of a data set that is not prepared
-    (our own error says what to do)."""
+    """Imports TensorFlow (if no one did yet) and lists its devices (the cuInit call), dropping
+    their start-up noise (`_STARTUP_NOISE`) when the machine has no NVIDIA driver and the user
+    did not ask for TF's info logs (TF_CPP_MIN_LOG_LEVEL 0 or 1); every other line still
+    reaches stderr. Also silences tensorflow-datasets' warning about a missing folder of a data
+    set that is not prepared (our own error says what to do)."""
     logging.getLogger("absl").addFilter(
         lambda record: "has no dataset_info.json" not in record.getMessage()
     )
-    if "tensorflow" in sys.modules or _has_nvidia_driver() or _USER_LOG_LEVEL in ("0", "1"):
+    if _has_nvidia_driver() or _USER_LOG_LEVEL in ("0", "1"):
         import tensorflow as tf
 
         return tf.config.list_physical_devices()
