@@ -257,6 +257,41 @@ def test_export_api_rejects_bad_arguments_before_any_work(tmp_path):
     assert not os.path.exists(out)  # refused before any work
 
 
+
+def test_export_api_writes_the_set_from_a_model_in_memory(tmp_path):
+    """`convmixer_tf.export` without any file: the names, size and crop given reach the
+    SavedModel's signatures and the TFLite set's metadata, gated on the labelled images."""
+    import convmixer_tf
+    from convmixer_tf.deploy import tflite
+
+    model = tiny_model()
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (12, 16, 16, 3)).astype(np.uint8)
+    labels = rng.integers(0, 4, 12)
+    lines = []
+    result = convmixer_tf.export(model, str(tmp_path), name="mine", class_names=list("abcd"),
+                                 crop_pct=0.875, held_out=(images, labels),
+                                 tflite_modes=["float32"], max_accuracy_drop=1.0,
+                                 log=lines.append)
+    assert result["saved_model"]["path"] == str(tmp_path / "mine" / "1")
+    assert result["tflite"]["path"] == str(tmp_path / "mine_tflite" / "1")
+    assert not result["tflite"]["refused"] and not result["tflite"]["failed"]
+    logged = (tmp_path / "mine.export.log").read_text()
+    assert all(line in logged for line in lines) and "exported TFLite files" in logged
+    logits = model.predict(images, verbose=0)
+    served = tf.saved_model.load(str(tmp_path / "mine" / "1")).signatures["serving_uint8"](
+        images=tf.constant(images))
+    np.testing.assert_allclose(served["logits"].numpy(), logits, atol=1e-4)
+    assert [c.decode() for c in served["classes"].numpy()[:, 0]] == \
+        list(np.array(list("abcd"))[logits.argmax(-1)])
+    meta = json.loads((tmp_path / "mine_tflite" / "1" / "metadata.json").read_text())
+    assert meta["class_names"] == list("abcd") and meta["crop_pct"] == 0.875
+    assert meta["image_size"] == [16, 16]
+    assert meta["tflite"]["keras_accuracy"] == pytest.approx(np.mean(logits.argmax(-1) == labels))
+    lite = tflite.LiteRTModel(str(tmp_path / "mine_tflite" / "1" / "mine_float32.tflite"))
+    np.testing.assert_allclose(lite.predict(images), logits, atol=1e-4)
+
+
 def _bfloat16_graph_conversion(real):
     """`tflite._convert_float_or_dynamic` with float16 converting a graph whose Mul computes
     in bfloat16: the converter's real failure (ConverterError, MLIR diagnostics on fd 2)."""
