@@ -13,6 +13,7 @@ import numpy as np
 
 from convmixer_tf import artifacts, preprocessing
 from convmixer_tf.deploy import saved_model, tflite
+from convmixer_tf.deploy.logits import check_precision
 
 TFLITE_MODES = ("float32", "float16", tflite.EDGE_BUILD)  # int8: every int8 build + the edge build
 
@@ -45,20 +46,23 @@ def sample_images(model_path, meta, calibration_dir=None):
 
 def export_model(model_path, export_dir=None, name=None, saved_model_export=True,
                  tflite_modes=TFLITE_MODES, calibration_dir=None, int8_io="float32",
-                 tolerance=saved_model.TOLERANCE, max_accuracy_drop=0.01, min_int8_agreement=0.98,
-                 log=print):
+                 tolerance=None, max_accuracy_drop=0.01, min_int8_agreement=0.98,
+                 log=print, serving_precision="float32"):
     """Exports `model_path` (a `.keras` file with its metadata and samples) to `export_dir`
     (default: the model's folder) as `<name>/<version>/` (TF Serving) and
     `<name>_tflite/<version>/` (the TFLite files and their metadata.json); returns
     dict(saved_model=..., tflite=report + version, path). TFLite builds the gate refuses are
     listed in `report["refused"]` (the rest is written; `tflite.REFUSED_EXIT_CODE` for a
-    command).
+    command). The TFLite builds are converted from a float32 rebuild of the model whatever its
+    dtype policy; the SavedModel computes in float32 too unless `serving_precision="policy"`
+    (`logits.SERVING_PRECISIONS`) keeps the model's own (e.g. bfloat16 for a GPU server).
 
     Each version is written into a `.tmp-<pid>-*` folder and renamed into place only when
     complete and validated, so a kill at any point leaves the published versions as they were
     and no partial one. The job's scratch (converter, validation) lives in
     `<export_dir>/.tmp-<pid>-*/`. Temp folders a killed run left are removed when the next
     export starts, and this run's own are removed when it ends, failed or not."""
+    check_precision(serving_precision)  # before any long work
     model = artifacts.load_model(model_path)
     meta = artifacts.read_metadata(model, model_path)
     name = name or os.path.splitext(os.path.basename(model_path))[0]
@@ -78,6 +82,7 @@ def export_model(model_path, export_dir=None, name=None, saved_model_export=True
                 result["saved_model"] = saved_model.export_saved_model(
                     model_path, export_dir, name, model=model, tolerance=tolerance, log=log,
                     sample_images=None if held_out is None else held_out[:8],
+                    serving_precision=serving_precision,
                 )
             modes = list(tflite_modes)
             if modes:
