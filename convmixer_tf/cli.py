@@ -180,7 +180,7 @@ def export_main(argv=None):
     """`convmixer-export`: a `.keras` model -> TF Serving SavedModel (new version) + TFLite.
     Exit status 0: everything written; 1: error; 2: usage; 3: finished, but the gate refused
     a TFLite build (named on stderr and in the metadata; every other file was written)."""
-    from convmixer_tf.deploy.modes import EDGE_BUILD, MODES
+    from convmixer_tf.deploy.modes import EDGE_BUILD, MODES, SERVING_PRECISIONS
 
     parser = argparse.ArgumentParser(
         prog="convmixer-export", description=export_main.__doc__,
@@ -201,8 +201,16 @@ def export_main(argv=None):
                              "training stored beside the model)")
     parser.add_argument("--int8-io", default="float32", choices=("float32", "int8", "uint8"),
                         help="input/output type of the int8 files (uint8 = raw pixel bytes)")
-    parser.add_argument("--tolerance", type=float, default=1e-4,
-                        help="max abs logit error allowed for the SavedModel")
+    parser.add_argument("--tolerance", type=float, default=None,
+                        help="max abs logit error allowed for the SavedModel (default: 1e-4 "
+                             "in float32; with --serving-precision policy, 1e-2 (float16) or "
+                             "5e-2 (bfloat16) times the largest logit)")
+    parser.add_argument("--serving-precision", default="float32",
+                        choices=SERVING_PRECISIONS,
+                        help="what the SavedModel computes in: float32 (a float32 rebuild of "
+                             "any mixed-precision model) or policy (the dtype policy it was "
+                             "saved with, e.g. bfloat16 for GPU serving); TFLite is always "
+                             "converted from float32")
     parser.add_argument("--max-accuracy-drop", type=float, default=1.0,
                         help="the TFLite gate: points of held-out top-1 accuracy a build may "
                              "lose against the Keras model on the same labelled images")
@@ -224,7 +232,7 @@ def export_main(argv=None):
         saved_model_export=args.saved_model, tflite_modes=modes,
         calibration_dir=args.calibration_dir, int8_io=args.int8_io, tolerance=args.tolerance,
         max_accuracy_drop=args.max_accuracy_drop / 100,
-        min_int8_agreement=args.min_int8_agreement,
+        min_int8_agreement=args.min_int8_agreement, serving_precision=args.serving_precision,
     )
 
 

@@ -26,6 +26,7 @@ import numpy as np
 
 from convmixer_tf import artifacts, preprocessing
 from convmixer_tf.deploy import saved_model, tflite
+from convmixer_tf.deploy.logits import check_precision
 
 TFLITE_MODES = ("float32", "float16", tflite.EDGE_BUILD)  # int8: every int8 build + the edge build
 INT8_IO = ("float32", "int8", "uint8")
@@ -60,8 +61,9 @@ def sample_images(model_path, meta, calibration_dir=None):
 
 def export(model, export_dir, name=None, class_names=None, image_size=None, crop_pct=1.0,
            calibration_images=None, held_out=None, saved_model_export=True,
-           tflite_modes=TFLITE_MODES, int8_io="float32", tolerance=saved_model.TOLERANCE,
-           max_accuracy_drop=0.01, min_int8_agreement=0.98, log=print):
+           tflite_modes=TFLITE_MODES, int8_io="float32", tolerance=None,
+           max_accuracy_drop=0.01, min_int8_agreement=0.98, serving_precision="float32",
+           log=print):
     """Exports a Keras ConvMixer classifier in memory: `<export_dir>/<name>/<version>/` (TF
     Serving, validated in a fresh process) and `<export_dir>/<name>_tflite/<version>/` (the
     TFLite builds, each gated on `held_out`). What `convmixer-export` does for a `.keras` file.
@@ -73,13 +75,18 @@ def export(model, export_dir, name=None, class_names=None, image_size=None, crop
     `held_out`: `(images, labels)` (the gate compares held-out accuracy with the Keras model's)
     or images alone (top-1 agreement >= `min_int8_agreement`); without it the builds are
     measured on synthetic images and not gated. `max_accuracy_drop`: a fraction (0.01 = 1
-    point). Returns dict(saved_model=..., tflite=report with `version`, `path`, `refused` and
-    `failed` builds, log=the log file); a refused or failed build is not written, the rest is
-    (`tflite.REFUSED_EXIT_CODE` for a command). Bad arguments raise ValueError before any work.
+    point). The TFLite builds are converted from a float32 rebuild of the model whatever its
+    dtype policy; the SavedModel computes in float32 too unless `serving_precision="policy"`
+    keeps the model's own (e.g. bfloat16 for a GPU server; `tolerance` then defaults to that
+    dtype's, `logits.TOLERANCES`). Returns dict(saved_model=..., tflite=report with `version`,
+    `path`, `refused` and `failed` builds, log=the log file); a refused or failed build is not
+    written, the rest is (`tflite.REFUSED_EXIT_CODE` for a command). Bad arguments raise
+    ValueError before any work.
     """
     meta, calibration, held_images, labels = _checked(
         model, export_dir, name, class_names, image_size, crop_pct, calibration_images,
-        held_out, tflite_modes, int8_io, tolerance, max_accuracy_drop, min_int8_agreement)
+        held_out, tflite_modes, int8_io, tolerance, max_accuracy_drop, min_int8_agreement,
+        serving_precision)
     name = name or model.name
     tflite_root = os.path.join(export_dir, f"{name}_tflite")
     os.makedirs(export_dir, exist_ok=True)
@@ -98,6 +105,7 @@ def export(model, export_dir, name=None, class_names=None, image_size=None, crop
                 result["saved_model"] = saved_model.export_saved_model(
                     None, export_dir, name, model=model, tolerance=tolerance, log=log, meta=meta,
                     sample_images=None if held_images is None else held_images[:8],
+                    serving_precision=serving_precision,
                 )
             if tflite_modes:
                 gated = held_images is not None
@@ -118,7 +126,8 @@ def export(model, export_dir, name=None, class_names=None, image_size=None, crop
 
 
 def _checked(model, export_dir, name, class_names, image_size, crop_pct, calibration_images,
-             held_out, tflite_modes, int8_io, tolerance, max_accuracy_drop, min_int8_agreement):
+             held_out, tflite_modes, int8_io, tolerance, max_accuracy_drop, min_int8_agreement,
+             serving_precision):
     """`export`'s arguments checked, each failure one line naming the value received; returns
     (metadata, calibration uint8 images, held-out uint8 images, labels)."""
     if not isinstance(model, keras.Model):
@@ -163,9 +172,12 @@ def _checked(model, export_dir, name, class_names, image_size, crop_pct, calibra
                          f"Received tflite_modes={list(modes)!r}")
     if int8_io not in INT8_IO:
         raise ValueError(f"`int8_io` must be one of {INT8_IO}. Received int8_io={int8_io!r}")
+    check_precision(serving_precision)
     for key, value, low, high in (("tolerance", tolerance, 0, np.inf),
                                   ("max_accuracy_drop", max_accuracy_drop, 0, 1),
                                   ("min_int8_agreement", min_int8_agreement, 0, 1)):
+        if key == "tolerance" and value is None:  # the default of the serving precision
+            continue
         if not isinstance(value, (int, float)) or not low <= value <= high:
             raise ValueError(f"`{key}` must be a number in [{low}, {high}]. Received "
                              f"{key}={value!r}")
@@ -236,8 +248,8 @@ def _tee(log, logged):
 
 def export_model(model_path, export_dir=None, name=None, saved_model_export=True,
                  tflite_modes=TFLITE_MODES, calibration_dir=None, int8_io="float32",
-                 tolerance=saved_model.TOLERANCE, max_accuracy_drop=0.01, min_int8_agreement=0.98,
-                 log=print):
+                 tolerance=None, max_accuracy_drop=0.01, min_int8_agreement=0.98,
+                 log=print, serving_precision="float32"):
     """`export` of a trained-model file set: `model_path` (a `.keras` file) with its metadata
     (`<name>.json`: class names, image size, crop) and samples (`<name>.samples.npz`:
     calibration and labelled held-out images, or the images in `calibration_dir`), to
@@ -248,6 +260,7 @@ def export_model(model_path, export_dir=None, name=None, saved_model_export=True
     and no partial one. The job's scratch (converter, validation) lives in
     `<export_dir>/.tmp-<pid>-*/`. Temp folders a killed run left are removed when the next
     export starts, and this run's own are removed when it ends, failed or not."""
+    check_precision(serving_precision)  # before any long work
     model = artifacts.load_model(model_path)
     meta = artifacts.read_metadata(model, model_path)
     calibration, held_out, labels = sample_images(model_path, meta, calibration_dir)
@@ -259,7 +272,7 @@ def export_model(model_path, export_dir=None, name=None, saved_model_export=True
         held_out=None if held_out is None else (held_out, labels),
         saved_model_export=saved_model_export, tflite_modes=tflite_modes, int8_io=int8_io,
         tolerance=tolerance, max_accuracy_drop=max_accuracy_drop,
-        min_int8_agreement=min_int8_agreement, log=log)
+        min_int8_agreement=min_int8_agreement, serving_precision=serving_precision, log=log)
 
 
 def export_tflite_version(model, tflite_root, name, meta, calibration, held_out, labels, modes,
