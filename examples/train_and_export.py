@@ -28,14 +28,16 @@ parser.add_argument("--precision", default="float32", help="e.g. mixed_bfloat16 
 parser.add_argument("--tflite-modes", default="float32,float16,int8")
 args = parser.parse_args()
 
-# 1. Data: uint8 0-255 pixels (the model normalises them itself) and int labels.
+# 1. A strategy first (without GPUs, `mirrored` splits the CPU before TF starts), a precision.
+strategy = distribute.make_strategy("mirrored" if args.mirrored else "default")
+keras.mixed_precision.set_global_policy(args.precision)
+
+# 2. Data: uint8 0-255 pixels (the model normalises them itself) and int labels.
 (x_train, y_train), (x_test, y_test) = data.load_digits(image_size=32)
 train = tf.data.Dataset.from_tensor_slices((x_train, y_train)).shuffle(2000, seed=0).batch(64)
 test = tf.data.Dataset.from_tensor_slices((x_test, y_test)).batch(64)
 
-# 2. Model and fit, as in any Keras script (a strategy, a precision policy, XLA if you like).
-keras.mixed_precision.set_global_policy(args.precision)
-strategy = distribute.make_strategy("mirrored" if args.mirrored else "default")
+# 3. Model and fit, as in any Keras script.
 with strategy.scope():
     model = convmixer_tf.ConvMixer(dim=args.dim, depth=args.depth, kernel_size=5, patch_size=2,
                                    input_shape=(32, 32, 3), classes=10,
@@ -50,7 +52,7 @@ print(f"held-out accuracy: {trainer.evaluate(test, verbose=0)[1]:.2%}")
 os.makedirs(args.out, exist_ok=True)
 model.save(os.path.join(args.out, "digits.keras"))
 
-# 3. Export: SavedModel (validated as TF Serving loads it) + the TFLite set (gated on the
+# 4. Export: SavedModel (validated as TF Serving loads it) + the TFLite set (gated on the
 #    held-out images: a build that loses more than 1 point of accuracy is refused).
 result = convmixer_tf.export(
     model, args.out, name="digits", class_names=[str(i) for i in range(10)],

@@ -12,6 +12,7 @@ import pytest
 import tensorflow as tf
 
 from convmixer_tf.deploy import tflite
+from convmixer_tf.deploy.logits import logits_model
 from convmixer_tf.training import data
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -22,7 +23,8 @@ SMALL = ["--epochs", "1", "--steps", "5", "--dim", "16", "--depth", "1",
 @pytest.mark.large  # ~85 s on the shared 2 cores: two TF start-ups, training, validation
 @pytest.mark.parametrize("extra", [
     pytest.param([], id="one-device"),
-    pytest.param(["--mirrored"], id="mirrored"),  # MirroredStrategy on 2 logical CPUs
+    # The user script: MirroredStrategy (2 logical CPUs here) and mixed_bfloat16.
+    pytest.param(["--mirrored", "--precision", "mixed_bfloat16"], id="mirrored-bfloat16"),
 ])
 def test_train_and_export_example(tmp_path, extra):
     out = tmp_path / "saved_models"
@@ -32,6 +34,8 @@ def test_train_and_export_example(tmp_path, extra):
         capture_output=True, text=True, env=dict(os.environ, PYTHONPATH=ROOT), timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert f"TF Serving: {out / 'digits' / '1'}" in proc.stdout
+    if "--mirrored" in extra:
+        assert "mirrored: 2 replica(s)" in proc.stdout
     for noise in ("error: loc(", "fully_quantize", "Ignored output_format"):  # the export's
         assert noise not in proc.stderr
     assert (out / "digits.export.log").is_file() and (out / "models.config").is_file()
@@ -39,7 +43,8 @@ def test_train_and_export_example(tmp_path, extra):
     model = keras.saving.load_model(out / "digits.keras", compile=False)
     _, (x_test, _) = data.load_digits(32)
     images = x_test[:8]
-    logits = model.predict(images.astype(np.float32), verbose=0)  # the model returns logits
+    # The exports compute in float32 whatever the training policy: so does the reference.
+    logits = logits_model(model).predict(images.astype(np.float32), verbose=0)
     serving = tf.saved_model.load(str(out / "digits" / "1")).signatures["serving_uint8"]
     served = serving(images=tf.constant(images))
     np.testing.assert_allclose(served["logits"].numpy(), logits, atol=1e-4)

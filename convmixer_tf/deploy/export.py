@@ -83,11 +83,11 @@ def export(model, export_dir, name=None, class_names=None, image_size=None, crop
     written, the rest is (`tflite.REFUSED_EXIT_CODE` for a command). Bad arguments raise
     ValueError before any work.
     """
-    meta, calibration, held_images, labels = _checked(
+    meta, modes, calibration, held_images, labels = _checked(
         model, export_dir, name, class_names, image_size, crop_pct, calibration_images,
         held_out, tflite_modes, int8_io, tolerance, max_accuracy_drop, min_int8_agreement,
         serving_precision)
-    name = name or model.name
+    name, export_dir = name or model.name, os.fspath(export_dir)
     tflite_root = os.path.join(export_dir, f"{name}_tflite")
     os.makedirs(export_dir, exist_ok=True)
     stale = [path for folder in (export_dir, os.path.join(export_dir, name), tflite_root)
@@ -107,7 +107,7 @@ def export(model, export_dir, name=None, class_names=None, image_size=None, crop
                     sample_images=None if held_images is None else held_images[:8],
                     serving_precision=serving_precision,
                 )
-            if tflite_modes:
+            if modes:
                 gated = held_images is not None
                 if not gated:
                     log("TFLite builds not gated: no held-out images (export(held_out=...); "
@@ -117,7 +117,7 @@ def export(model, export_dir, name=None, class_names=None, image_size=None, crop
                                                dtype=np.uint8)
                 result["tflite"] = export_tflite_version(
                     model, tflite_root, name, meta, calibration, held_images, labels,
-                    list(tflite_modes), max_accuracy_drop=max_accuracy_drop,
+                    modes, max_accuracy_drop=max_accuracy_drop,
                     min_int8_agreement=min_int8_agreement, int8_io=int8_io, gated=gated,
                     log=log)
     finally:
@@ -129,7 +129,7 @@ def _checked(model, export_dir, name, class_names, image_size, crop_pct, calibra
              held_out, tflite_modes, int8_io, tolerance, max_accuracy_drop, min_int8_agreement,
              serving_precision):
     """`export`'s arguments checked, each failure one line naming the value received; returns
-    (metadata, calibration uint8 images, held-out uint8 images, labels)."""
+    (metadata, TFLite modes, calibration uint8 images, held-out uint8 images, labels)."""
     if not isinstance(model, keras.Model):
         raise ValueError(f"`model` must be a Keras model. Received model of type "
                          f"{type(model).__name__}")
@@ -201,7 +201,7 @@ def _checked(model, export_dir, name, class_names, image_size, crop_pct, calibra
                                                       if len(labels) else ""))
     meta = dict(class_names=class_names, image_size=[int(s) for s in image_size],
                 crop_pct=float(crop_pct))
-    return meta, calibration, images, labels
+    return meta, modes, calibration, images, labels
 
 
 def _pixels(what, images):
