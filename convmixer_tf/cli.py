@@ -179,7 +179,8 @@ def train_main(argv=None):
 def export_main(argv=None):
     """`convmixer-export`: a `.keras` model -> TF Serving SavedModel (new version) + TFLite.
     Exit status 0: everything written; 1: error; 2: usage; 3: finished, but the gate refused
-    a TFLite build (named on stderr and in the metadata; every other file was written)."""
+    a TFLite build or it failed to convert (named on stderr and in the metadata; every other
+    file was written). TensorFlow's own output goes to <export dir>/<name>.export.log."""
     from convmixer_tf.deploy.modes import EDGE_BUILD, MODES, SERVING_PRECISIONS
 
     parser = argparse.ArgumentParser(
