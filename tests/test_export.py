@@ -348,6 +348,9 @@ def test_failed_conversion_is_one_line_and_the_rest_of_the_set_is_written(tmp_pa
     report = json.loads((version / "metadata.json").read_text())["tflite"]
     assert set(report["failed"]) == {"float16"} and "float16_dynamic" not in report["builds"]
     assert sys.stderr is stderr and os.fstat(2).st_ino == fd2.st_ino  # both restored
+    # Any other converter error: its type and first line.
+    assert tflite.conversion_failure(RuntimeError("MLIR pass failed\n  at ...")) == \
+        "RuntimeError: MLIR pass failed"
 
 
 def test_stderr_to_a_log_restores_fd_2_even_on_an_exception(tmp_path, capfd):

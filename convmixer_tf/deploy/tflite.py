@@ -109,7 +109,8 @@ def convert_builds(model, modes, representative_images=None, input_shape=(1, Non
                     flat = build(mode)
                     custom = [name for name in op_counts(flat) if not name.isupper()]
                     if custom:
-                        raise RuntimeError(f"conversion produced non-builtin ops {custom}")
+                        raise RuntimeError(f"conversion to {mode} produced non-builtin ops "
+                                           f"{custom}")
                     flats[mode] = flat
                 except CONVERSION_ERRORS as error:
                     if failures is None:
