@@ -242,6 +242,7 @@ def test_export_api_rejects_bad_arguments_before_any_work(tmp_path):
         (dict(int8_io="int16"), "Received int8_io='int16'"),
         (dict(max_accuracy_drop=5), r"in \[0, 1\]. Received max_accuracy_drop=5"),
         (dict(calibration_images=images / 255.0), r"0-255 pixels.* Received values in \[0, 1\]"),
+        (dict(calibration_images=np.full((2, 16, 16, 3), np.nan)), "NaN or infinite"),
         (dict(calibration_images=images[0]), r"\[N, height, width, 3\].* shape \(16, 16, 3\)"),
         (dict(held_out=(np.zeros((4, 24, 24, 3)), [0, 1, 2, 3])),
          r"must be 16x16 \(the image_size\). Received shape \(4, 24, 24, 3\)"),

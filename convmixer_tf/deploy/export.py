@@ -213,6 +213,8 @@ def _pixels(what, images):
     if not (np.issubdtype(images.dtype, np.integer) or np.issubdtype(images.dtype, np.floating)):
         raise ValueError(f"`{what}` must be numeric pixels. Received dtype {images.dtype}")
     low, high = float(images.min()), float(images.max())
+    if not np.isfinite(low + high):
+        raise ValueError(f"`{what}` must be finite pixels. Received NaN or infinite values")
     if low < 0 or high > 255 or (np.issubdtype(images.dtype, np.floating) and 0 < high <= 1):
         raise ValueError(f"`{what}` must be 0-255 pixels, as the model takes them (it "
                          f"normalises them itself). Received values in [{low:g}, {high:g}]")
