@@ -199,6 +199,8 @@ def test_any_policy_exports_as_float32(tmp_path, kind, policy):
     proc = _command("export_main", path, "--tflite-modes", "float32")
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
     assert os.path.isdir(tmp_path / "m" / "1")
+    dtype = keras.DTypePolicy(policy).compute_dtype
+    assert (f"the model computes in {dtype}" in proc.stdout) == (policy != "float32")
     model = artifacts.load_model(str(path))
     images = np.random.default_rng(1).integers(0, 256, (8, 16, 16, 3)).astype("float32")
     got = _tflite_logits(tmp_path / "m_tflite" / "1" / "m_float32.tflite", images)

@@ -13,7 +13,7 @@ import numpy as np
 
 from convmixer_tf import artifacts, preprocessing
 from convmixer_tf.deploy import saved_model, tflite
-from convmixer_tf.deploy.logits import check_precision
+from convmixer_tf.deploy.logits import check_precision, compute_dtype
 
 TFLITE_MODES = ("float32", "float16", tflite.EDGE_BUILD)  # int8: every int8 build + the edge build
 
@@ -65,6 +65,11 @@ def export_model(model_path, export_dir=None, name=None, saved_model_export=True
     check_precision(serving_precision)  # before any long work
     model = artifacts.load_model(model_path)
     meta = artifacts.read_metadata(model, model_path)
+    dtype = compute_dtype(model, "policy")
+    if dtype != "float32":
+        log(f"the model computes in {dtype}: TFLite converts a float32 rebuild of it"
+            + (", and the SavedModel serves float32 (--serving-precision policy keeps "
+               f"{dtype})" if serving_precision == "float32" else f"; the SavedModel keeps {dtype}"))
     name = name or os.path.splitext(os.path.basename(model_path))[0]
     export_dir = export_dir or os.path.dirname(os.path.abspath(model_path))
     tflite_root = os.path.join(export_dir, f"{name}_tflite")
