@@ -67,9 +67,9 @@ def export_model(model_path, export_dir=None, name=None, saved_model_export=True
     meta = artifacts.read_metadata(model, model_path)
     dtype = compute_dtype(model, "policy")
     if dtype != "float32":
-        log(f"the model computes in {dtype}: TFLite converts a float32 rebuild of it"
-            + (", and the SavedModel serves float32 (--serving-precision policy keeps "
-               f"{dtype})" if serving_precision == "float32" else f"; the SavedModel keeps {dtype}"))
+        served = (f", and the SavedModel serves float32 (--serving-precision policy keeps {dtype})"
+                  if serving_precision == "float32" else f"; the SavedModel keeps {dtype}")
+        log(f"the model computes in {dtype}: TFLite converts a float32 rebuild of it{served}")
     name = name or os.path.splitext(os.path.basename(model_path))[0]
     export_dir = export_dir or os.path.dirname(os.path.abspath(model_path))
     tflite_root = os.path.join(export_dir, f"{name}_tflite")
