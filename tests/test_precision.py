@@ -199,6 +199,8 @@ def test_any_policy_exports_as_float32(tmp_path, kind, policy):
     proc = _command("export_main", path, "--tflite-modes", "float32")
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
     assert os.path.isdir(tmp_path / "m" / "1")
+    dtype = keras.DTypePolicy(policy).compute_dtype
+    assert (f"the model computes in {dtype}" in proc.stdout) == (policy != "float32")
     model = artifacts.load_model(str(path))
     images = np.random.default_rng(1).integers(0, 256, (8, 16, 16, 3)).astype("float32")
     got = _tflite_logits(tmp_path / "m_tflite" / "1" / "m_float32.tflite", images)
@@ -253,7 +255,8 @@ def test_float32_rebuild_of_mixed_models():
                            for layer in copy.layers)
         kept = logits_lib.logits_model(model, precision="policy")
         assert kept.get_layer("stem_conv").compute_dtype == keras.DTypePolicy(policy).compute_dtype
-        assert logits_lib.compute_dtype(model, "policy") == kept.get_layer("stem_conv").compute_dtype
+        stem_dtype = kept.get_layer("stem_conv").compute_dtype
+        assert logits_lib.compute_dtype(model, "policy") == stem_dtype
         diff = np.abs(np.asarray(logits_lib.logits_model(model)(images))
                       - np.asarray(kept(images), np.float32)).max()
         assert diff < logits_lib.default_tolerance(model, "policy", np.ones(1))

@@ -26,7 +26,7 @@ import numpy as np
 
 from convmixer_tf import artifacts, preprocessing
 from convmixer_tf.deploy import saved_model, tflite
-from convmixer_tf.deploy.logits import check_precision
+from convmixer_tf.deploy.logits import check_precision, compute_dtype
 
 TFLITE_MODES = ("float32", "float16", tflite.EDGE_BUILD)  # int8: every int8 build + the edge build
 INT8_IO = ("float32", "int8", "uint8")
@@ -95,6 +95,12 @@ def export(model, export_dir, name=None, class_names=None, image_size=None, crop
     if stale:
         log(f"removed {len(stale)} temp folder(s) an interrupted export left: "
             + ", ".join(os.path.relpath(p, export_dir) for p in stale))
+    dtype = compute_dtype(model, "policy")
+    if dtype != "float32":
+        served = (f", and the SavedModel serves float32 (serving precision 'policy' keeps "
+                  f"{dtype})" if serving_precision == "float32"
+                  else f"; the SavedModel keeps {dtype}")
+        log(f"the model computes in {dtype}: TFLite converts a float32 rebuild of it{served}")
     log_path = os.path.join(export_dir, f"{name}.export.log")
     result = dict(log=log_path)
     work = artifacts.make_temp_dir(export_dir)

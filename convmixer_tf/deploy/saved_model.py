@@ -34,7 +34,6 @@ SIGNATURE_FLOAT = "serving_default"
 SIGNATURE_UINT8 = "serving_uint8"
 SIGNATURE_BYTES = "serving_image_bytes"
 OUTPUT_NAMES = ("logits", "probabilities", "classes", "scores", "class_ids")
-TOLERANCE = 1e-4  # max abs logit error allowed between the export and the Keras model
 
 
 # ---------------------------------------------------------------------------- serving module
