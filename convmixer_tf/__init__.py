@@ -16,6 +16,7 @@ _EXPORTS = {
     "ConvMixer1536_20": "convmixer_tf.model",
     "MODEL_CONFIGS": "convmixer_tf.presets",
     "decode_predictions": "convmixer_tf.imagenet",
+    "export": "convmixer_tf.deploy.export",
 }
 
 __all__ = list(_EXPORTS)

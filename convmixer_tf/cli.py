@@ -34,15 +34,15 @@ def _has_nvidia_driver():
 
 
 def start_tensorflow():
-    """Imports TensorFlow and lists its devices, dropping its start-up noise (`_STARTUP_NOISE`)
-    when the machine has no NVIDIA driver and the user did not ask for TF's info logs
-    (TF_CPP_MIN_LOG_LEVEL 0 or 1); every other line still reaches stderr. Also silences
-    tensorflow-datasets' warning about a missing folder of a data set that is not prepared
-    (our own error says what to do)."""
+    """Imports TensorFlow (if no one did yet) and lists its devices (the cuInit call), dropping
+    their start-up noise (`_STARTUP_NOISE`) when the machine has no NVIDIA driver and the user
+    did not ask for TF's info logs (TF_CPP_MIN_LOG_LEVEL 0 or 1); every other line still
+    reaches stderr. Also silences tensorflow-datasets' warning about a missing folder of a data
+    set that is not prepared (our own error says what to do)."""
     logging.getLogger("absl").addFilter(
         lambda record: "has no dataset_info.json" not in record.getMessage()
     )
-    if "tensorflow" in sys.modules or _has_nvidia_driver() or _USER_LOG_LEVEL in ("0", "1"):
+    if _has_nvidia_driver() or _USER_LOG_LEVEL in ("0", "1"):
         import tensorflow as tf
 
         return tf.config.list_physical_devices()
@@ -166,9 +166,11 @@ def train_main(argv=None):
         return 2
     print(f"held-out accuracy: {result['test_accuracy']:.2%}")
     print(f"saved model: {result['model_path']}")
-    if not result["is_chief"]:  # multi-worker: the chief alone publishes exports
+    if not result["is_chief"] or not do_export:  # multi-worker: the chief alone exports
         return 0
-    return export_main([result["model_path"]]) if do_export else 0
+    from convmixer_tf.deploy import export
+
+    return _export("convmixer-train", export.export_model, result["model_path"])
 
 
 # ---------------------------------------------------------------------------- export
@@ -177,8 +179,9 @@ def train_main(argv=None):
 def export_main(argv=None):
     """`convmixer-export`: a `.keras` model -> TF Serving SavedModel (new version) + TFLite.
     Exit status 0: everything written; 1: error; 2: usage; 3: finished, but the gate refused
-    a TFLite build (named on stderr and in the metadata; every other file was written)."""
-    from convmixer_tf.deploy.tflite import EDGE_BUILD, MODES, REFUSED_EXIT_CODE
+    a TFLite build or it failed to convert (named on stderr and in the metadata; every other
+    file was written). TensorFlow's own output goes to <export dir>/<name>.export.log."""
+    from convmixer_tf.deploy.modes import EDGE_BUILD, MODES, SERVING_PRECISIONS
 
     parser = argparse.ArgumentParser(
         prog="convmixer-export", description=export_main.__doc__,
@@ -199,8 +202,16 @@ def export_main(argv=None):
                              "training stored beside the model)")
     parser.add_argument("--int8-io", default="float32", choices=("float32", "int8", "uint8"),
                         help="input/output type of the int8 files (uint8 = raw pixel bytes)")
-    parser.add_argument("--tolerance", type=float, default=1e-4,
-                        help="max abs logit error allowed for the SavedModel")
+    parser.add_argument("--tolerance", type=float, default=None,
+                        help="max abs logit error allowed for the SavedModel (default: 1e-4 "
+                             "in float32; with --serving-precision policy, 1e-2 (float16) or "
+                             "5e-2 (bfloat16) times the largest logit)")
+    parser.add_argument("--serving-precision", default="float32",
+                        choices=SERVING_PRECISIONS,
+                        help="what the SavedModel computes in: float32 (a float32 rebuild of "
+                             "any mixed-precision model) or policy (the dtype policy it was "
+                             "saved with, e.g. bfloat16 for GPU serving); TFLite is always "
+                             "converted from float32")
     parser.add_argument("--max-accuracy-drop", type=float, default=1.0,
                         help="the TFLite gate: points of held-out top-1 accuracy a build may "
                              "lose against the Keras model on the same labelled images")
@@ -216,24 +227,36 @@ def export_main(argv=None):
 
     start_tensorflow()
     from convmixer_tf.deploy import export
+
+    return _export(
+        "convmixer-export", export.export_model, args.model, args.export_dir, args.name,
+        saved_model_export=args.saved_model, tflite_modes=modes,
+        calibration_dir=args.calibration_dir, int8_io=args.int8_io, tolerance=args.tolerance,
+        max_accuracy_drop=args.max_accuracy_drop / 100,
+        min_int8_agreement=args.min_int8_agreement, serving_precision=args.serving_precision,
+    )
+
+
+def _export(command, export_model, *args, **kwargs):
+    """Runs the export job and prints its outcome; the export exit-code policy: 0 everything
+    written, 1 error (nothing new published), 3 finished but a TFLite build was refused by the
+    gate or failed to convert (one line each; TensorFlow's messages are in the export's log)."""
     from convmixer_tf.deploy.logits import ExportError
+    from convmixer_tf.deploy.modes import REFUSED_EXIT_CODE
 
     try:
-        result = export.export_model(
-            args.model, args.export_dir, args.name, saved_model_export=args.saved_model,
-            tflite_modes=modes, calibration_dir=args.calibration_dir, int8_io=args.int8_io,
-            tolerance=args.tolerance, max_accuracy_drop=args.max_accuracy_drop / 100,
-            min_int8_agreement=args.min_int8_agreement,
-        )
+        result = export_model(*args, **kwargs)
     except (OSError, ValueError, ExportError) as error:
-        _error("convmixer-export", error)
+        _error(command, error)
         return 1
-    refused = result.get("tflite", {}).get("refused", {})
-    for build, why in refused.items():
-        print(f"convmixer-export: refused TFLite build {build}: {why}", file=sys.stderr)
-    if refused:
-        print(f"convmixer-export: finished; every other file was written (exit status "
-              f"{REFUSED_EXIT_CODE}: a build was refused)", file=sys.stderr)
+    report = result.get("tflite", {})
+    for build, why in report.get("refused", {}).items():
+        print(f"{command}: refused TFLite build {build}: {why}", file=sys.stderr)
+    for build, why in report.get("failed", {}).items():
+        print(f"{command}: {build}: {why}; see {result['log']}", file=sys.stderr)
+    if report.get("refused") or report.get("failed"):
+        print(f"{command}: finished; every other file was written (exit status "
+              f"{REFUSED_EXIT_CODE}: a TFLite build was refused or failed)", file=sys.stderr)
         return REFUSED_EXIT_CODE
     return 0
 

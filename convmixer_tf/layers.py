@@ -212,12 +212,28 @@ def _depthwise_filter_gradient(x, dy, kernel_shape):
         return tf.raw_ops.DepthwiseConv2dNativeBackpropFilter(
             input=x, filter_sizes=[kh, kw, c, 1], out_backprop=dy, strides=strides,
             padding="SAME")
+    dtype = x.dtype.name
+    if dtype not in _grouped_gradient_dtypes():
+        # oneDNN's grouped filter gradient does not cover this dtype on this CPU: TF falls
+        # back to a kernel that ignores the groups ("filter_size does not have enough
+        # elements"), so compute it in float32.
+        grad = _depthwise_filter_gradient(tf.cast(x, "float32"), tf.cast(dy, "float32"),
+                                          kernel_shape)
+        return tf.cast(grad, dtype)
     g = next(d for d in (16, 8, 4, 2, 1) if c % d == 0)
     grouped = tf.raw_ops.Conv2DBackpropFilter(
         input=x, filter_sizes=[kh, kw, g, c], out_backprop=dy, strides=strides, padding="SAME")
     # grouped[..., i, G*g + o] pairs input channel G*g + i with output channel G*g + o.
     grouped = tf.transpose(tf.reshape(grouped, [kh, kw, g, c // g, g]), [0, 1, 3, 2, 4])
     return tf.reshape(tf.linalg.diag_part(grouped), [kh, kw, c, 1])
+
+
+def _grouped_gradient_dtypes(flags=None):
+    """The dtypes oneDNN computes the grouped-convolution filter gradient in: float32 always,
+    bfloat16 only with native bfloat16 (AVX512-BF16/AMX, where it was measured); float16
+    never (TF's CPU fallback ignores the groups)."""
+    flags = cpu_flags() if flags is None else set(flags)
+    return ("float32", "bfloat16") if flags & {"avx512_bf16", "amx_bf16"} else ("float32",)
 
 
 def _depthwise_same_tf(x, kernel):
@@ -273,6 +289,47 @@ class FastDepthwiseConv2D(layers.DepthwiseConv2D):
         return y
 
 
+# Which `accelerate` swaps apply where: (device, compute dtype) -> the swaps measured faster
+# there (docs/performance.md). They were measured on CPU only; float16 on a CPU is emulated and
+# was not measured. Anything not listed (a GPU, a TPU) keeps the stock layers: under XLA those
+# are what cuDNN and XLA's fusions were tuned for.
+SWAPS = ("batchnorm", "gelu", "depthwise")
+FAST_LAYERS = {
+    ("CPU", "float32"): ("batchnorm", "gelu", "depthwise"),  # 1.5x per training step
+    ("CPU", "bfloat16"): ("batchnorm", "gelu", "depthwise"),  # bf16 beats fp32 only with them
+    ("CPU", "float16"): (),
+}
+
+
+def device_kind(device_types=None):
+    """"GPU" when any GPU (or "TPU" when a TPU) is visible, else "CPU"; `device_types` (e.g.
+    ["CPU", "GPU"]) replaces TF's list of physical devices."""
+    if device_types is None:
+        import tensorflow as tf
+
+        device_types = [d.device_type for d in tf.config.list_physical_devices()]
+    kinds = set(device_types)
+    return next((k for k in ("TPU", "GPU") if k in kinds), "CPU")
+
+
+def fast_layers_for(precision, device_types=None):
+    """`accelerate`'s switches for a Keras dtype policy name (e.g. "mixed_float16") on this
+    machine (or on `device_types`): only the swaps `FAST_LAYERS` lists for that device and
+    compute dtype are on."""
+    dtype = keras.DTypePolicy(precision).compute_dtype
+    applied = FAST_LAYERS.get((device_kind(device_types), dtype), ())
+    return {swap: swap in applied for swap in SWAPS}
+
+
+def describe_fast_layers(options, precision, device_types=None):
+    """One line for the run log: which swaps `fast_layers_for` chose, and where."""
+    on = [swap for swap in SWAPS if options.get(swap)]
+    where = f"{device_kind(device_types)}, {precision}"
+    if not on:
+        return f"fast layers: none on {where} (stock layers: not measured faster there)"
+    return f"fast layers on {where}: " + ", ".join(on)
+
+
 def _is_exact_gelu(layer):
     activation = getattr(layer, "activation", None)
     return (
@@ -298,8 +355,10 @@ def _fast_clone(layer, batchnorm=True, gelu=True, gelu_xla=True, depthwise=True,
     return layer.__class__.from_config(config)
 
 
-def _stock_clone(layer):
+def _stock_clone(layer, float32=False):
     config = layer.get_config()
+    if float32 and "dtype" in config:
+        config["dtype"] = "float32"
     if type(layer) is FusedBatchNormalization:
         return layers.BatchNormalization.from_config(config)
     if type(layer) is GELU:
@@ -311,7 +370,9 @@ def _stock_clone(layer):
 
 def _clone(model, clone_function):
     clone = keras.models.clone_model(model, clone_function=clone_function)
-    clone.set_weights(model.get_weights())
+    # Cast each weight to its new variable's dtype (float32 copies of reduced-precision ones).
+    clone.set_weights([keras.ops.convert_to_numpy(keras.ops.cast(w, v.dtype))
+                       for w, v in zip(model.get_weights(), clone.weights)])
     return clone
 
 
@@ -326,8 +387,9 @@ def accelerate(model, batchnorm=True, gelu=True, gelu_xla=True, depthwise=True,
     return _clone(model, lambda layer: _fast_clone(layer, **options))
 
 
-def standardize(model):
+def standardize(model, float32=False):
     """The inverse of `accelerate`: stock Keras layers only (for saving, TF Serving, TFLite).
     Depthwise layers that `accelerate(depthwise_float32=True)` moved to float32 under a
-    bfloat16 policy stay float32."""
-    return _clone(model, _stock_clone)
+    bfloat16 policy stay float32. `float32=True` also sets every layer's dtype policy to
+    float32 (weights cast): the model computes in float32 whatever policy it was trained in."""
+    return _clone(model, lambda layer: _stock_clone(layer, float32))

@@ -1,4 +1,5 @@
 import hashlib
+import json
 import os
 import select
 import signal
@@ -220,3 +221,176 @@ def test_export_cli_on_a_text_file_or_truncated_keras(tmp_path, capsys):
         assert f"convmixer-export: error: cannot load '{path}'" in err and message in err, err
         assert "File not found" not in err
     assert not any(name.startswith(artifacts.TMP_PREFIX) for name in os.listdir(tmp_path))
+
+
+# ---------------------------------------------------------------------------- the export API
+
+
+def test_export_api_rejects_bad_arguments_before_any_work(tmp_path):
+    import convmixer_tf
+
+    model = tiny_model()
+    images = np.random.default_rng(0).integers(0, 256, (4, 16, 16, 3)).astype(np.uint8)
+    out = str(tmp_path / "out")
+    cases = [
+        (dict(model="model.keras"), "must be a Keras model. Received model of type str"),
+        (dict(name="../up"), r"folder name.* Received name='../up'"),
+        (dict(class_names=["a", "b"]), "name the model's 4 classes. Received 2 names"),
+        (dict(image_size=(16,)), r"\(height, width\) in pixels. Received image_size=\(16,\)"),
+        (dict(crop_pct=1.5), r"crop_pct` must be in \(0, 1\]. Received crop_pct=1.5"),
+        (dict(tflite_modes=["float32", "int4"]), "Received tflite_modes=\\['float32', 'int4'\\]"),
+        (dict(int8_io="int16"), "Received int8_io='int16'"),
+        (dict(max_accuracy_drop=5), r"in \[0, 1\]. Received max_accuracy_drop=5"),
+        (dict(calibration_images=images / 255.0), r"0-255 pixels.* Received values in \[0, 1\]"),
+        (dict(calibration_images=np.full((2, 16, 16, 3), np.nan)), "NaN or infinite"),
+        (dict(calibration_images=images[0]), r"\[N, height, width, 3\].* shape \(16, 16, 3\)"),
+        (dict(held_out=(np.zeros((4, 24, 24, 3)), [0, 1, 2, 3])),
+         r"must be 16x16 \(the image_size\). Received shape \(4, 24, 24, 3\)"),
+        (dict(held_out=(images, [0, 1, 2, 7])), r"4 class ids in \[0, 4\).* in \[0, 7\]"),
+        (dict(held_out=(images, [0, 1])), "must be 4 class ids.* Received 2 labels"),
+    ]
+    for kwargs, message in cases:
+        with pytest.raises(ValueError, match=message):
+            convmixer_tf.export(kwargs.pop("model", model), out, **kwargs)
+    dynamic = ConvMixer(dim=8, depth=1, kernel_size=3, patch_size=2, classes=4)
+    with pytest.raises(ValueError, match=r"takes any image size.* image_size=None"):
+        convmixer_tf.export(dynamic, out)
+    assert not os.path.exists(out)  # refused before any work
+
+
+
+def test_export_api_writes_the_set_from_a_model_in_memory(tmp_path):
+    """`convmixer_tf.export` without any file: the names, size and crop given reach the
+    SavedModel's signatures and the TFLite set's metadata, gated on the labelled images."""
+    import convmixer_tf
+    from convmixer_tf.deploy import tflite
+
+    model = tiny_model()
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (12, 16, 16, 3)).astype(np.uint8)
+    labels = rng.integers(0, 4, 12)
+    lines = []
+    result = convmixer_tf.export(model, str(tmp_path), name="mine", class_names=list("abcd"),
+                                 crop_pct=0.875, held_out=(images, labels),
+                                 tflite_modes=["float32"], max_accuracy_drop=1.0,
+                                 log=lines.append)
+    assert result["saved_model"]["path"] == str(tmp_path / "mine" / "1")
+    assert result["tflite"]["path"] == str(tmp_path / "mine_tflite" / "1")
+    assert not result["tflite"]["refused"] and not result["tflite"]["failed"]
+    logged = (tmp_path / "mine.export.log").read_text()
+    assert all(line in logged for line in lines) and "exported TFLite files" in logged
+    logits = model.predict(images, verbose=0)
+    served = tf.saved_model.load(str(tmp_path / "mine" / "1")).signatures["serving_uint8"](
+        images=tf.constant(images))
+    np.testing.assert_allclose(served["logits"].numpy(), logits, atol=1e-4)
+    assert [c.decode() for c in served["classes"].numpy()[:, 0]] == \
+        list(np.array(list("abcd"))[logits.argmax(-1)])
+    meta = json.loads((tmp_path / "mine_tflite" / "1" / "metadata.json").read_text())
+    assert meta["class_names"] == list("abcd") and meta["crop_pct"] == 0.875
+    assert meta["image_size"] == [16, 16]
+    assert meta["tflite"]["keras_accuracy"] == pytest.approx(np.mean(logits.argmax(-1) == labels))
+    lite = tflite.LiteRTModel(str(tmp_path / "mine_tflite" / "1" / "mine_float32.tflite"))
+    np.testing.assert_allclose(lite.predict(images), logits, atol=1e-4)
+
+
+def _bfloat16_graph_conversion(real):
+    """`tflite._convert_float_or_dynamic` with float16 converting a graph whose Mul computes
+    in bfloat16: the converter's real failure (ConverterError, MLIR diagnostics on fd 2)."""
+
+    def convert(saved_model_dir, mode):
+        if mode != "float16":
+            return real(saved_model_dir, mode)
+
+        @tf.function(input_signature=[tf.TensorSpec([1, 4], tf.float32)])
+        def square(x):
+            x = tf.cast(x, tf.bfloat16)
+            return tf.cast(x * x, tf.float32)
+
+        converter = tf.lite.TFLiteConverter.from_concrete_functions(
+            [square.get_concrete_function()], square)
+        converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS]
+        return converter.convert()
+
+    return convert
+
+
+def test_failed_conversion_is_one_line_and_the_rest_of_the_set_is_written(tmp_path, capfd,
+                                                                          monkeypatch):
+    from convmixer_tf import cli
+    from convmixer_tf.deploy import tflite
+
+    path = str(tmp_path / "tiny.keras")
+    artifacts.save_model(tiny_model(), path)
+    rng = np.random.default_rng(0)
+    artifacts.write_samples(path, rng.integers(0, 256, (16, 16, 16, 3)),
+                            rng.integers(0, 256, (16, 16, 16, 3)), rng.integers(0, 4, 16))
+    monkeypatch.setattr(tflite, "_convert_float_or_dynamic",
+                        _bfloat16_graph_conversion(tflite._convert_float_or_dynamic))
+    capfd.readouterr()  # the setup's own output (TF starting)
+    stderr, fd2 = sys.stderr, os.fstat(2)
+    code = cli.export_main([path, "--no-saved-model", "--tflite-modes", "float32,float16",
+                            "--max-accuracy-drop", "100"])
+    out, err = capfd.readouterr()
+    log = str(tmp_path / "tiny.export.log")
+    assert code == tflite.REFUSED_EXIT_CODE == 3
+    assert err.splitlines() == [
+        "convmixer-export: float16: conversion failed (tf.Mul on bfloat16 is not a TFLite "
+        f"builtin op); see {log}",
+        "convmixer-export: finished; every other file was written (exit status 3: a TFLite "
+        "build was refused or failed)"], err
+    assert "error: loc(" not in out and "neither a custom op" not in out
+    with open(log) as f:
+        logged = f.read()
+    assert "neither a custom op nor a flex op" in logged and "ConverterError" in logged
+    assert "tflite float16                FAILED: conversion failed" in logged
+    version = tmp_path / "tiny_tflite" / "1"
+    assert sorted(os.listdir(version)) == ["metadata.json", "tiny_float32.tflite",
+                                           "tiny_float32_dynamic.tflite"]
+    report = json.loads((version / "metadata.json").read_text())["tflite"]
+    assert set(report["failed"]) == {"float16"} and "float16_dynamic" not in report["builds"]
+    assert sys.stderr is stderr and os.fstat(2).st_ino == fd2.st_ino  # both restored
+    # Any other converter error: its type and first line.
+    assert tflite.conversion_failure(RuntimeError("MLIR pass failed\n  at ...")) == \
+        "RuntimeError: MLIR pass failed"
+
+
+def test_stderr_to_a_log_restores_fd_2_even_on_an_exception(tmp_path, capfd):
+    log = tmp_path / "job.export.log"
+    stderr, fd2 = sys.stderr, os.fstat(2)
+    with pytest.raises(RuntimeError, match="converter crashed"):
+        with export.stderr_to(str(log)) as logged:
+            os.write(2, b"from C++ on fd 2\n")
+            print("a Python warning", file=sys.stderr)
+            logged("our own line")
+            raise RuntimeError("converter crashed")
+    assert sys.stderr is stderr and os.fstat(2).st_ino == fd2.st_ino
+    os.write(2, b"after\n")
+    assert capfd.readouterr().err == "after\n"
+    assert log.read_text().splitlines() == ["from C++ on fd 2", "a Python warning",
+                                            "our own line"]
+
+
+def test_export_command_prints_no_tensorflow_noise(tmp_path):
+    """The real `convmixer-export` (float32 + calibrated full_int8; the SavedModel's validation
+    runs in its own process, whose output it keeps): stdout has our report, stderr nothing;
+    TF's own lines (the converter's, XNNPACK's) are in `<name>.export.log`."""
+    path = str(tmp_path / "tiny.keras")
+    artifacts.save_model(tiny_model(), path)
+    rng = np.random.default_rng(0)
+    artifacts.write_samples(path, rng.integers(0, 256, (16, 16, 16, 3)),
+                            rng.integers(0, 256, (16, 16, 16, 3)), rng.integers(0, 4, 16))
+    env = {k: v for k, v in os.environ.items() if k != "TF_CPP_MIN_LOG_LEVEL"}
+    env["PYTHONPATH"] = ROOT
+    proc = subprocess.run(
+        [sys.executable, "-c", "import sys; from convmixer_tf import cli; "
+         "sys.exit(cli.export_main())", path, "--no-saved-model",
+         "--tflite-modes", "float32,full_int8",
+         "--max-accuracy-drop", "100"],
+        capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stderr == ""
+    assert "exported TFLite files" in proc.stdout
+    for noise in ("cuInit", "retracing", "MLIR", "fully_quantize", "XNNPACK delegate", "I0000"):
+        assert noise not in proc.stdout
+    logged = (tmp_path / "tiny.export.log").read_text()
+    assert "fully_quantize" in logged and "exported TFLite files" in logged

@@ -201,3 +201,35 @@ def test_rerun_with_another_architecture_end_to_end(tmp_path):
 def _history_epochs(path):
     with open(path) as f:
         return [int(row[0]) for row in list(csv.reader(f))[1:]]
+
+
+def test_train_command_exports_through_the_library_and_passes_exit_3_on(tmp_path, capsys,
+                                                                        monkeypatch):
+    """`convmixer-train` hands its file set to `deploy.export.export_model` (the wings never
+    import each other; the CLI wires them) and returns the export's status: 3 when the gate
+    refuses a build, with every other file written."""
+    from convmixer_tf.deploy import export, tflite
+
+    calls = []
+    real_export, real_gate = export.export_model, tflite.gate
+
+    def float32_only(model_path, **kwargs):  # the real export, fewer builds (time)
+        calls.append(model_path)
+        return real_export(model_path, tflite_modes=("float32",), **kwargs)
+
+    monkeypatch.setattr(export, "export_model", float32_only)
+    monkeypatch.setattr(tflite, "gate", lambda report, *a, **k: "refused by the test"
+                        if report["input"][0] is None else real_gate(report, *a, **k))
+    out = tmp_path / "models"
+    code = cli.train_main(["--image-size", "16", "--dim", "8", "--depth", "1",
+                           "--kernel-size", "3", "--epochs", "1", "--steps-per-epoch", "2",
+                           "--batch-size", "32", "--verbose", "0", "--output-dir", str(out),
+                           "--run-dir", str(tmp_path / "runs")])
+    err = capsys.readouterr().err
+    assert code == tflite.REFUSED_EXIT_CODE
+    assert calls == [str(out / "convmixer_digits.keras")]
+    assert "convmixer-train: refused TFLite build float32_dynamic: refused by the test" in err
+    assert (out / "convmixer_digits" / "1" / "saved_model.pb").is_file()
+    assert sorted(os.listdir(out / "convmixer_digits_tflite" / "1")) == [
+        "convmixer_digits_float32.tflite", "metadata.json"]
+    assert (out / "convmixer_digits.export.log").is_file()

@@ -27,13 +27,13 @@ import tensorflow as tf
 
 from convmixer_tf import artifacts, preprocessing
 from convmixer_tf.deploy import tf_serving
-from convmixer_tf.deploy.logits import ExportError, logits_model, min_image_size, output_activation
+from convmixer_tf.deploy.logits import (ExportError, default_tolerance, logits_model,
+                                        min_image_size, output_activation)
 
 SIGNATURE_FLOAT = "serving_default"
 SIGNATURE_UINT8 = "serving_uint8"
 SIGNATURE_BYTES = "serving_image_bytes"
 OUTPUT_NAMES = ("logits", "probabilities", "classes", "scores", "class_ids")
-TOLERANCE = 1e-4  # max abs logit error allowed between the export and the Keras model
 
 
 # ---------------------------------------------------------------------------- serving module
@@ -51,8 +51,9 @@ class ServingModule:
     reaches oneDNN's convolution, which aborts the whole server process. With a known rank in
     the spec, TF would also fold rank checks away when it traces the function."""
 
-    def __init__(self, model, class_names, image_size, crop_pct=1.0, top_k=5):
-        self.model = logits_model(model)
+    def __init__(self, model, class_names, image_size, crop_pct=1.0, top_k=5,
+                 precision="float32"):
+        self.model = logits_model(model, precision=precision)
         self.crop_pct = float(crop_pct)
         self.class_names = tf.constant(list(class_names))
         self.image_size = tuple(int(s) for s in image_size)
@@ -235,11 +236,12 @@ print("loaded", export_dir, "signatures:", sorted(loaded.signatures))
 
 
 def validate_saved_model(export_dir, model, images, class_names, image_size, crop_pct=1.0,
-                         tolerance=TOLERANCE, log=print):
+                         tolerance=None, log=print, precision="float32"):
     """Loads `export_dir` in a fresh process (TF1 session by signature tensor names and
-    tf.saved_model.load), compares every signature with the Keras model on `images` (uint8;
-    the bytes signature gets them PNG-encoded, the reference `preprocessing` of them), prints
-    the max abs logit error per path and raises ExportError above `tolerance`."""
+    tf.saved_model.load), compares every signature with the Keras model (its `logits_model` in
+    `precision`) on `images` (uint8; the bytes signature gets them PNG-encoded, the reference
+    `preprocessing` of them), prints the max abs logit error per path and raises ExportError
+    above `tolerance` (None: `logits.default_tolerance`)."""
     images = np.asarray(images)
     encoded = encode_png(images)
     prepared = np.stack([preprocessing.resize_centre_crop(i, image_size, crop_pct).numpy()
@@ -255,7 +257,7 @@ def validate_saved_model(export_dir, model, images, class_names, image_size, cro
         SIGNATURE_BYTES: prepared,
     }
     activation = output_activation(model)
-    reference_logits = logits_model(model)
+    reference_logits = logits_model(model, precision=precision)
     with tempfile.TemporaryDirectory(prefix="convmixer-validate-") as work:
         inputs_path, out_path = os.path.join(work, "in.npz"), os.path.join(work, "out.npz")
         np.savez(inputs_path, **feeds)
@@ -274,11 +276,10 @@ def validate_saved_model(export_dir, model, images, class_names, image_size, cro
         outputs = dict(np.load(out_path, allow_pickle=True))
     report = {}
     for signature, x in keras_inputs.items():
-        keras_out = np.asarray(model.predict(x, verbose=0), np.float32)
-        keras_logits = (
-            keras_out if activation is None
-            else np.asarray(reference_logits.predict(x, verbose=0), np.float32)
-        )
+        keras_logits = np.asarray(reference_logits.predict(x, verbose=0), np.float32)
+        keras_out = keras_logits if activation is None else tf.nn.softmax(keras_logits).numpy()
+        if tolerance is None:
+            tolerance = default_tolerance(model, precision, keras_logits)
         top1 = np.array(class_names)[keras_logits.argmax(-1)]
         for path in ("tf1", "tf2"):
             got = {n: outputs[f"{path}/{signature}/{n}"] for n in OUTPUT_NAMES}
@@ -304,8 +305,11 @@ def validate_saved_model(export_dir, model, images, class_names, image_size, cro
 
 
 def export_saved_model(model_path=None, export_root="saved_models", name=None, model=None,
-                       sample_images=None, top_k=5, tolerance=TOLERANCE, log=print):
-    """Exports a `.keras` model (or `model`) to `<export_root>/<name>/<next version>/`.
+                       sample_images=None, top_k=5, tolerance=None, log=print,
+                       serving_precision="float32", meta=None):
+    """Exports a `.keras` model (or `model`) to `<export_root>/<name>/<next version>/`,
+    computing in float32 (or with `serving_precision="policy"` in the model's dtype policy);
+    `meta` (class_names, image_size, crop_pct) replaces the metadata file beside `model_path`.
 
     The version is written into a hidden temp dir beside the versions, validated in a fresh
     process, then renamed into place in one step: a failure (including a failed validation)
@@ -315,7 +319,7 @@ def export_saved_model(model_path=None, export_root="saved_models", name=None, m
     if model is None:
         model = artifacts.load_model(model_path)
     name = name or model.name
-    meta = artifacts.read_metadata(model, model_path)
+    meta = meta or artifacts.read_metadata(model, model_path)
     class_names, image_size, crop_pct = meta["class_names"], meta["image_size"], meta["crop_pct"]
     if sample_images is None:
         rng = np.random.default_rng(0)
@@ -324,7 +328,8 @@ def export_saved_model(model_path=None, export_root="saved_models", name=None, m
     model_dir = os.path.join(export_root, name)
     with artifacts.new_version(model_dir) as published:
         tmp = published["tmp"]
-        ServingModule(model, class_names, image_size, crop_pct, top_k=top_k).save(tmp)
+        ServingModule(model, class_names, image_size, crop_pct, top_k=top_k,
+                      precision=serving_precision).save(tmp)
         warm = sample_images[:1]
         tf_serving.write_warmup_requests(tmp, name, [
             (SIGNATURE_FLOAT, "images", warm.astype(np.float32)),
@@ -332,7 +337,8 @@ def export_saved_model(model_path=None, export_root="saved_models", name=None, m
             (SIGNATURE_BYTES, "image_bytes", np.array(encode_png(warm), dtype=object)),
         ])
         report = validate_saved_model(tmp, model, sample_images, class_names, image_size,
-                                      crop_pct, tolerance=tolerance, log=log)
+                                      crop_pct, tolerance=tolerance, log=log,
+                                      precision=serving_precision)
     version, final = published["version"], published["path"]
     configs = tf_serving.write_serving_configs(export_root)
     log(f"exported SavedModel: {final} (version {version})")

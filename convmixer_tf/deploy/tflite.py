@@ -24,24 +24,24 @@ Output: `logits` [batch, classes] (the `predictions` activation is removed; appl
 """
 
 import os
+import re
 import tempfile
 import time
+import traceback
 import warnings
 
 import keras
 import numpy as np
 import tensorflow as tf
 from tensorflow.lite.python import convert as tflite_convert
+from tensorflow.lite.python.convert_phase import ConverterError
 
 from convmixer_tf import _extras, artifacts
 from convmixer_tf.deploy.logits import logits_model
+from convmixer_tf.deploy.modes import EDGE_BUILD, INT8_MODES, MODES, REFUSED_EXIT_CODE  # noqa: F401
 
-MODES = ("float32", "float16", "dynamic_int8", "full_int8", "int8_float_gelu")
-INT8_MODES = ("dynamic_int8", "full_int8", "int8_float_gelu")  # the edge-build candidates
-EDGE_BUILD = "int8"  # `<name>_int8.tflite`: the fastest int8 build that passes the gate
 FLOAT_OPS = ("GELU",)  # ops `int8_float_gelu` keeps in float32 (XNNPACK has no int8 GELU)
 IO_TYPES = {"float32": tf.float32, "int8": tf.int8, "uint8": tf.uint8}
-REFUSED_EXIT_CODE = 3  # convmixer-export: finished, but an optional build was refused
 
 
 def convert(model, mode="float32", representative_images=None, input_shape=(1, None, None),
@@ -59,9 +59,11 @@ def convert(model, mode="float32", representative_images=None, input_shape=(1, N
 
 
 def convert_builds(model, modes, representative_images=None, input_shape=(1, None, None),
-                   io_type="float32", split_depthwise=True):
+                   io_type="float32", split_depthwise=True, failures=None):
     """{mode: flatbuffer} for several modes (arguments as `convert`); the calibrated modes
-    share one calibration run."""
+    share one calibration run. With a `failures` dict, a mode the converter cannot convert is
+    left out and recorded there as `{mode: one-line reason}` (its traceback and the converter's
+    diagnostics go to stderr) instead of raising."""
     for mode in modes:
         if mode not in MODES:
             hint = (" ('int8' is the export's edge build, chosen among " + ", ".join(INT8_MODES)
@@ -87,20 +89,67 @@ def convert_builds(model, modes, representative_images=None, input_shape=(1, Non
             continue
         with tempfile.TemporaryDirectory(prefix="convmixer-tflite-") as tmp:
             _write_signature(logits, tmp)
-            calibrated = None
+            calibrated = []  # the calibration run, or the error it raised
+
+            def build(mode):
+                if mode not in calibrated_modes:
+                    return _convert_float_or_dynamic(tmp, mode)
+                if not calibrated:
+                    try:
+                        calibrated.append(_calibrate(tmp, representative_images,
+                                                     logits.input_shape))
+                    except CONVERSION_ERRORS as error:
+                        calibrated.append(error)
+                if isinstance(calibrated[0], Exception):
+                    raise calibrated[0]
+                return _quantize_calibrated(calibrated[0], mode, IO_TYPES[io_type])
+
             for mode in group:
-                if mode in calibrated_modes:
-                    if calibrated is None:
-                        calibrated = _calibrate(tmp, representative_images, logits.input_shape)
-                    flats[mode] = _quantize_calibrated(calibrated, mode, IO_TYPES[io_type])
-                else:
-                    flats[mode] = _convert_float_or_dynamic(tmp, mode)
-    flats = {mode: flats[mode] for mode in modes}
-    for mode, flat in flats.items():
-        custom = [name for name in op_counts(flat) if not name.isupper()]
-        if custom:
-            raise RuntimeError(f"conversion to {mode} produced non-builtin ops {custom}")
-    return flats
+                try:
+                    flat = build(mode)
+                    custom = [name for name in op_counts(flat) if not name.isupper()]
+                    if custom:
+                        raise RuntimeError(f"conversion to {mode} produced non-builtin ops "
+                                           f"{custom}")
+                    flats[mode] = flat
+                except CONVERSION_ERRORS as error:
+                    if failures is None:
+                        raise
+                    traceback.print_exc()
+                    failures[mode] = "conversion failed (" + conversion_failure(error) + ")"
+    return {mode: flats[mode] for mode in modes if mode in flats}
+
+
+# What the converter raises for a graph it cannot convert (ConverterError: an op TFLite lacks,
+# a dtype it cannot take; RuntimeError/ValueError from its C++ passes and our builtin-op check).
+CONVERSION_ERRORS = (ConverterError, RuntimeError, ValueError, tf.errors.OpError)
+MLIR_DTYPES = {"bf16": "bfloat16", "f16": "float16", "f32": "float32", "f64": "float64",
+               "i8": "int8", "i16": "int16", "i32": "int32", "i64": "int64", "ui8": "uint8",
+               "i1": "bool"}
+
+
+def conversion_failure(error):
+    """One line saying why the converter refused a graph: for ops TFLite lacks, which ops on
+    which dtype ("tf.Mul, tf.AddV2 on bfloat16 are not TFLite builtin ops"), else the first
+    line of the error."""
+    missing = {}
+    for data in getattr(error, "errors", None) or ():
+        message = data.error_message
+        if "neither a custom op nor a flex op" in message:
+            types = re.findall(r"tensor<(?:[?\d]+x)*(\w+)>", message)
+            dtype = MLIR_DTYPES.get(types[-1], types[-1]) if types else "?"
+            missing.setdefault(dtype, [])
+            op = data.operator.name or message.split("'")[1]
+            if op not in missing[dtype]:
+                missing[dtype].append(op)
+    if missing:
+        return "; ".join(
+            f"{', '.join(ops)} on {dtype} {'is' if len(ops) == 1 else 'are'} not "
+            f"{'a TFLite builtin op' if len(ops) == 1 else 'TFLite builtin ops'}"
+            for dtype, ops in missing.items())
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    first = lines[0] if lines else type(error).__name__
+    return f"{type(error).__name__}: {first[:200]}"
 
 
 MAX_DEPTHWISE_TAPS = 25  # XNNPACK's largest single-pass depthwise kernel (5x5)
@@ -510,8 +559,8 @@ def expand_modes(modes, model_has_gelu=True, io_type="float32", calibration=True
             if m not in MODES:
                 raise ValueError(f"unknown TFLite mode {m!r}: choose from {MODES + (EDGE_BUILD,)}")
             if m in ("full_int8", "int8_float_gelu") and not calibration:
-                skipped[m] = ("no calibration images (no <name>.samples.npz beside the model: "
-                              "pass --calibration-dir)")
+                skipped[m] = ("no calibration images (export(calibration_images=...); "
+                              "convmixer-export: a <name>.samples.npz or --calibration-dir)")
             elif m == "int8_float_gelu" and not model_has_gelu:
                 skipped[m] = "the model has no GELU (same file as full_int8)"
             elif m == "dynamic_int8" and io_type != "float32":
@@ -535,7 +584,9 @@ def export_all(model, out_dir, name, representative_images, eval_images, input_s
     XNNPACK, interleaved), and the fastest that passes `gate` is also written as
     `<name>_int8.tflite` (+ `_dynamic`): the default edge build. A build the gate refuses is
     not written; the report lists it under "refused" with the reason, and the caller decides
-    the exit status (`REFUSED_EXIT_CODE`). `int8_io` is the I/O type of the calibrated modes.
+    the exit status (`REFUSED_EXIT_CODE`). A build the converter cannot make is left out the
+    same way, under "failed" with a one-line reason (`conversion_failure`); the rest is still
+    converted, gated and written. `int8_io` is the I/O type of the calibrated modes.
     `gated=False` (no held-out images exist: `eval_images` are synthetic) reports the numbers
     without gating on them.
     """
@@ -562,11 +613,15 @@ def export_all(model, out_dir, name, representative_images, eval_images, input_s
                   latency=dict(batch=1, runtime="ai_edge_litert + XNNPACK",
                                num_threads=num_threads or 1, rounds=latency_rounds,
                                clock="thread CPU time" if (num_threads or 1) == 1 else "wall"),
-                  builds={}, skipped=skipped, refused={}, edge_build=None)
+                  builds={}, skipped=skipped, refused={}, failed={}, edge_build=None)
     flats = {}
     for dynamic in (False, True):
         shape = (None, None, None) if dynamic else fixed
-        converted = convert_builds(model, builds, representative_images, shape, int8_io)
+        failures = {}
+        converted = convert_builds(model, [m for m in builds if m not in report["failed"]],
+                                   representative_images, shape, int8_io, failures=failures)
+        report["failed"].update(
+            {f"{mode}{'_dynamic' if dynamic else ''}": why for mode, why in failures.items()})
         for mode, flat in converted.items():
             label = f"{mode}{'_dynamic' if dynamic else ''}"
             entry = dict(mode=mode, input=list(shape), size_bytes=len(flat),
@@ -578,18 +633,19 @@ def export_all(model, out_dir, name, representative_images, eval_images, input_s
                 report["refused"][label] = reason
             report["builds"][label] = entry
             flats[label] = flat
-    timed = [m for m in builds if not report["builds"][m].get("refused")]
-    timed += [m for m in builds if m not in timed and m in INT8_MODES]  # refused: still timed
+    converted = [m for m in builds if m in report["builds"]]
+    timed = [m for m in converted if not report["builds"][m].get("refused")]
+    timed += [m for m in converted if m not in timed and m in INT8_MODES]  # refused: still timed
     for mode, ms in interleaved_latency_ms({m: flats[m] for m in timed}, resized[0],
                                            latency_rounds, num_threads).items():
         report["builds"][mode]["latency_ms"] = ms
         report["builds"].get(f"{mode}_dynamic", {})["latency_ms_at_fixed_size"] = ms
-    edge = choose_edge_build({m: report["builds"][m] for m in builds}) \
+    edge = choose_edge_build({m: report["builds"][m] for m in converted}) \
         if EDGE_BUILD in modes else None
     if EDGE_BUILD in modes:
         report["edge_build"] = edge
         if edge is None:
-            report["refused"][EDGE_BUILD] = "no int8 candidate passed the gate"
+            report["refused"][EDGE_BUILD] = "no int8 candidate converted and passed the gate"
     for label, entry in report["builds"].items():
         files = [f"{name}_{label}.tflite"]
         if edge and entry["mode"] == edge:
@@ -607,6 +663,8 @@ def export_all(model, out_dir, name, representative_images, eval_images, input_s
             f"gate: {report['gate']})")
     for label, why in report["refused"].items():
         log(f"tflite {label:<22} REFUSED: {why}")
+    for label, why in report["failed"].items():
+        log(f"tflite {label:<22} FAILED: {why}")
     return report
 
 

@@ -86,9 +86,10 @@ def build_model(config, num_classes, input_shape):
 
 
 def save_trained_model(model, path):
-    """Saves `model` with stock Keras layers only (`layers.standardize`), uncompiled and
-    atomically, so the file loads anywhere without this package."""
-    return artifacts.save_model(layers.standardize(model), path, overwrite=True)
+    """Saves `model` with stock Keras layers only, in float32 whatever the training policy
+    (`layers.standardize(float32=True)`; the metadata records the policy), uncompiled and
+    atomically, so the file loads and serves anywhere without this package."""
+    return artifacts.save_model(layers.standardize(model, float32=True), path, overwrite=True)
 
 
 def sample_images(datasets, calibration_count=256, held_out_count=1000, budget_mb=48):
@@ -154,8 +155,11 @@ def train(config, datasets=None):
         model = build_model(
             config, datasets.num_classes, (config.image_size, config.image_size, 3)
         )
-        if config.fast_layers:
-            model = layers.accelerate(model)
+        fast = {swap: False for swap in layers.SWAPS}
+        if config.fast_layers:  # only the swaps measured faster on this device and precision
+            fast = layers.fast_layers_for(config.precision)
+            model = layers.accelerate(model, **fast)
+            print(layers.describe_fast_layers(fast, config.precision), flush=True)
         trainer = distribute.make_trainer(model)
         optimizer = keras.optimizers.AdamW(
             schedules.OneCycle(config.max_lr, steps),
@@ -196,6 +200,8 @@ def train(config, datasets=None):
             model_path, datasets.class_names, (config.image_size, config.image_size),
             crop_pct=config.eval_crop_pct, dataset=config.dataset,
             test_accuracy=float(test_accuracy), config=dataclasses.asdict(config),
+            training_precision=config.precision, serving_precision="float32",
+            fast_layers_applied=[swap for swap, on in fast.items() if on],
         )
         artifacts.write_samples(model_path, *sample_images(datasets))
     except OSError as error:

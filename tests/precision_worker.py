@@ -1,0 +1,39 @@
+"""Runs in its own process (2 logical CPUs must exist before TF starts): a user's own `model.fit`
+script in miniature, as the README shows it: ConvMixer under MirroredStrategy, a global
+mixed-precision policy, `distribute.make_trainer`, `jit_compile=True`, then `model.save`.
+
+    python tests/precision_worker.py OUT.keras [POLICY]
+"""
+
+import os
+import sys
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import keras  # noqa: E402
+import numpy as np  # noqa: E402
+
+import convmixer_tf  # noqa: E402
+from convmixer_tf.training import distribute  # noqa: E402
+
+
+def main(path, policy="mixed_bfloat16"):
+    strategy = distribute.make_strategy("mirrored", cpu_replicas=2)
+    keras.mixed_precision.set_global_policy(policy)
+    rng = np.random.default_rng(0)
+    x = rng.integers(0, 256, (64, 16, 16, 3)).astype("float32")
+    y = keras.utils.to_categorical(rng.integers(0, 10, 64), 10)
+    with strategy.scope():
+        model = convmixer_tf.ConvMixer(dim=16, depth=2, kernel_size=3, patch_size=2,
+                                       input_shape=(16, 16, 3), classes=10)
+        trainer = distribute.make_trainer(model)
+        trainer.compile(keras.optimizers.AdamW(1e-3), "categorical_crossentropy",
+                        metrics=["accuracy"], jit_compile=True)
+    trainer.fit(x, y, batch_size=16, epochs=1, verbose=0)
+    assert type(trainer).__name__ == "ReplicaTrainer", type(trainer)
+    model.save(path)
+    print(f"saved {path} ({strategy.num_replicas_in_sync} replicas, {policy})")
+
+
+if __name__ == "__main__":
+    main(*sys.argv[1:])
