@@ -46,13 +46,14 @@ def sample_images(model_path, meta, calibration_dir=None):
 def export_model(model_path, export_dir=None, name=None, saved_model_export=True,
                  tflite_modes=TFLITE_MODES, calibration_dir=None, int8_io="float32",
                  tolerance=saved_model.TOLERANCE, max_accuracy_drop=0.01, min_int8_agreement=0.98,
-                 log=print):
+                 log=print, serving_limits=None):
     """Exports `model_path` (a `.keras` file with its metadata and samples) to `export_dir`
     (default: the model's folder) as `<name>/<version>/` (TF Serving) and
     `<name>_tflite/<version>/` (the TFLite files and their metadata.json); returns
     dict(saved_model=..., tflite=report + version, path). TFLite builds the gate refuses are
     listed in `report["refused"]` (the rest is written; `tflite.REFUSED_EXIT_CODE` for a
-    command).
+    command). `serving_limits`: dict(max_image_pixels=, max_request_pixels=) for the
+    SavedModel (`saved_model.serving_limits`; default 40 MP per image, 4x per request).
 
     Each version is written into a `.tmp-<pid>-*` folder and renamed into place only when
     complete and validated, so a kill at any point leaves the published versions as they were
@@ -78,6 +79,7 @@ def export_model(model_path, export_dir=None, name=None, saved_model_export=True
                 result["saved_model"] = saved_model.export_saved_model(
                     model_path, export_dir, name, model=model, tolerance=tolerance, log=log,
                     sample_images=None if held_out is None else held_out[:8],
+                    **(serving_limits or {}),
                 )
             modes = list(tflite_modes)
             if modes:
