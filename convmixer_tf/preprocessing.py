@@ -48,8 +48,10 @@ def resize_centre_crop(image, size, crop_pct=1.0):
 
     def resized():
         new = resized_shape(shape, (height, width), crop_pct)
-        out = tf.image.resize(tf.cast(image, tf.float32), new, method=INTERPOLATION,
-                              antialias=True)
+        # uint8 straight in (the same output, bit for bit): a float32 copy of a large
+        # decoded image would hold 4x its memory while serving decodes it
+        pixels = image if image.dtype == tf.uint8 else tf.cast(image, tf.float32)
+        out = tf.image.resize(pixels, new, method=INTERPOLATION, antialias=True)
         top, left = (new[0] - height) // 2, (new[1] - width) // 2
         out = out[top:top + height, left:left + width]
         return tf.clip_by_value(tf.round(out), 0.0, 255.0)

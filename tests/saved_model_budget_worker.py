@@ -6,8 +6,9 @@ memory measured: run by tests/test_saved_model.py.
 Sends a good PNG, then a 16,000 x 16,000 PNG (a ~750 KB file that decodes to 768 MB), then a
 batch of `count` blank `side` x `side` PNGs (legal one by one, too many pixels together), then
 the good PNG again, through the TF1 session loader (fed by signature tensor names, as TF
-Serving does) and through tf.saved_model.load. Writes each answer (logits or the error a client
-reads) and the process's peak RSS (VmHWM) before and after the oversized requests to out.json.
+Serving does) and through tf.saved_model.load; then a legal 40 MP PNG (6324 x 6324) through
+both. Writes each answer (logits or the error a client reads) and the process's peak RSS
+(VmHWM) after warming up and after each request to out.json.
 Imports only numpy and tensorflow.
 """
 
@@ -70,6 +71,7 @@ def main():
         ("16000x16000 PNG", np.array([blank_png(16000, 16000)], dtype=object)),
         (f"{count} x {side}x{side} PNGs", np.array([large] * count, dtype=object)),
         ("good", np.array([good_png], dtype=object)),
+        ("6324x6324 PNG", np.array([blank_png(6324, 6324)], dtype=object)),  # 40 MP: legal
     ]
     results = {}
 
@@ -97,10 +99,11 @@ def main():
     for loader, run in paths.items():  # warm both paths up before the baseline
         record(f"{loader}/warmup", lambda: run(requests[0][1]))
     peaks = [("baseline", peak_rss_mb())]
-    for loader, run in paths.items():
-        for label, array in requests:
-            record(f"{loader}/{label}", lambda: run(array))
-            peaks.append((f"{loader}/{label}", peak_rss_mb()))
+    for batch in (requests[:-1], requests[-1:]):  # the legal decode once the refusals are done
+        for loader, run in paths.items():
+            for label, array in batch:
+                record(f"{loader}/{label}", lambda: run(array))
+                peaks.append((f"{loader}/{label}", peak_rss_mb()))
     with open(out_path, "w") as f:
         json.dump(dict(results=results, peak_rss_mb=peaks,
                        labels=[label for label, _ in requests]), f, indent=1)
