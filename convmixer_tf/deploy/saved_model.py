@@ -39,11 +39,12 @@ SIGNATURE_UINT8 = "serving_uint8"
 SIGNATURE_BYTES = "serving_image_bytes"
 OUTPUT_NAMES = ("logits", "probabilities", "classes", "scores", "class_ids")
 TOLERANCE = 1e-4  # max abs logit error allowed between the export and the Keras model
-# Work budgets per request, in pixels. Decoding and resizing an image holds ~15 bytes per
-# pixel at once (uint8 pixels + their float32 copy), and up to 10 images of a request decode
-# in parallel (tf.map_fn), so the request budget bounds a request's peak memory: ~0.6 GB per
-# 40 MP image, ~2.4 GB per 160 MP request (measured in docs/serving.md).
-MAX_IMAGE_PIXELS = 40_000_000  # per image: a 48 MP phone photo must be downscaled first
+# Work budgets, in pixels. Decoding holds 3 bytes per pixel (uint8; `preprocessing` resizes
+# it without a float copy) and a request's images decode in parallel (tf.map_fn), so the request
+# budget bounds a request's transient memory: measured +117 MB for a 40 MP PNG, +187 MB for
+# 4 of them (docs/serving.md). The tensor signatures run the model at the size sent: the
+# request budget bounds batch x height x width there too.
+MAX_IMAGE_PIXELS = 40_000_000  # per image: above any 12-24 MP camera photo; a 16k x 16k is 256 MP
 REQUEST_IMAGES = 4  # the default request budget: 4 images at the per-image budget
 
 
