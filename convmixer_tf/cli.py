@@ -224,8 +224,8 @@ def export_main(argv=None):
                              "image with more pixels (height x width, read from a JPEG/PNG "
                              "header)")
     parser.add_argument("--max-request-pixels", type=_positive_int, default=None,
-                        help="... and a request whose images hold more pixels together "
-                             f"(default: {REQUEST_IMAGES} x --max-image-pixels)")
+                        help="... and a request whose images hold more pixels together; "
+                             f"None: {REQUEST_IMAGES} x --max-image-pixels")
     args = parser.parse_args(argv)
     modes = [] if args.tflite_modes == "none" else args.tflite_modes.split(",")
     bad = [m for m in modes if m not in MODES + (EDGE_BUILD,)]
