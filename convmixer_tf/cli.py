@@ -113,6 +113,17 @@ def add_config_flags(parser, config_cls, groups=(), only_given=False):
     return parser
 
 
+def _positive_int(text):
+    """argparse type: an integer >= 1 (a pixel budget)."""
+    try:
+        value = int(text.replace("_", ""))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number of pixels, got {text!r}")
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
 def _error(command, error):
     print(f"{command}: error: {error}", file=sys.stderr)
 
@@ -181,7 +192,8 @@ def export_main(argv=None):
     Exit status 0: everything written; 1: error; 2: usage; 3: finished, but the gate refused
     a TFLite build or it failed to convert (named on stderr and in the metadata; every other
     file was written). TensorFlow's own output goes to <export dir>/<name>.export.log."""
-    from convmixer_tf.deploy.modes import EDGE_BUILD, MODES, SERVING_PRECISIONS
+    from convmixer_tf.deploy.modes import (EDGE_BUILD, MAX_IMAGE_PIXELS, MODES, REQUEST_IMAGES,
+                                         SERVING_PRECISIONS)
 
     parser = argparse.ArgumentParser(
         prog="convmixer-export", description=export_main.__doc__,
@@ -218,6 +230,13 @@ def export_main(argv=None):
     parser.add_argument("--min-int8-agreement", type=float, default=0.98,
                         help="the TFLite gate without labels (--calibration-dir): top-1 "
                              "agreement with Keras")
+    parser.add_argument("--max-image-pixels", type=_positive_int, default=MAX_IMAGE_PIXELS,
+                        help="the SavedModel refuses (INVALID_ARGUMENT, before decoding) an "
+                             "image with more pixels (height x width, read from a JPEG/PNG "
+                             "header)")
+    parser.add_argument("--max-request-pixels", type=_positive_int, default=None,
+                        help="... and a request whose images hold more pixels together; "
+                             f"None: {REQUEST_IMAGES} x --max-image-pixels")
     args = parser.parse_args(argv)
     modes = [] if args.tflite_modes == "none" else args.tflite_modes.split(",")
     bad = [m for m in modes if m not in MODES + (EDGE_BUILD,)]
@@ -234,6 +253,8 @@ def export_main(argv=None):
         calibration_dir=args.calibration_dir, int8_io=args.int8_io, tolerance=args.tolerance,
         max_accuracy_drop=args.max_accuracy_drop / 100,
         min_int8_agreement=args.min_int8_agreement, serving_precision=args.serving_precision,
+        serving_limits=dict(max_image_pixels=args.max_image_pixels,
+                            max_request_pixels=args.max_request_pixels),
     )
 
 

@@ -47,12 +47,11 @@ def resize_centre_crop(image, size, crop_pct=1.0):
     shape = tf.shape(image)[:2]
 
     def resized():
-        float_shape = tf.cast(shape, tf.float32)
-        scale_size = float(int(min(height, width) / crop_pct))
-        ratio = scale_size / tf.reduce_min(float_shape)
-        new = tf.maximum(tf.cast(tf.round(float_shape * ratio), tf.int32), target)
-        out = tf.image.resize(tf.cast(image, tf.float32), new, method=INTERPOLATION,
-                              antialias=True)
+        new = resized_shape(shape, (height, width), crop_pct)
+        # uint8 straight in (the same output, bit for bit): a float32 copy of a large
+        # decoded image would hold 4x its memory while serving decodes it
+        pixels = image if image.dtype == tf.uint8 else tf.cast(image, tf.float32)
+        out = tf.image.resize(pixels, new, method=INTERPOLATION, antialias=True)
         top, left = (new[0] - height) // 2, (new[1] - width) // 2
         out = out[top:top + height, left:left + width]
         return tf.clip_by_value(tf.round(out), 0.0, 255.0)
@@ -66,6 +65,19 @@ def resize_centre_crop(image, size, crop_pct=1.0):
                           lambda: tf.cast(image, tf.float32), resized)
             return tf.ensure_shape(out, [height, width, channels])
     return tf.ensure_shape(resized(), [height, width, channels])
+
+
+def resized_shape(shape, size, crop_pct=1.0, dtype=tf.int32):
+    """(height, width) an image of `shape` (height, width; or [N, 2] for N images) is resized to
+    before the centre crop of `resize_centre_crop`: its short side becomes
+    int(min(size) / crop_pct). Serving checks it before decoding (a thin image makes a huge
+    resize), in float64 so that no size overflows."""
+    height, width = (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
+    float_shape = tf.cast(shape, tf.float64 if dtype == tf.float64 else tf.float32)
+    scale_size = float(int(min(height, width) / crop_pct))
+    ratio = scale_size / tf.reduce_min(float_shape, axis=-1, keepdims=True)
+    new = tf.cast(tf.round(float_shape * ratio), dtype)
+    return tf.maximum(new, tf.constant([height, width], dtype))
 
 
 def preprocess_bytes(encoded, size, crop_pct=1.0):

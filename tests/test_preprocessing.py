@@ -112,3 +112,19 @@ def test_same_jpeg_same_logits_in_eval_serving_and_predict(tmp_path):
     for where, logits in served.items():
         np.testing.assert_allclose(logits, eval_logits, rtol=1e-4, atol=1e-4 * scale,
                                    err_msg=where)
+
+
+def test_uint8_resized_directly_and_resized_shape():
+    """uint8 pixels are resized without a float32 copy (serving holds 3 bytes per decoded
+    pixel, not 15) with the same output bit for bit; `resized_shape` of a batch of sizes, in
+    float64 (serving's pre-decode check), is each size's own resize."""
+    image = np.random.default_rng(0).integers(0, 256, (37, 53, 3)).astype(np.uint8)
+    for size, crop_pct in (((16, 16), 1.0), ((24, 20), 0.875), ((64, 64), 0.96)):
+        np.testing.assert_array_equal(
+            preprocessing.resize_centre_crop(image, size, crop_pct).numpy(),
+            preprocessing.resize_centre_crop(image.astype(np.float32), size, crop_pct).numpy())
+    sizes = np.array([[37, 53], [1, 64], [16000, 16000], [16, 16]])
+    batched = preprocessing.resized_shape(sizes, (16, 16), 0.875, tf.float64).numpy()
+    singles = [preprocessing.resized_shape(s, (16, 16), 0.875).numpy() for s in sizes]
+    np.testing.assert_array_equal(batched, np.array(singles, np.float64))
+    np.testing.assert_array_equal(batched[1], [18, 1152])  # 1x64: the short side -> int(16/0.875)

@@ -370,3 +370,138 @@ def test_serving_client_without_a_server_says_how_to_start_one(tmp_path):
         assert line.startswith(f"serving_client: error: no TF Serving {api} server "
                                f"answered at {address} (")
         assert "docker run" in line and "MODEL_NAME=tiny" in line and "--offline" in line
+
+
+# ---------------------------------------------------------------------------- pixel budgets
+
+IMAGE_OVER = (r"assertion failed: \[{0}: an image has more pixels than the limit of {1} per "
+              r"image set at export \(convmixer-export --max-image-pixels\); height, width:\] "
+              r"\[{2} {3}\] \[pixels:\] \[{4}\]")
+REQUEST_OVER = (r"assertion failed: \[{0}: the request holds more pixels than the limit of {1} "
+                r"per request set at export \(convmixer-export --max-request-pixels\): send "
+                r"fewer images per request; pixels:\] \[{2}\] \[images:\] \[{3}\]")
+THIN = (r"assertion failed: \[image_bytes: an image is too thin: resizing its short side to 16 "
+        r"gives more pixels than the limit of {0} per image set at export \(convmixer-export "
+        r"--max-image-pixels\); height, width:\] \[{1} {2}\] \[resized pixels:\] \[{3}\]")
+# Peak RSS over the warmed-up process: refusing takes nothing (measured +5 MB; decoding the 16k
+# PNG took +3660 MB), serving a 40 MP PNG takes its uint8 pixels (measured +117 MB; +574 MB
+# with the float32 copy preprocessing made before it resized uint8 directly).
+PEAK_RSS_MARGIN_MB = 150
+LEGAL_40MP_MARGIN_MB = 300
+
+
+def test_oversized_requests_refused_before_decoding_within_memory(exported, tmp_path):
+    """With the default budgets (40 MP per image, 160 MP per request), a 750 KB PNG declaring
+    16,000 x 16,000 pixels and 5 blank 6000 x 6000 PNGs (36 MP each, 180 MP together) are
+    refused through both loaders, in a process whose peak RSS stays within PEAK_RSS_MARGIN_MB
+    of its warmed-up peak (the code before the budgets decoded the 16k PNG: 690 -> 4354 MB);
+    a good request before and after gives the same logits, and a legal 40 MP PNG is served
+    within LEGAL_40MP_MARGIN_MB."""
+    out = tmp_path / "budget.json"
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    env.update(TF_CPP_MIN_LOG_LEVEL="2")
+    proc = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "tests", "saved_model_budget_worker.py"),
+         exported["result"]["path"], str(out), "6000", "5"],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads(out.read_text())
+    results, peaks = report["results"], dict(report["peak_rss_mb"])
+    expected = {
+        "16000x16000 PNG": IMAGE_OVER.format("image_bytes", 40000000, 16000, 16000, 256000000),
+        "5 x 6000x6000 PNGs": REQUEST_OVER.format("image_bytes", 160000000, 180000000, 5),
+    }
+    good = np.random.default_rng(0).integers(0, 256, (1, 16, 16, 3)).astype(np.uint8)
+    reference = logits.logits_model(exported["model"]).predict(good, verbose=0)
+    for loader in ("tf1", "tf2"):
+        for label, message in expected.items():
+            (got,) = results[f"{loader}/{label}"]
+            assert not got["ok"] and got["error"].startswith("InvalidArgumentError: ")
+            assert re.search(message, got["error"]), (loader, got["error"])
+        before, after = results[f"{loader}/good"]
+        assert before["ok"] and before["logits"] == after["logits"]
+        np.testing.assert_allclose(before["logits"], reference, atol=1e-4)
+    assert peaks["tf2/good"] - peaks["baseline"] < PEAK_RSS_MARGIN_MB, peaks  # after both
+    for loader in ("tf1", "tf2"):
+        assert results[f"{loader}/6324x6324 PNG"][0]["ok"]
+    assert peaks["tf2/6324x6324 PNG"] - peaks["baseline"] < LEGAL_40MP_MARGIN_MB, peaks
+
+
+def _progressive_jpeg(height, width, seed=0):
+    """A progressive JPEG with a 30 KB EXIF segment before its SOF2 marker."""
+    import io
+
+    from PIL import Image
+
+    image = np.random.default_rng(seed).integers(0, 256, (height, width, 3)).astype(np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(image).save(buf, format="JPEG", progressive=True, quality=90,
+                                exif=b"Exif\0\0" + bytes(30000))
+    data = buf.getvalue()
+    assert b"\xff\xc2" in data and data.index(b"\xff\xc2") > 30000  # SOF2 after the EXIF
+    return data
+
+
+def test_export_cli_pixel_budgets(exported, tmp_path, capsys):
+    """convmixer-export --max-image-pixels 1024 --max-request-pixels 2048: the limits are
+    logged and stored in the SavedModel; every signature refuses an image over 1024 pixels
+    and a request over 2048 with INVALID_ARGUMENT naming the limit and the size received
+    (JPEG sizes from the header, progressive ones included), and serves one within them
+    with the Keras model's logits. Budgets no image could meet are refused before export."""
+    model_path, model = exported["model_path"], exported["model"]
+    argv = [model_path, "--export-dir", str(tmp_path), "--tflite-modes", "none",
+            "--max-image-pixels", "1024", "--max-request-pixels", "2048"]
+    assert cli.export_main(argv) == 0
+    assert ("serving limits: 1024 pixels per image, 2048 per request (--max-image-pixels, "
+            "--max-request-pixels)") in capsys.readouterr().out
+    loaded = tf.saved_model.load(str(tmp_path / "tiny" / "1"))
+    assert int(loaded.max_image_pixels[0].numpy()) == 1024
+    assert int(loaded.max_request_pixels[0].numpy()) == 2048
+
+    rng = np.random.default_rng(6)
+    fit, over = (rng.integers(0, 256, (3, *s, 3)).astype(np.uint8) for s in ((32, 32), (40, 40)))
+    reference = logits.logits_model(model)
+    F, U, B = (loaded.signatures[s] for s in ("serving_default", "serving_uint8",
+                                               "serving_image_bytes"))
+    np.testing.assert_allclose(F(images=tf.constant(fit[:2], tf.float32))["logits"].numpy(),
+                               reference.predict(fit[:2], verbose=0), atol=1e-5)
+    np.testing.assert_array_equal(U(images=tf.constant(fit[:2]))["logits"].numpy(),
+                                  F(images=tf.constant(fit[:2], tf.float32))["logits"].numpy())
+    served = B(image_bytes=tf.constant([png(fit[0]), _progressive_jpeg(32, 32)]))
+    prepared = saved_model.preprocessing.resize_centre_crop(fit[0], (16, 16)).numpy()[None]
+    np.testing.assert_allclose(served["logits"].numpy()[0],
+                               reference.predict(prepared, verbose=0)[0], atol=1e-5)
+    refused = [
+        (F, dict(images=tf.constant(over[:1], tf.float32)),
+         IMAGE_OVER.format("images", 1024, 40, 40, 1600)),
+        (U, dict(images=tf.constant(over[:1])), IMAGE_OVER.format("images", 1024, 40, 40, 1600)),
+        (U, dict(images=tf.constant(fit)), REQUEST_OVER.format("images", 2048, 3072, 3)),
+        (B, dict(image_bytes=tf.constant([png(fit[0]), png(over[0])])),
+         IMAGE_OVER.format("image_bytes", 1024, 40, 40, 1600)),
+        (B, dict(image_bytes=tf.constant([_progressive_jpeg(40, 40)])),
+         IMAGE_OVER.format("image_bytes", 1024, 40, 40, 1600)),
+        (B, dict(image_bytes=tf.constant([png(f) for f in fit])),
+         REQUEST_OVER.format("image_bytes", 2048, 3072, 3)),
+        (B, dict(image_bytes=tf.constant([png(np.zeros((1, 64, 3)))])),  # 1x64 -> 16x1024
+         THIN.format(1024, 1, 64, 16384)),
+    ]
+    for signature, kwargs, message in refused:
+        with pytest.raises(tf.errors.InvalidArgumentError, match=message):
+            signature(**kwargs)
+
+    for flags, code, error in (
+            (["--max-image-pixels", "0"], 2, "must be at least 1, got 0"),
+            (["--max-image-pixels", "100"], 1, "is below the 256 pixels one image of the "
+                                               "model's size (16, 16) takes"),
+            (["--max-request-pixels", "500", "--max-image-pixels", "1000"], 1,
+             "max_request_pixels=500 is below max_image_pixels=1000")):
+        argv = [model_path, "--export-dir", str(tmp_path), "--tflite-modes", "none", *flags]
+        if code == 2:
+            with pytest.raises(SystemExit) as exit_info:
+                cli.export_main(argv)
+            assert exit_info.value.code == 2
+        else:
+            assert cli.export_main(argv) == 1
+        assert error in capsys.readouterr().err
+    assert artifacts.list_versions(str(tmp_path / "tiny")) == [1]

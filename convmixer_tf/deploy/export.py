@@ -63,7 +63,7 @@ def export(model, export_dir, name=None, class_names=None, image_size=None, crop
            calibration_images=None, held_out=None, saved_model_export=True,
            tflite_modes=TFLITE_MODES, int8_io="float32", tolerance=None,
            max_accuracy_drop=0.01, min_int8_agreement=0.98, serving_precision="float32",
-           log=print):
+           serving_limits=None, log=print):
     """Exports a Keras ConvMixer classifier in memory: `<export_dir>/<name>/<version>/` (TF
     Serving, validated in a fresh process) and `<export_dir>/<name>_tflite/<version>/` (the
     TFLite builds, each gated on `held_out`). What `convmixer-export` does for a `.keras` file.
@@ -78,7 +78,9 @@ def export(model, export_dir, name=None, class_names=None, image_size=None, crop
     point). The TFLite builds are converted from a float32 rebuild of the model whatever its
     dtype policy; the SavedModel computes in float32 too unless `serving_precision="policy"`
     keeps the model's own (e.g. bfloat16 for a GPU server; `tolerance` then defaults to that
-    dtype's, `logits.TOLERANCES`). Returns dict(saved_model=..., tflite=report with `version`,
+    dtype's, `logits.TOLERANCES`). `serving_limits`: dict(max_image_pixels=,
+    max_request_pixels=), the SavedModel's pixel budgets (`saved_model.serving_limits`;
+    default 40 MP per image, 4x that per request). Returns dict(saved_model=..., tflite=report with `version`,
     `path`, `refused` and `failed` builds, log=the log file); a refused or failed build is not
     written, the rest is (`tflite.REFUSED_EXIT_CODE` for a command). Bad arguments raise
     ValueError before any work.
@@ -87,6 +89,8 @@ def export(model, export_dir, name=None, class_names=None, image_size=None, crop
         model, export_dir, name, class_names, image_size, crop_pct, calibration_images,
         held_out, tflite_modes, int8_io, tolerance, max_accuracy_drop, min_int8_agreement,
         serving_precision)
+    limits = saved_model.serving_limits(meta["image_size"], meta["crop_pct"],
+                                        **(serving_limits or {}))  # checked before any work
     name, export_dir = name or model.name, os.fspath(export_dir)
     tflite_root = os.path.join(export_dir, f"{name}_tflite")
     os.makedirs(export_dir, exist_ok=True)
@@ -111,7 +115,7 @@ def export(model, export_dir, name=None, class_names=None, image_size=None, crop
                 result["saved_model"] = saved_model.export_saved_model(
                     None, export_dir, name, model=model, tolerance=tolerance, log=log, meta=meta,
                     sample_images=None if held_images is None else held_images[:8],
-                    serving_precision=serving_precision,
+                    serving_precision=serving_precision, **limits,
                 )
             if modes:
                 gated = held_images is not None
@@ -257,7 +261,7 @@ def _tee(log, logged):
 def export_model(model_path, export_dir=None, name=None, saved_model_export=True,
                  tflite_modes=TFLITE_MODES, calibration_dir=None, int8_io="float32",
                  tolerance=None, max_accuracy_drop=0.01, min_int8_agreement=0.98,
-                 log=print, serving_precision="float32"):
+                 log=print, serving_precision="float32", serving_limits=None):
     """`export` of a trained-model file set: `model_path` (a `.keras` file) with its metadata
     (`<name>.json`: class names, image size, crop) and samples (`<name>.samples.npz`:
     calibration and labelled held-out images, or the images in `calibration_dir`), to
@@ -280,7 +284,8 @@ def export_model(model_path, export_dir=None, name=None, saved_model_export=True
         held_out=None if held_out is None else (held_out, labels),
         saved_model_export=saved_model_export, tflite_modes=tflite_modes, int8_io=int8_io,
         tolerance=tolerance, max_accuracy_drop=max_accuracy_drop,
-        min_int8_agreement=min_int8_agreement, serving_precision=serving_precision, log=log)
+        min_int8_agreement=min_int8_agreement, serving_precision=serving_precision,
+        serving_limits=serving_limits, log=log)
 
 
 def export_tflite_version(model, tflite_root, name, meta, calibration, held_out, labels, modes,

@@ -14,6 +14,11 @@ Signatures (every one returns the same named outputs):
                                       (`preprocessing`, the evaluation's own transform)
     outputs: logits [N, C], probabilities [N, C], classes (string labels) [N, k],
              scores [N, k], class_ids int32 [N, k]   (top-k, best first)
+
+Every signature refuses, before any expensive kernel, an image over `max_image_pixels` and a
+request over `max_request_pixels` (set at export, stored in the SavedModel): the bytes signature
+reads each image's size from its header, so a small file that declares a huge image is never
+decoded.
 """
 
 import os
@@ -27,6 +32,7 @@ import tensorflow as tf
 
 from convmixer_tf import artifacts, preprocessing
 from convmixer_tf.deploy import tf_serving
+from convmixer_tf.deploy.modes import MAX_IMAGE_PIXELS, REQUEST_IMAGES
 from convmixer_tf.deploy.logits import (ExportError, default_tolerance, logits_model,
                                         min_image_size, output_activation)
 
@@ -52,7 +58,8 @@ class ServingModule:
     the spec, TF would also fold rank checks away when it traces the function."""
 
     def __init__(self, model, class_names, image_size, crop_pct=1.0, top_k=5,
-                 precision="float32"):
+                 precision="float32", max_image_pixels=MAX_IMAGE_PIXELS,
+                 max_request_pixels=None):
         self.model = logits_model(model, precision=precision)
         self.crop_pct = float(crop_pct)
         self.class_names = tf.constant(list(class_names))
@@ -60,6 +67,7 @@ class ServingModule:
         self.top_k = min(int(top_k), len(class_names))
         self.min_size = min_image_size(model)
         self.channels = model.input_shape[-1]
+        self.limits = serving_limits(image_size, crop_pct, max_image_pixels, max_request_pixels)
         self.endpoints = {
             SIGNATURE_FLOAT: (self._serve_float, tf.TensorSpec(None, tf.float32, name="images")),
             SIGNATURE_UINT8: (self._serve_uint8, tf.TensorSpec(None, tf.uint8, name="images")),
@@ -72,6 +80,9 @@ class ServingModule:
         archive.track(self.model)
         for name, (fn, spec) in self.endpoints.items():
             archive.add_endpoint(name, fn, input_signature=[spec])
+        for name, value in self.limits.items():  # tf.saved_model.load(path).max_image_pixels
+            archive.add_variable_collection(name, [tf.Variable(value, dtype=tf.int64,
+                                                               trainable=False, name=name)])
         archive.write_out(path, verbose=False)
 
     def _checked_images(self, images):
@@ -95,6 +106,8 @@ class ServingModule:
             (tf.reduce_min(dims[1:3]) >= self.min_size,
              [f"image height and width must be >= {self.min_size} (the patch size); got shape",
               shape], "check_size"),
+            *self._pixel_checks("images", tf.cast(dims[1:3], tf.int64)[None],
+                                tf.cast(dims[0], tf.int64)),
         ]
         if images.dtype.is_floating:
             conditions.append((tf.reduce_all(tf.math.is_finite(images)),
@@ -105,6 +118,27 @@ class ServingModule:
         # Not tf.ensure_shape: grappler reads its [?, ?, ?, C] back onto the input and folds
         # the rank check to true. A reshape sets the static shape without that.
         return tf.reshape(images, tf.stack([dims[0], dims[1], dims[2], self.channels]))
+
+    def _pixel_checks(self, what, sizes, batch, work=None):
+        """(condition, message, name) for the pixel budgets: every image's height x width in
+        `sizes` [n, 2] (n = 1: every image of a tensor has one size) within the per-image
+        budget, and `batch` images' pixels (`work` [n] per image if given) within the request
+        budget; int64 throughout, so no product overflows."""
+        image, request = self.limits["max_image_pixels"], self.limits["max_request_pixels"]
+        pixels = sizes[:, 0] * sizes[:, 1]
+        over = tf.argmax(tf.cast(pixels > image, tf.int32))  # the first image over, or 0
+        total = tf.reduce_sum(pixels if work is None else work) * (
+            batch if work is None else 1)
+        return [
+            (tf.reduce_all(pixels <= image),
+             [f"{what}: an image has more pixels than the limit of {image} per image set at "
+              "export (convmixer-export --max-image-pixels); height, width:",
+              sizes[over], "pixels:", pixels[over]], "check_image_pixels"),
+            (total <= request,
+             [f"{what}: the request holds more pixels than the limit of {request} per request "
+              "set at export (convmixer-export --max-request-pixels): send fewer images per "
+              "request; pixels:", total, "images:", batch], "check_request_pixels"),
+        ]
 
     def _outputs(self, images):
         logits = tf.cast(self.model(images, training=False), tf.float32)
@@ -138,24 +172,47 @@ class ServingModule:
         ]
         with tf.control_dependencies(_assert_in_order(conditions)):
             image_bytes = tf.reshape(image_bytes, [-1])  # not ensure_shape: see above
+        with tf.control_dependencies(_assert_in_order(self._size_checks(image_bytes))):
+            image_bytes = tf.identity(image_bytes)
         height, width = self.image_size
-
-        def decode(encoded):
-            dims = _encoded_dims(encoded)
-            large = tf.debugging.Assert(
-                tf.reduce_max(dims) <= MAX_DECODED_SIDE,
-                [f"image_bytes: an image is larger than {MAX_DECODED_SIDE} pixels on a side "
-                 "(height, width):", dims], name="check_dims")
-            with tf.control_dependencies([large]):
-                encoded = tf.identity(encoded)
-            return preprocessing.preprocess_bytes(encoded, self.image_size, self.crop_pct)
-
         with tf.device("cpu:0"):
             images = tf.map_fn(
-                decode, image_bytes,
-                fn_output_signature=tf.TensorSpec([height, width, 3], tf.float32),
+                lambda encoded: preprocessing.preprocess_bytes(encoded, self.image_size,
+                                                               self.crop_pct),
+                image_bytes, fn_output_signature=tf.TensorSpec([height, width, 3], tf.float32),
             )
         return self._outputs(images)
+
+    def _size_checks(self, image_bytes):
+        """The checks on the sizes the images' headers declare (read without decoding): the
+        side limit, the per-image budget, the resize of a thin image (its short side becomes
+        the training size, so 1 x 100000 pixels would resize to 16 x 1600000), and the request
+        budget, which counts each image's decoded or resized pixels, whichever is larger."""
+        sizes = tf.map_fn(_encoded_dims, image_bytes,
+                          fn_output_signature=tf.TensorSpec([2], tf.int64))
+        resized = preprocessing.resized_shape(sizes, self.image_size, self.crop_pct, tf.float64)
+        resized = tf.where(tf.reduce_min(sizes, axis=-1) > 0,  # 0: the decoder rejects it
+                           resized[:, 0] * resized[:, 1], 0.0)
+        image = self.limits["max_image_pixels"]
+        side = tf.reduce_max(sizes, axis=-1)
+        large = tf.argmax(tf.cast(side > MAX_DECODED_SIDE, tf.int32))
+        thin = tf.argmax(tf.cast(resized > image, tf.int32))
+        scale = int(min(self.image_size) / self.crop_pct)
+        budgets = self._pixel_checks(
+            "image_bytes", sizes, tf.size(image_bytes, out_type=tf.int64),
+            work=tf.maximum(sizes[:, 0] * sizes[:, 1], tf.cast(tf.math.ceil(resized), tf.int64)))
+        return [
+            (tf.reduce_all(side <= MAX_DECODED_SIDE),
+             [f"image_bytes: an image is larger than {MAX_DECODED_SIDE} pixels on a side "
+              "(height, width):", sizes[large]], "check_dims"),
+            budgets[0],
+            (tf.reduce_all(resized <= image),
+             [f"image_bytes: an image is too thin: resizing its short side to {scale} gives "
+              f"more pixels than the limit of {image} per image set at export "
+              "(convmixer-export --max-image-pixels); height, width:", sizes[thin],
+              "resized pixels:", tf.cast(resized[thin], tf.int64)], "check_resized_pixels"),
+            budgets[1],
+        ]
 
 
 def _assert_in_order(conditions):
@@ -170,6 +227,34 @@ def _assert_in_order(conditions):
 
 
 MAX_DECODED_SIDE = 16384  # a tiny PNG can claim 65535x65535 pixels (a 12 GiB decode)
+
+
+def serving_limits(image_size, crop_pct=1.0, max_image_pixels=MAX_IMAGE_PIXELS,
+                   max_request_pixels=None):
+    """The pixel budgets a SavedModel is exported with, checked: dict(max_image_pixels,
+    max_request_pixels); the request budget defaults to REQUEST_IMAGES x the per-image one.
+    A per-image budget below what serving a training-size image takes (its size, or its
+    resize when crop_pct < 1) would refuse every request: ValueError."""
+    if max_request_pixels is None:
+        max_request_pixels = REQUEST_IMAGES * max_image_pixels
+    need = image_work(image_size, crop_pct)
+    if max_image_pixels < need:
+        raise ValueError(f"max_image_pixels={max_image_pixels} is below the {need} pixels one "
+                         f"image of the model's size {tuple(image_size)} takes: every request "
+                         f"would be refused; use --max-image-pixels {need} or more")
+    if max_request_pixels < max_image_pixels:
+        raise ValueError(f"max_request_pixels={max_request_pixels} is below max_image_pixels="
+                         f"{max_image_pixels}: an image within its own budget would be refused; "
+                         "use a request budget >= the per-image one")
+    return dict(max_image_pixels=int(max_image_pixels),
+                max_request_pixels=int(max_request_pixels))
+
+
+def image_work(image_size, crop_pct=1.0):
+    """Pixels one training-size image counts against the budgets (its resize, when
+    crop_pct < 1, is larger than the image)."""
+    return int(np.prod(preprocessing.resized_shape(tf.constant(image_size), image_size,
+                                                   crop_pct).numpy()))
 
 
 def _is_jpeg(image_bytes):
@@ -306,15 +391,18 @@ def validate_saved_model(export_dir, model, images, class_names, image_size, cro
 
 def export_saved_model(model_path=None, export_root="saved_models", name=None, model=None,
                        sample_images=None, top_k=5, tolerance=None, log=print,
-                       serving_precision="float32", meta=None):
+                       serving_precision="float32", meta=None, max_image_pixels=MAX_IMAGE_PIXELS,
+                       max_request_pixels=None):
     """Exports a `.keras` model (or `model`) to `<export_root>/<name>/<next version>/`,
     computing in float32 (or with `serving_precision="policy"` in the model's dtype policy);
     `meta` (class_names, image_size, crop_pct) replaces the metadata file beside `model_path`.
+    Its signatures refuse images over `max_image_pixels` and requests over
+    `max_request_pixels` (default REQUEST_IMAGES x max_image_pixels; see `serving_limits`).
 
     The version is written into a hidden temp dir beside the versions, validated in a fresh
     process, then renamed into place in one step: a failure (including a failed validation)
     leaves the existing versions as they were and no partial version directory.
-    Returns dict(path, version, report, configs).
+    Returns dict(path, version, report, configs, limits).
     """
     if model is None:
         model = artifacts.load_model(model_path)
@@ -324,12 +412,14 @@ def export_saved_model(model_path=None, export_root="saved_models", name=None, m
     if sample_images is None:
         rng = np.random.default_rng(0)
         sample_images = rng.integers(0, 256, (4, *image_size, 3)).astype(np.uint8)
-    sample_images = np.asarray(sample_images, np.uint8)
+    limits = serving_limits(image_size, crop_pct, max_image_pixels, max_request_pixels)
+    fits = limits["max_request_pixels"] // image_work(image_size, crop_pct)
+    sample_images = np.asarray(sample_images, np.uint8)[:fits]  # validation: one request each
     model_dir = os.path.join(export_root, name)
     with artifacts.new_version(model_dir) as published:
         tmp = published["tmp"]
         ServingModule(model, class_names, image_size, crop_pct, top_k=top_k,
-                      precision=serving_precision).save(tmp)
+                      precision=serving_precision, **limits).save(tmp)
         warm = sample_images[:1]
         tf_serving.write_warmup_requests(tmp, name, [
             (SIGNATURE_FLOAT, "images", warm.astype(np.float32)),
@@ -341,5 +431,7 @@ def export_saved_model(model_path=None, export_root="saved_models", name=None, m
                                       precision=serving_precision)
     version, final = published["version"], published["path"]
     configs = tf_serving.write_serving_configs(export_root)
-    log(f"exported SavedModel: {final} (version {version})")
-    return dict(path=final, version=version, report=report, configs=configs)
+    log(f"exported SavedModel: {final} (version {version}); serving limits: "
+        f"{limits['max_image_pixels']} pixels per image, {limits['max_request_pixels']} per "
+        "request (--max-image-pixels, --max-request-pixels)")
+    return dict(path=final, version=version, report=report, configs=configs, limits=limits)
