@@ -70,8 +70,8 @@ def test_image_folder_errors_are_clear(tmp_path):
         data.build_datasets(f"folder:{tmp_path / 'one'}")
     root = _write_folder(tmp_path / "broken")
     (root / "dog" / "bad.jpg").write_bytes(b"this is not a jpeg")
-    with pytest.raises(ValueError, match="bad.jpg"):
-        data.build_datasets(f"folder:{root}", global_batch_size=2)
+    with pytest.raises(ValueError, match="(?s)--strict-images.*bad.jpg"):
+        data.build_datasets(f"folder:{root}", global_batch_size=2, strict_images=True)
     (root / "dog" / "bad.jpg").unlink()
     (root / "emu" / "gone").mkdir()
     os.rename(root / "emu", root / "emu_old")
@@ -129,6 +129,30 @@ def test_tfds_not_available_offline_fails_fast_and_clearly(tmp_path):
         data.build_datasets("no_such_set_xyz", data_dir=str(tmp_path))
     assert time.monotonic() - start < 20
     assert not any(tmp_path.iterdir())  # nothing downloaded or created
+
+
+@pytest.mark.parametrize("cache", ["off", "memory"])
+def test_unreadable_images_are_skipped_and_named(tmp_path, cache, capsys):
+    """Without --strict-images a broken file costs nothing up front: the stream skips it and
+    names it after the epoch (SkippedImages), the decode-once cache names it when decoding."""
+    _write_folder(tmp_path / "train", per_class=4)
+    _write_folder(tmp_path / "val", per_class=1)
+    (tmp_path / "train" / "dog" / "bad.jpg").write_bytes(b"this is not a jpeg")
+    (tmp_path / "train" / "emu" / "cut.png").write_bytes(
+        (tmp_path / "train" / "emu" / "0.png").read_bytes()[:40])  # truncated
+    ds = data.build_datasets(str(tmp_path), image_size=8, global_batch_size=2, cache=cache)
+    assert ds.train_size == 14
+    seen = sum(len(x) for x, _ in ds.train.take(6))
+    assert seen == 12
+    if cache == "off":
+        callback = data.SkippedImages(ds)
+        callback.on_epoch_end(0)
+        line = capsys.readouterr().out
+        assert "Epoch 1: skipped 2 unreadable image(s)" in line
+    else:
+        line = capsys.readouterr().out
+        assert "Skipped 2 unreadable train image(s)" in line
+    assert "bad.jpg" in line and "cut.png" in line
 
 
 def test_digits_build_datasets_shapes_batches_and_determinism():
@@ -281,9 +305,16 @@ def test_disk_cache_matches_memory_and_is_reused(sorted_folder, tmp_path, capsys
 
     memory = first_batches(cache="memory")
     assert "in memory" in capsys.readouterr().out
-    # auto spills to a file in cache_dir when the budget is too small: the same pixels.
+    # auto above the memory budget streams (no file) unless a disk budget allows a file:
+    # the same pixels either way.
     for a, b in zip(memory, first_batches(tmp_path, cache="auto", cache_budget_mb=0)):
         np.testing.assert_array_equal(a, b)
+    assert "Input cache (train): stream" in capsys.readouterr().out
+    assert not os.listdir(tmp_path)
+    for a, b in zip(memory, first_batches(tmp_path, cache="auto", cache_budget_mb=0,
+                                          cache_disk_budget_gb=1)):
+        np.testing.assert_array_equal(a, b)
+    assert "Input cache (train): disk" in capsys.readouterr().out
     assert any(name.endswith(".u8") for name in os.listdir(tmp_path))
     first_batches(tmp_path, cache="disk")  # a resumed run reuses the complete file
     assert "Reused 3,000 train images:" in capsys.readouterr().out
