@@ -15,7 +15,7 @@ import numpy as np
 import tensorflow as tf
 
 from convmixer_tf import preprocessing
-from convmixer_tf.training.data.sources import AUTOTUNE, Split, log
+from convmixer_tf.training.data.sources import AUTOTUNE, Split, log, plain as _plain
 
 SAMPLE = 64  # headers read for the size estimate (a few KB each, in parallel)
 _PLACEHOLDER = np.zeros((1, 1, 3), np.uint8)
@@ -62,11 +62,11 @@ def decode_flagged(ds, cycle_length=None):
     Decodes in parallel, in order."""
     def one(encoded, meta):
         good = tf.data.Dataset.from_tensors((encoded, meta)).map(
-            lambda x, m: (preprocessing.decode_image(x), True, m)).ignore_errors()
+            _plain(lambda x, m: (preprocessing.decode_image(x), True, m))).ignore_errors()
         bad = tf.data.Dataset.from_tensors((tf.constant(_PLACEHOLDER), False, meta))
         return good.concatenate(bad).take(1)
 
-    return ds.interleave(one, cycle_length=cycle_length or AUTOTUNE, block_length=1,
+    return ds.interleave(_plain(one), cycle_length=cycle_length or AUTOTUNE, block_length=1,
                          num_parallel_calls=AUTOTUNE, deterministic=True)
 
 
@@ -86,7 +86,7 @@ class Skipped:
         def keep(image, valid, meta):
             return tf.cond(valid, lambda: tf.constant(True),
                            lambda: tf.py_function(self.note, [meta[0]], tf.bool))
-        return ds.filter(keep).map(lambda image, valid, meta: (image, meta))
+        return ds.filter(_plain(keep)).map(_plain(lambda image, valid, meta: (image, meta)))
 
     def take(self):
         seen, self.seen = self.seen, []
@@ -143,7 +143,7 @@ def decode_once(split, decision, cache_dir, which):
                 path = os.path.join(cache_dir, f"{which}-{name}")
             os.makedirs(cache_dir, exist_ok=True)
             file = open(path + ".u8.tmp", "wb")
-        indexed = split.examples().enumerate().map(lambda i, xy: (xy[0], (i, xy[1])))
+        indexed = split.examples().enumerate().map(_plain(lambda i, xy: (xy[0], (i, xy[1]))))
         labels = np.zeros(split.size, np.int32)
         valid = np.zeros(split.size, bool)
         position = 0
@@ -210,7 +210,7 @@ def decode_once(split, decision, cache_dir, which):
         return tf.ensure_shape(pixels(index), [None, None, 3]), tf.gather(labels_t, position)
 
     def examples():
-        return tf.data.Dataset.range(len(kept)).map(read, num_parallel_calls=AUTOTUNE)
+        return tf.data.Dataset.range(len(kept)).map(_plain(read), num_parallel_calls=AUTOTUNE)
 
     return CachedSplit(len(kept), examples, read, False, split.key, nbytes=nbytes,
                        in_memory=in_memory)

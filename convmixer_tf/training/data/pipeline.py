@@ -19,7 +19,7 @@ import tensorflow as tf
 from convmixer_tf import preprocessing
 from convmixer_tf.training import augment as augment_lib, config
 from convmixer_tf.training.data import cache as cache_lib, sources
-from convmixer_tf.training.data.sources import AUTOTUNE, log
+from convmixer_tf.training.data.sources import AUTOTUNE, log, plain as _plain
 
 DEFAULT_CACHE_BUDGET_MB = config.TrainConfig.cache_budget_mb  # MB of decoded pixels in memory
 _NO_CONTEXT = tf.distribute.InputContext()  # one pipeline, one replica
@@ -36,7 +36,7 @@ def epoch_permutation(positions, size, seed, used):
 def epoch_order(size, seed, epoch=0):
     """The indices 0..size-1 of epoch `epoch`'s permutation (every index once)."""
     return tf.data.Dataset.range(epoch * size, (epoch + 1) * size).map(
-        lambda g: epoch_permutation(g, size, seed, size))
+        _plain(lambda g: epoch_permutation(g, size, seed, size)))
 
 
 class Datasets:
@@ -127,10 +127,10 @@ class _Pipeline:
             image, label = split.read(index)
             return image, (index, label, *extra)
 
-        ds = indices.map(read, num_parallel_calls=AUTOTUNE)
+        ds = indices.map(_plain(read), num_parallel_calls=AUTOTUNE)
         if split.encoded:
             ds = (skipped or cache_lib.Skipped(())).filter(cache_lib.decode_flagged(ds))
-        return ds.map(lambda image, meta: (image, *meta[1:]))
+        return ds.map(_plain(lambda image, meta: (image, *meta[1:])))
 
     def _train_image(self, image, seed_pair):
         augment = self.augment
@@ -158,18 +158,21 @@ class _Pipeline:
         def position(k):  # the k-th example this pipeline reads -> its global position
             return (k // share) * self.batch_size + offset + k % share
 
-        start = tf.data.Dataset.from_tensors(0).map(lambda _: self.epoch.read_value())
-        local = start.flat_map(lambda epoch: tf.data.Dataset.range(
-            epoch * steps_per_epoch * share, tf.int64.max))
-        positions = local.map(position)
-        indices = positions.map(lambda g: (epoch_permutation(g, train.size, seed, used), g))
+        start = tf.data.Dataset.from_tensors(0).map(_plain(lambda _: self.epoch.read_value()))
+        local = start.flat_map(_plain(lambda epoch: tf.data.Dataset.range(
+            epoch * steps_per_epoch * share, tf.int64.max)))
+        positions = local.map(_plain(position))
+        indices = positions.map(
+            _plain(lambda g: (epoch_permutation(g, train.size, seed, used), g)))
         images = self._decoded(indices, train, self.skipped)
-        ds = images.map(
-            lambda image, label, g: (self._train_image(image, tf.stack([tf.cast(seed, tf.int64),
-                                                                        g])), label, g),
-            num_parallel_calls=AUTOTUNE)
+
+        def augment(image, label, g):  # seeded by (seed, global position)
+            seed_pair = tf.stack([tf.cast(seed, tf.int64), g])
+            return self._train_image(image, seed_pair), label, g
+
+        ds = images.map(_plain(augment), num_parallel_calls=AUTOTUNE)
         ds = ds.batch(batch, drop_remainder=True)
-        return ds.map(self._mix, num_parallel_calls=AUTOTUNE).prefetch(AUTOTUNE)
+        return ds.map(_plain(self._mix), num_parallel_calls=AUTOTUNE).prefetch(AUTOTUNE)
 
     def _mix(self, images, labels, positions):
         labels = tf.one_hot(labels, self.num_classes)
@@ -190,12 +193,12 @@ class _Pipeline:
             ordered = ordered.shard(context.num_input_pipelines, context.input_pipeline_id)
         batch, _ = self._shares(context)
         seeds = tf.data.Dataset.random(seed=self.seed, rerandomize_each_iteration=True).batch(2)
-        images = ordered.map(lambda x, y: (preprocessing.decode_image(x), y),
+        images = ordered.map(_plain(lambda x, y: (preprocessing.decode_image(x), y)),
                              num_parallel_calls=AUTOTUNE)
         ds = tf.data.Dataset.zip(images, seeds).map(
-            lambda xy, s: (self._train_image(xy[0], s), xy[1]), num_parallel_calls=AUTOTUNE)
+            _plain(lambda xy, s: (self._train_image(xy[0], s), xy[1])), num_parallel_calls=AUTOTUNE)
         ds = ds.batch(batch, drop_remainder=True).enumerate().map(
-            lambda b, xy: self._mix(xy[0], xy[1], tf.fill([batch], b)))
+            _plain(lambda b, xy: self._mix(xy[0], xy[1], tf.fill([batch], b))))
         return ds.repeat().take(-1).prefetch(AUTOTUNE)
 
     def test(self, context):
@@ -203,21 +206,23 @@ class _Pipeline:
         workers, worker = context.num_input_pipelines, context.input_pipeline_id
         if workers == 1:
             ds = self._decoded(tf.data.Dataset.range(test.size), test)
-            ds = ds.map(lambda x, y: (self._eval_image(x), y), num_parallel_calls=AUTOTUNE)
+            ds = ds.map(_plain(lambda x, y: (self._eval_image(x), y)), num_parallel_calls=AUTOTUNE)
             return ds.batch(self.batch_size).map(
-                lambda x, y: (x, tf.one_hot(y, self.num_classes)),
+                _plain(lambda x, y: (x, tf.one_hot(y, self.num_classes))),
                 num_parallel_calls=AUTOTUNE).prefetch(AUTOTUNE)
         batch, share = self._shares(context)
         steps = -(-test.size // self.batch_size)
         k = tf.data.Dataset.range(steps * share)
-        positions = k.map(lambda k: (k // share) * self.batch_size + worker * share + k % share)
-        weighted = positions.map(lambda g: (tf.minimum(g, test.size - 1),
-                                            tf.cast(g < test.size, tf.float32)))
-        ds = weighted.map(lambda i, w: (*test.read(i), w), num_parallel_calls=AUTOTUNE)
+        positions = k.map(
+            _plain(lambda k: (k // share) * self.batch_size + worker * share + k % share))
+        weighted = positions.map(_plain(lambda g: (tf.minimum(g, test.size - 1),
+                                            tf.cast(g < test.size, tf.float32))))
+        ds = weighted.map(_plain(lambda i, w: (*test.read(i), w)), num_parallel_calls=AUTOTUNE)
         if test.encoded:  # a broken test file would be a weight-1 hole: decode (strict)
-            ds = ds.map(lambda x, y, w: (preprocessing.decode_image(x), y, w),
+            ds = ds.map(_plain(lambda x, y, w: (preprocessing.decode_image(x), y, w)),
                         num_parallel_calls=AUTOTUNE)
-        ds = ds.map(lambda x, y, w: (self._eval_image(x), tf.one_hot(y, self.num_classes), w),
+        ds = ds.map(_plain(lambda x, y, w: (self._eval_image(x),
+                                            tf.one_hot(y, self.num_classes), w)),
                     num_parallel_calls=AUTOTUNE)
         return ds.batch(batch).prefetch(AUTOTUNE)
 
@@ -225,12 +230,12 @@ class _Pipeline:
         train = self.split("train")
         if train.read is None:
             ordered = sources.tfds_stream_shuffled(train, self.seed)
-            images = ordered.map(lambda x, y: (preprocessing.decode_image(x), y))
+            images = ordered.map(_plain(lambda x, y: (preprocessing.decode_image(x), y)))
         else:
             images = self._decoded(epoch_order(train.size, self.seed + 2), train)
-        ds = images.map(lambda x, y: (self._eval_image(x), y), num_parallel_calls=AUTOTUNE)
+        ds = images.map(_plain(lambda x, y: (self._eval_image(x), y)), num_parallel_calls=AUTOTUNE)
         return ds.batch(self.batch_size).map(
-            lambda x, y: (x, tf.one_hot(y, self.num_classes)),
+            _plain(lambda x, y: (x, tf.one_hot(y, self.num_classes))),
             num_parallel_calls=AUTOTUNE).prefetch(AUTOTUNE)
 
 

@@ -55,6 +55,12 @@ KERAS_DATASETS = {
 }
 
 
+def plain(fn):
+    """`fn` for tf.data without AutoGraph: the pipeline's functions have no tensor-dependent
+    Python control flow, and converting them (parsing their source) cost ~10 s of startup."""
+    return tf.autograph.experimental.do_not_convert(fn)
+
+
 def log(message):
     """One line of the run log (stdout, flushed so it interleaves with Keras's progress)."""
     print(message, flush=True)
