@@ -273,14 +273,15 @@ def test_multi_worker_each_worker_reads_only_its_share(tmp_path):
         for label in ("a", "b"):
             os.makedirs(root / split / label)
             for i in range(count):
-                Image.new("RGB", (12, 12), (40 * i % 256, 90, 200 if label == "b" else 0)).save(
-                    root / split / label / f"{i}.jpg")
+                colour = (40 * i % 256, 90, 200 if label == "b" else 0)
+                Image.new("RGB", (12, 12), colour).save(root / split / label / f"{i}.jpg")
     workers = [f"127.0.0.1:{port}" for port in _free_ports(2)]
     procs = []
     for index in range(2):
         tf_config = {"cluster": {"worker": workers}, "task": {"type": "worker", "index": index}}
         argv = [
-            "strace", "-f", "-e", "trace=openat,write", "-s", "200", "-o", str(tmp_path / f"trace{index}.txt"),
+            "strace", "-f", "-e", "trace=openat,write", "-s", "200",
+            "-o", str(tmp_path / f"trace{index}.txt"),
             sys.executable, "-m", "convmixer_tf.cli", "--no-export", "--strategy", "multi_worker",
             "--dataset", str(root), "--cache", "off", "--image-size", "8", "--dim", "8",
             "--depth", "1", "--kernel-size", "3", "--epochs", "1", "--batch-size", "8",

@@ -140,8 +140,8 @@ class TrainConfig(AugmentConfig):
         if not self.cluster_timeout > 0:
             raise ValueError(f"cluster_timeout must be > 0 seconds. "
                              f"Received cluster_timeout={self.cluster_timeout!r}")
-        for name in ("steps_per_epoch", "cache_budget_mb", "cache_disk_budget_gb", "max_lr", "weight_decay",
-                     "clip_norm", "adam_epsilon", "label_smoothing"):
+        for name in ("steps_per_epoch", "cache_budget_mb", "cache_disk_budget_gb", "max_lr",
+                     "weight_decay", "clip_norm", "adam_epsilon", "label_smoothing"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0. Received {name}={getattr(self, name)!r}")
         if not 0.0 < self.eval_crop_pct <= 1.0:

@@ -120,7 +120,7 @@ def training_input(datasets, strategy, steps_per_epoch, batch_size):
     stream (`train_stream`) of `steps_per_epoch` batches per epoch; under several workers each
     reads only its share (`distribute_datasets_from_function`), the test split too. Any other
     `datasets` (scripts/parity.py) is used as given, one pass per epoch."""
-    if not isinstance(datasets, data.Datasets):
+    if not getattr(datasets, "streams", False):
         train_ds = datasets.train
         if steps_per_epoch < datasets.steps_per_epoch:
             train_ds = train_ds.take(steps_per_epoch)
@@ -143,7 +143,7 @@ def data_callbacks(datasets, local_train, batch_size):
     """The input pipeline's callbacks: the epoch key (resume-exact order), the skipped-image
     line and the input-share line (timing this process's own training input)."""
     share = [data.InputShare(local_train, batch_size)]
-    if not isinstance(datasets, data.Datasets):
+    if not getattr(datasets, "streams", False):
         return share
     return [data.EpochKey(datasets), data.SkippedImages(datasets)] + share
 

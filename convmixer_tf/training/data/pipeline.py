@@ -44,7 +44,9 @@ class Datasets:
 
     `train` (one epoch: `epoch`, a tf.Variable), `test` and `calibration` are built on first
     use, so a caller that only evaluates never decodes the training set. `train_stream` and
-    `test_shard` are the per-input-pipeline versions for `distribute_datasets_from_function`."""
+    `test_shard` are the per-input-pipeline versions for `distribute_datasets_from_function`.
+    `pipeline` may also be a function `make(which)` returning each split's dataset as given
+    (scripts/parity.py: fixed batches; then `streams` is False and fit reads `train` per epoch)."""
 
     def __init__(self, pipeline, num_classes, class_names, train_size, test_size,
                  steps_per_epoch, image_size):
@@ -55,8 +57,9 @@ class Datasets:
         self.test_size = test_size
         self.steps_per_epoch = steps_per_epoch  # train_size // global batch (rest dropped)
         self.image_size = image_size
-        self.epoch = pipeline.epoch  # the epoch `train` / `train_stream` start at
-        self.skipped = pipeline.skipped  # unreadable training images met (names)
+        self.streams = isinstance(pipeline, _Pipeline)
+        self.epoch = pipeline.epoch if self.streams else None  # where `train` starts
+        self.skipped = pipeline.skipped if self.streams else None  # unreadable images met
 
     def train_stream(self, input_context=None, steps_per_epoch=None):
         """Every epoch from `epoch` on, without end: `steps_per_epoch` batches each (default
@@ -74,18 +77,20 @@ class Datasets:
     @functools.cached_property
     def train(self):
         """One epoch (`epoch`): a fresh full permutation, augmented, one-hot, full batches."""
+        if not self.streams:
+            return self._pipeline("train")
         return self.train_stream().take(self.steps_per_epoch)
 
     @functools.cached_property
     def test(self):
         """Every test image once, in order, eval-preprocessed."""
-        return self.test_shard()
+        return self.test_shard() if self.streams else self._pipeline("test")
 
     @functools.cached_property
     def calibration(self):
         """Training images in a seeded uniform random order, eval-preprocessed (int8
         calibration takes the first few hundred)."""
-        return self._pipeline.calibration()
+        return self._pipeline.calibration() if self.streams else self._pipeline("calibration")
 
 
 class _Pipeline:
