@@ -151,6 +151,8 @@ def decode_once(split, decision, cache_dir, which):
             labels[index] = label
             if not ok or (not grow and image.shape != tuple(shapes[index])):
                 skipped.append(index)
+                if grow:  # stored order: the next image starts where this one would have
+                    offsets[index + 1] = offsets[index]
                 continue
             valid[index] = True
             if grow:  # offsets follow the decoded sizes; the buffer doubles when full

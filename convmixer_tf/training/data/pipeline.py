@@ -88,6 +88,7 @@ class Datasets:
 
     @functools.cached_property
     def calibration(self):
+        """Training images in another seeded permutation, eval-preprocessed."""
         """Training images in a seeded uniform random order, eval-preprocessed (int8
         calibration takes the first few hundred)."""
         return self._pipeline.calibration() if self.streams else self._pipeline("calibration")
@@ -152,6 +153,7 @@ class _Pipeline:
     # ------------------------------------------------------------ the three pipelines
 
     def train(self, context, steps_per_epoch):
+        """The endless training stream of one input pipeline (module docstring)."""
         train = self.split("train")
         if train.read is None:  # tfds streamed (no random access): the best a stream allows
             return self._tfds_train(train, context, steps_per_epoch)
@@ -193,6 +195,9 @@ class _Pipeline:
         return batch, batch * max(1, replicas_here)
 
     def _tfds_train(self, train, context, steps_per_epoch):
+        """A streamed tfds split (no random access): shuffled files + a buffer, repeated;
+        approximate and not keyed by epoch (a warning says so; the cache avoids it). Several
+        workers keep every N-th example of the stream (each still reads all of it)."""
         ordered = sources.tfds_stream_shuffled(train, self.seed)
         if context.num_input_pipelines > 1:
             ordered = ordered.shard(context.num_input_pipelines, context.input_pipeline_id)
@@ -201,12 +206,14 @@ class _Pipeline:
         images = ordered.map(_plain(lambda x, y: (preprocessing.decode_image(x), y)),
                              num_parallel_calls=AUTOTUNE)
         ds = tf.data.Dataset.zip(images, seeds).map(
-            _plain(lambda xy, s: (self._train_image(xy[0], s), xy[1])), num_parallel_calls=AUTOTUNE)
+            _plain(lambda xy, s: (self._train_image(xy[0], s), xy[1])),
+            num_parallel_calls=AUTOTUNE)
         ds = ds.batch(batch, drop_remainder=True).enumerate().map(
             _plain(lambda b, xy: self._mix(xy[0], xy[1], tf.fill([batch], b))))
-        return ds.repeat().take(-1).prefetch(AUTOTUNE)
+        return ds.repeat().prefetch(AUTOTUNE)
 
     def test(self, context):
+        """Test batches; one of several input pipelines gets its weighted, padded share."""
         test = self.split("test")
         workers, worker = context.num_input_pipelines, context.input_pipeline_id
         if workers == 1:
@@ -232,6 +239,7 @@ class _Pipeline:
         return ds.batch(batch).prefetch(AUTOTUNE)
 
     def calibration(self):
+        """Training images in another seeded permutation, eval-preprocessed."""
         train = self.split("train")
         if train.read is None:
             ordered = sources.tfds_stream_shuffled(train, self.seed)
