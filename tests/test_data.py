@@ -445,6 +445,10 @@ def test_cli_strict_images_and_cache_disk_budget(tmp_path, capsys):
               "--dim", "8", "--depth", "1", "--epochs", "1", "--batch-size", "4",
               "--verbose", "0", "--output-dir", str(tmp_path / "out"),
               "--run-dir", str(tmp_path / "runs"), "--name", "pets"]
+    with pytest.raises(SystemExit) as exit_info:  # a config error is a usage error
+        cli.train_main(common + ["--cache-disk-budget-gb", "-1"])
+    assert exit_info.value.code == 2
+    assert "cache_disk_budget_gb must be >= 0" in capsys.readouterr().err
     assert cli.train_main(common + ["--strict-images"]) == 2
     assert "bad.jpg" in capsys.readouterr().err
     assert cli.train_main(common + ["--overwrite", "--cache-budget-mb", "0",

@@ -261,6 +261,7 @@ def test_mirrored_on_a_cpu_runs_two_replicas_and_says_so():
     assert "cpu_replicas=N" in proc.stdout
 
 
+@pytest.mark.large  # two TF processes under strace: ~65 s on 2 loaded cores
 @pytest.mark.skipif(shutil.which("strace") is None, reason="needs strace (apt-get install strace)")
 def test_multi_worker_each_worker_reads_only_its_share(tmp_path):
     """Two multi-worker processes on a 64-image folder (--cache off, one epoch), each under
