@@ -1,6 +1,6 @@
 """The one image preprocessing definition: decode, resize the short side, centre crop.
 
-Evaluation (`training/data.py`), the SavedModel's `serving_image_bytes` signature,
+Evaluation (`training/data/pipeline.py`), the SavedModel's `serving_image_bytes` signature,
 `convmixer-predict` and int8 calibration all call these functions, so a served or edge model sees
 exactly the pixels the evaluation measured. The model normalises 0-255 pixels itself.
 

@@ -70,8 +70,8 @@ def test_image_folder_errors_are_clear(tmp_path):
         data.build_datasets(f"folder:{tmp_path / 'one'}")
     root = _write_folder(tmp_path / "broken")
     (root / "dog" / "bad.jpg").write_bytes(b"this is not a jpeg")
-    with pytest.raises(ValueError, match="bad.jpg"):
-        data.build_datasets(f"folder:{root}", global_batch_size=2)
+    with pytest.raises(ValueError, match="(?s)--strict-images.*bad.jpg"):
+        data.build_datasets(f"folder:{root}", global_batch_size=2, strict_images=True)
     (root / "dog" / "bad.jpg").unlink()
     (root / "emu" / "gone").mkdir()
     os.rename(root / "emu", root / "emu_old")
@@ -129,6 +129,30 @@ def test_tfds_not_available_offline_fails_fast_and_clearly(tmp_path):
         data.build_datasets("no_such_set_xyz", data_dir=str(tmp_path))
     assert time.monotonic() - start < 20
     assert not any(tmp_path.iterdir())  # nothing downloaded or created
+
+
+@pytest.mark.parametrize("cache", ["off", "memory"])
+def test_unreadable_images_are_skipped_and_named(tmp_path, cache, capsys):
+    """Without --strict-images a broken file costs nothing up front: the stream skips it and
+    names it after the epoch (SkippedImages), the decode-once cache names it when decoding."""
+    _write_folder(tmp_path / "train", per_class=4)
+    _write_folder(tmp_path / "val", per_class=1)
+    (tmp_path / "train" / "dog" / "bad.jpg").write_bytes(b"this is not a jpeg")
+    (tmp_path / "train" / "emu" / "cut.png").write_bytes(
+        (tmp_path / "train" / "emu" / "0.png").read_bytes()[:40])  # truncated
+    ds = data.build_datasets(str(tmp_path), image_size=8, global_batch_size=2, cache=cache)
+    assert ds.train_size == 14
+    seen = sum(len(x) for x, _ in ds.train.take(6))
+    assert seen == 12
+    if cache == "off":
+        callback = data.SkippedImages(ds)
+        callback.on_epoch_end(0)
+        line = capsys.readouterr().out
+        assert "Epoch 1: skipped 2 unreadable image(s)" in line
+    else:
+        line = capsys.readouterr().out
+        assert "Skipped 2 unreadable train image(s)" in line
+    assert "bad.jpg" in line and "cut.png" in line
 
 
 def test_digits_build_datasets_shapes_batches_and_determinism():
@@ -234,6 +258,7 @@ def test_folder_epochs_are_full_uniform_shuffles(sorted_folder, cache, tmp_path)
     ds = build(seed=0)
     assert (ds.train_size, ds.steps_per_epoch) == (CLASSES * PER_CLASS, 50)
     first, first_labels = _epoch(ds.train)
+    ds.epoch.assign(1)  # what EpochKey does when fit starts at (or resumes) epoch 1
     second, second_labels = _epoch(ds.train)
     bound = _chi2_bound()
     for numbers, labels in ((first, first_labels), (second, second_labels)):
@@ -243,6 +268,8 @@ def test_folder_epochs_are_full_uniform_shuffles(sorted_folder, cache, tmp_path)
         head = labels[:5 * BATCH]
         assert _chi2(head) < bound, (np.bincount(head, minlength=CLASSES), _chi2(head), bound)
     assert not np.array_equal(first, second)  # reshuffled each epoch
+    ds.epoch.assign(0)  # keyed by (seed, epoch): epoch 0 again reads epoch 0's order
+    np.testing.assert_array_equal(_epoch(ds.train)[0], first)
     # The calibration sample is uniform too (int8 calibration takes its first images).
     calibration = np.concatenate([y.numpy().argmax(1) for _, y in ds.calibration.take(5)])
     assert _chi2(calibration) < bound
@@ -258,8 +285,9 @@ def test_epoch_heads_follow_the_chi_square_law_over_many_epochs():
     from scipy import stats
 
     labels = np.repeat(np.arange(CLASSES), PER_CLASS)
-    heads = data.epoch_order(CLASSES * PER_CLASS, seed=0).batch(5 * BATCH).take(1)
-    values = np.array([_chi2(labels[next(iter(heads)).numpy()]) for _ in range(100)])
+    values = np.array([
+        _chi2(labels[next(iter(data.epoch_order(CLASSES * PER_CLASS, 0, epoch).batch(
+            5 * BATCH))).numpy()]) for epoch in range(100)])
     assert abs(values.mean() - 8.1) < 1.5, values.mean()
     assert (values > stats.chi2.ppf(0.95, CLASSES - 1)).mean() < 0.1
 
@@ -281,9 +309,16 @@ def test_disk_cache_matches_memory_and_is_reused(sorted_folder, tmp_path, capsys
 
     memory = first_batches(cache="memory")
     assert "in memory" in capsys.readouterr().out
-    # auto spills to a file in cache_dir when the budget is too small: the same pixels.
+    # auto above the memory budget streams (no file) unless a disk budget allows a file:
+    # the same pixels either way.
     for a, b in zip(memory, first_batches(tmp_path, cache="auto", cache_budget_mb=0)):
         np.testing.assert_array_equal(a, b)
+    assert "Input cache (train): stream" in capsys.readouterr().out
+    assert not os.listdir(tmp_path)
+    for a, b in zip(memory, first_batches(tmp_path, cache="auto", cache_budget_mb=0,
+                                          cache_disk_budget_gb=1)):
+        np.testing.assert_array_equal(a, b)
+    assert "Input cache (train): disk" in capsys.readouterr().out
     assert any(name.endswith(".u8") for name in os.listdir(tmp_path))
     first_batches(tmp_path, cache="disk")  # a resumed run reuses the complete file
     assert "Reused 3,000 train images:" in capsys.readouterr().out
@@ -334,6 +369,7 @@ def test_tfds_class_sorted_single_shard_is_shuffled_uniformly(tmp_path):
     np.testing.assert_array_equal(np.sort(numbers), np.arange(800))
     head = labels[:200]
     assert _chi2(head, 8) < _chi2_bound(8), np.bincount(head)
+    ds.epoch.assign(1)
     assert not np.array_equal(numbers, _epoch(ds.train)[0])
     # cache="off": the stream fallback (shuffled files + buffer) still yields every example.
     off = data.build_datasets("tfds:convmixer_test_sorted", image_size=4, global_batch_size=50,
@@ -394,3 +430,30 @@ def test_input_share_line():
     assert "bottleneck" not in data.input_share_line(0.1, 1.0, 64)
     line = data.input_share_line(0.9, 1.0, 64)
     assert "~90% of a step" in line and "bottleneck" in line and "71 images/s alone" in line
+
+
+def test_cli_strict_images_and_cache_disk_budget(tmp_path, capsys):
+    """Through the command: --strict-images refuses a folder with a broken file (exit 2,
+    naming it); without it the run trains, skipping it; --cache-disk-budget-gb lets auto
+    write the decoded pixels to the run's cache folder once they exceed the memory budget."""
+    from convmixer_tf import cli
+
+    _write_folder(tmp_path / "pets" / "train", per_class=4)
+    _write_folder(tmp_path / "pets" / "val", per_class=1)
+    (tmp_path / "pets" / "train" / "dog" / "bad.jpg").write_bytes(b"not a jpeg")
+    common = ["--dataset", str(tmp_path / "pets"), "--no-export", "--image-size", "8",
+              "--dim", "8", "--depth", "1", "--epochs", "1", "--batch-size", "4",
+              "--verbose", "0", "--output-dir", str(tmp_path / "out"),
+              "--run-dir", str(tmp_path / "runs"), "--name", "pets"]
+    with pytest.raises(SystemExit) as exit_info:  # a config error is a usage error
+        cli.train_main(common + ["--cache-disk-budget-gb", "-1"])
+    assert exit_info.value.code == 2
+    assert "cache_disk_budget_gb must be >= 0" in capsys.readouterr().err
+    assert cli.train_main(common + ["--strict-images"]) == 2
+    assert "bad.jpg" in capsys.readouterr().err
+    assert cli.train_main(common + ["--overwrite", "--cache-budget-mb", "0",
+                                    "--cache-disk-budget-gb", "0.5"]) == 0
+    out = capsys.readouterr().out
+    assert "Input cache (train): disk" in out and "fits the disk budget (0.5 GB)" in out
+    assert "Skipped 1 unreadable train image(s)" in out and "bad.jpg" in out
+    assert any(f.endswith(".u8") for f in os.listdir(tmp_path / "runs" / "pets" / "cache"))

@@ -6,6 +6,7 @@ must be set up before TF initialises, which the shared pytest process already di
 
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -18,7 +19,7 @@ import pytest
 import tensorflow as tf
 
 from convmixer_tf import cli, model as model_lib
-from convmixer_tf.training import distribute
+from convmixer_tf.training import data, distribute
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # XLA vs no XLA after the same 12 AdamW steps (weights move by up to ~0.7): float32 only
@@ -258,3 +259,85 @@ def test_mirrored_on_a_cpu_runs_two_replicas_and_says_so():
     assert "REPLICAS 2" in proc.stdout
     assert "mirrored: 2 replica(s) on /job:localhost/replica:0/task:0/device:CPU:0" in proc.stdout
     assert "cpu_replicas=N" in proc.stdout
+
+
+@pytest.mark.large  # two TF processes under strace: ~65 s on 2 loaded cores
+@pytest.mark.skipif(shutil.which("strace") is None, reason="needs strace (apt-get install strace)")
+def test_multi_worker_each_worker_reads_only_its_share(tmp_path):
+    """Two multi-worker processes on a 64-image folder (--cache off, one epoch), each under
+    `strace -e trace=openat`: each opens only its half of the training files (disjoint, union
+    = all: every file read once per epoch across the cluster) and evaluates its share."""
+    from PIL import Image
+
+    root = tmp_path / "images"
+    for split, count in (("train", 32), ("val", 8)):
+        for label in ("a", "b"):
+            os.makedirs(root / split / label)
+            for i in range(count):
+                colour = (40 * i % 256, 90, 200 if label == "b" else 0)
+                Image.new("RGB", (12, 12), colour).save(root / split / label / f"{i}.jpg")
+    workers = [f"127.0.0.1:{port}" for port in _free_ports(2)]
+    procs = []
+    for index in range(2):
+        tf_config = {"cluster": {"worker": workers}, "task": {"type": "worker", "index": index}}
+        argv = [
+            "strace", "-f", "-e", "trace=openat,write", "-s", "200",
+            "-o", str(tmp_path / f"trace{index}.txt"),
+            sys.executable, "-m", "convmixer_tf.cli", "--no-export", "--strategy", "multi_worker",
+            "--dataset", str(root), "--cache", "off", "--image-size", "8", "--dim", "8",
+            "--depth", "1", "--kernel-size", "3", "--epochs", "1", "--batch-size", "8",
+            "--verbose", "0", "--output-dir", str(tmp_path / f"w{index}"),
+            "--run-dir", str(tmp_path / "runs"), "--name", "shards",
+        ]
+        procs.append(subprocess.Popen(
+            argv, env=_env(TF_CONFIG=json.dumps(tf_config)), stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT, text=True, cwd=ROOT,
+        ))
+    outputs = []
+    try:
+        for proc in procs:
+            outputs.append(proc.communicate(timeout=400)[0])
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    for proc, output in zip(procs, outputs):
+        assert proc.returncode == 0, output[-3000:]
+
+    def trained_on(index):
+        """Training files worker `index` opened while training: after its "Input cache
+        (test)" log line (both splits' header samples are before it), before validation's
+        first file."""
+        opened, training = set(), False
+        for line in (tmp_path / f"trace{index}.txt").read_text().splitlines():
+            if "write(" in line and "Input cache (test)" in line:
+                training = True
+            elif training and "openat(" in line and ".jpg" in line and "= -1" not in line:
+                path = line.split('"')[1]
+                if "/val/" in path:
+                    return opened
+                opened.add(path)
+        return opened
+
+    # What each worker should read: its slice of every global batch of epoch 0 (and, read
+    # ahead by the prefetch, of the next epochs), from the (seed, epoch)-keyed permutation.
+    paths = data.build_datasets(str(root), global_batch_size=8, cache="off").\
+        _pipeline.source.train.paths
+    n = len(paths)
+    positions = np.arange(6 * n)
+    order = [int(data.epoch_permutation(tf.constant(g, tf.int64), n, 0, n)) for g in positions]
+    share = {w: {paths[i] for g, i in zip(positions, order) if (g % 8) // 4 == w}
+             for w in range(2)}
+    epoch0 = {w: {paths[i] for g, i in zip(positions[:n], order[:n]) if (g % 8) // 4 == w}
+              for w in range(2)}
+    read = [trained_on(i) for i in range(2)]
+    print(f"training files opened per worker in epoch 0: "
+          f"{[len(r & epoch0[w]) for w, r in enumerate(read)]} of {n}")
+    for w in range(2):
+        assert epoch0[w] <= read[w]  # all of its share ...
+        assert read[w] <= share[w]  # ... and nothing of the other worker's
+    assert epoch0[0] | epoch0[1] == set(paths) and not epoch0[0] & epoch0[1]
+    models = [keras.saving.load_model(tmp_path / f"w{i}" / "shards.keras") for i in range(2)]
+    for a, b in zip(models[0].get_weights(), models[1].get_weights()):
+        np.testing.assert_array_equal(a, b)

@@ -78,9 +78,14 @@ class TrainConfig(AugmentConfig):
     # or a prepared tfds name (cifar10, tfds:imagenette, ...) or an image folder (folder:PATH)
     # or keras:fashion_mnist / mnist / cifar10 / cifar100 (Keras's cache, ~/.keras/datasets)
     data_dir: str = ""  # where tfds data sets are prepared; "" = tfds default
-    cache: str = "auto"  # decode images once: memory up to --cache-budget-mb, then
-    # <run_dir>/<name>/cache/; or memory / disk / off (decode every epoch)
+    cache: str = "auto"  # decided before decoding (~64 headers): decoded pixels in memory up
+    # to --cache-budget-mb, else in <run_dir>/<name>/cache/ up to --cache-disk-budget-gb, else
+    # stream (read + decode every epoch); or memory / disk / off (stream)
     cache_budget_mb: int = 2048  # decoded uint8 pixels kept in memory (CIFAR-10: 176 MB)
+    cache_disk_budget_gb: float = 0.0  # decoded pixels auto may write to disk; 0 = never
+    # (ImageNet-1k decoded is ~0.5 TB: streaming costs no disk and no startup pass)
+    strict_images: bool = False  # check every image before training and refuse bad ones;
+    # default: the pipeline skips unreadable images and names them in the log each epoch
     validation_split: float = 0.1  # held out when a folder / tfds set has no test split
     eval_crop_pct: float = 1.0  # test: short side to size / crop_pct, centre crop (timm)
     image_size: int = 32  # digits are 8x8; 32 gives patch_size 2 a 16x16 token grid
@@ -135,8 +140,8 @@ class TrainConfig(AugmentConfig):
         if not self.cluster_timeout > 0:
             raise ValueError(f"cluster_timeout must be > 0 seconds. "
                              f"Received cluster_timeout={self.cluster_timeout!r}")
-        for name in ("steps_per_epoch", "cache_budget_mb", "max_lr", "weight_decay",
-                     "clip_norm", "adam_epsilon", "label_smoothing"):
+        for name in ("steps_per_epoch", "cache_budget_mb", "cache_disk_budget_gb", "max_lr",
+                     "weight_decay", "clip_norm", "adam_epsilon", "label_smoothing"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0. Received {name}={getattr(self, name)!r}")
         if not 0.0 < self.eval_crop_pct <= 1.0:

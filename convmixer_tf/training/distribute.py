@@ -224,6 +224,15 @@ def task_info(strategy):
     return kind == "chief" or (not has_chief and kind == "worker" and index == 0), index
 
 
+def worker_count(strategy):
+    """How many processes (workers, chief) share the input: 1 unless multi-worker."""
+    resolver = getattr(strategy, "cluster_resolver", None)
+    if resolver is None or not resolver.task_type:
+        return 1
+    spec = resolver.cluster_spec().as_dict()
+    return sum(len(spec.get(kind, ())) for kind in ("chief", "worker"))
+
+
 def resolve_xla(mode):
     """`"on"`/`"off"` -> bool; `"auto"` -> on when a GPU is visible (XLA's DepthwiseConv2D is
     10-100x slower than TF's kernel on CPU, so never by default there)."""

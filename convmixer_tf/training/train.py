@@ -115,6 +115,40 @@ def sample_images(datasets, calibration_count=256, held_out_count=1000, budget_m
     return calibration, held_out, labels
 
 
+def training_input(datasets, strategy, steps_per_epoch, batch_size):
+    """(train input, test input, fit's steps_per_epoch, this process's training dataset): the
+    one place the training dataset is finished. Our `data.Datasets`: an endless epoch-keyed
+    stream (`train_stream`) of `steps_per_epoch` batches per epoch; under several workers each
+    reads only its share (`distribute_datasets_from_function`), the test split too. Any other
+    `datasets` (scripts/parity.py) is used as given, one pass per epoch."""
+    if not getattr(datasets, "streams", False):
+        train_ds = datasets.train
+        if steps_per_epoch < datasets.steps_per_epoch:
+            train_ds = train_ds.take(steps_per_epoch)
+        return train_ds, distribute.shardable(datasets.test, batch_size), None, train_ds
+    made = []
+
+    def train_for(context=None):
+        made.append(datasets.train_stream(context, steps_per_epoch))
+        return made[-1]
+
+    if distribute.worker_count(strategy) > 1:
+        train_ds = strategy.distribute_datasets_from_function(train_for)
+        test_ds = strategy.distribute_datasets_from_function(datasets.test_shard)
+    else:
+        train_ds, test_ds = train_for(), distribute.shardable(datasets.test, batch_size)
+    return train_ds, test_ds, steps_per_epoch, made[0].take(steps_per_epoch)
+
+
+def data_callbacks(datasets, local_train, batch_size):
+    """The input pipeline's callbacks: the epoch key (resume-exact order), the skipped-image
+    line and the input-share line (timing this process's own training input)."""
+    share = [data.InputShare(local_train, batch_size)]
+    if not getattr(datasets, "streams", False):
+        return share
+    return [data.EpochKey(datasets), data.SkippedImages(datasets)] + share
+
+
 def train(config, datasets=None):
     """Runs `config`; returns dict(model, history, test_accuracy, model_path, class_names,
     is_chief).
@@ -142,15 +176,14 @@ def train(config, datasets=None):
             validation_split=config.validation_split, eval_crop_pct=config.eval_crop_pct,
             cache=config.cache, cache_budget_mb=config.cache_budget_mb,
             cache_dir=os.path.join(config.run_dir, config.name, "cache"),
+            cache_disk_budget_gb=config.cache_disk_budget_gb, strict_images=config.strict_images,
         )
-    train_ds, test_ds = datasets.train, datasets.test
-
     steps_per_epoch = datasets.steps_per_epoch
     if config.steps_per_epoch:  # a fresh shuffle's first batches, every epoch
         steps_per_epoch = min(steps_per_epoch, config.steps_per_epoch)
-        train_ds = train_ds.take(steps_per_epoch)
+    train_ds, test_ds, fit_steps, local_train = training_input(datasets, strategy, steps_per_epoch,
+                                                  config.batch_size)
     steps = config.epochs * steps_per_epoch
-    test_ds = distribute.shardable(test_ds, config.batch_size)
     with strategy.scope():
         model = build_model(
             config, datasets.num_classes, (config.image_size, config.image_size, 3)
@@ -183,13 +216,14 @@ def train(config, datasets=None):
     history = trainer.fit(
         train_ds,
         epochs=config.epochs,
+        steps_per_epoch=fit_steps,
         validation_data=test_ds,
         shuffle=False,  # the tf.data pipeline shuffles
         verbose=int(config.verbose) if str(config.verbose).isdigit() else config.verbose,
         callbacks=callbacks_lib.make_callbacks(
             os.path.join(config.run_dir, config.name), save_model=save_trained_model,
             is_chief=is_chief, task_id=task_id, delete_backup_at_end=False,
-        ) + [data.InputShare(datasets.train, config.batch_size)],
+        ) + data_callbacks(datasets, local_train, config.batch_size),
     )
     _, test_accuracy = trainer.evaluate(test_ds, verbose=0)
     # Every worker writes (atomically, the same values); the chief alone exports.

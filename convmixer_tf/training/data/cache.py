@@ -1,0 +1,219 @@
+"""The decoded-image cache: decide memory / disk / stream BEFORE decoding anything, from the
+file count and a small sample of image headers; then decode once into one preallocated buffer
+(memory) or a file (disk, only within an explicit budget), or decode every epoch (stream).
+
+Unreadable images are skipped and named, never a crash mid-run: `decode_flagged` decodes each
+image with a validity flag (tf.data's `ignore_errors` would drop the name)."""
+
+import dataclasses
+import hashlib
+import os
+import tempfile
+import time
+
+import numpy as np
+import tensorflow as tf
+
+from convmixer_tf import preprocessing
+from convmixer_tf.training.data.sources import AUTOTUNE, Split, log, plain as _plain
+
+SAMPLE = 64  # headers read for the size estimate (a few KB each, in parallel)
+_PLACEHOLDER = np.zeros((1, 1, 3), np.uint8)
+
+
+@dataclasses.dataclass(frozen=True)
+class Decision:
+    """What the cache does with one split and why (the run log's line)."""
+
+    mode: str  # memory | disk | stream
+    estimate: int  # estimated decoded bytes of the whole split
+    reason: str
+
+
+def decide(mode, split, memory_budget, disk_budget, seed=0):
+    """The `Decision` for an encoded `split` under `--cache mode` (auto/memory/disk/off) with
+    byte budgets for memory and disk. Reads about `SAMPLE` headers, decodes nothing."""
+    shapes = split.sample_shapes(SAMPLE, seed) if split.sample_shapes else []
+    per_image = float(np.mean([np.prod(s) for s in shapes])) if shapes else 0.0
+    estimate = int(per_image * split.size)
+    sizes = (f"{split.size:,} images x ~{per_image:,.0f} bytes decoded "
+             f"(mean of {len(shapes)} headers) = ~{estimate / 2**20:,.0f} MB")
+    if mode == "off":
+        return Decision("stream", estimate, f"--cache off; {sizes}")
+    if mode in ("memory", "disk"):
+        return Decision(mode, estimate, f"--cache {mode}; {sizes}")
+    if estimate <= memory_budget:
+        return Decision("memory", estimate, f"{sizes} fits the memory budget "
+                                            f"({memory_budget / 2**20:,.0f} MB)")
+    if estimate <= disk_budget:
+        return Decision("disk", estimate, f"{sizes} exceeds the memory budget "
+                                          f"({memory_budget / 2**20:,.0f} MB) and fits the disk "
+                                          f"budget ({disk_budget / 2**30:,.1f} GB)")
+    return Decision("stream", estimate,
+                    f"{sizes} exceeds the memory budget ({memory_budget / 2**20:,.0f} MB) and "
+                    f"the disk budget ({disk_budget / 2**30:,.1f} GB, --cache-disk-budget-gb): "
+                    f"reading and decoding every epoch")
+
+
+def decode_flagged(ds, cycle_length=None):
+    """`ds` of (encoded bytes, meta) -> (image uint8 [H, W, 3], valid, meta), `meta` (a tuple
+    whose first field is the example's index) passed through: an image that fails to decode
+    comes out as a 1x1 placeholder with valid=False, so the caller can count and name it.
+    Decodes in parallel, in order."""
+    def one(encoded, meta):
+        good = tf.data.Dataset.from_tensors((encoded, meta)).map(
+            _plain(lambda x, m: (preprocessing.decode_image(x), True, m))).ignore_errors()
+        bad = tf.data.Dataset.from_tensors((tf.constant(_PLACEHOLDER), False, meta))
+        return good.concatenate(bad).take(1)
+
+    return ds.interleave(_plain(one), cycle_length=cycle_length or AUTOTUNE, block_length=1,
+                         num_parallel_calls=AUTOTUNE, deterministic=True)
+
+
+class Skipped:
+    """Unreadable images met by the pipeline: `note(index)` (from tf.data, through
+    `tf.py_function`) records one; `take()` returns and forgets the names seen since."""
+
+    def __init__(self, paths):
+        self.paths, self.seen = paths, []
+
+    def note(self, index):
+        self.seen.append(int(index))
+        return False
+
+    def filter(self, ds):
+        """The valid elements of a `decode_flagged` dataset as (image, meta); notes others."""
+        def keep(image, valid, meta):
+            return tf.cond(valid, lambda: tf.constant(True),
+                           lambda: tf.py_function(self.note, [meta[0]], tf.bool))
+        return ds.filter(_plain(keep)).map(_plain(lambda image, valid, meta: (image, meta)))
+
+    def take(self):
+        seen, self.seen = self.seen, []
+        return [self.paths[i] if i < len(self.paths) else f"example #{i}" for i in seen]
+
+
+@dataclasses.dataclass(frozen=True)
+class CachedSplit(Split):
+    nbytes: int = 0
+    in_memory: bool = True
+
+
+def _exact_shapes(split):
+    """Every image's decoded shape from its header (folders; parallel), else None."""
+    if not split.paths:
+        return None
+    from convmixer_tf.training.data.sources import header_shapes
+
+    return header_shapes(split.paths)
+
+
+def decode_once(split, decision, cache_dir, which):
+    """`split` decoded once to uint8 in stored order (unreadable images skipped, named), held
+    in ONE preallocated numpy buffer filled in place and read by `tf.numpy_function` (memory:
+    peak ~1x the pixels; a captured tensor or tf.Variable would cost another full copy, and
+    `Variable` slice assignment copies on write), or a file
+    `<cache_dir>/<which>-<content hash>.u8` read through a memory map (disk). A complete file
+    from an earlier run of the same content is reused."""
+    start = time.monotonic()
+    name = hashlib.sha1(f"{split.key}|{split.size}".encode()).hexdigest()[:16]
+    temporary = cache_dir is None
+    in_memory = decision.mode == "memory"
+    path = os.path.join(cache_dir or "", f"{which}-{name}")
+    reused = (not in_memory and not temporary and split.key and os.path.exists(path + ".npz")
+              and os.path.exists(path + ".u8"))
+    skipped = []
+    if reused:
+        with np.load(path + ".npz") as index:
+            offsets, shapes, labels = index["offsets"], index["shapes"], index["labels"]
+        valid = index_valid = None
+    else:
+        shapes = _exact_shapes(split)
+        grow = shapes is None  # tfds: sizes unknown until decoded (the buffer doubles)
+        if grow:
+            shapes = [(0, 0, 3)] * split.size
+        shapes = np.asarray([s or (0, 0, 3) for s in shapes], np.int64).reshape(-1, 3)
+        offsets = np.concatenate([[0], np.cumsum(np.prod(shapes, axis=1))]).astype(np.int64)
+        total = int(offsets[-1]) if not grow else max(decision.estimate, 1)
+        if in_memory:
+            buffer = np.empty(total, np.uint8)
+        else:
+            if temporary:
+                cache_dir = tempfile.mkdtemp(prefix="convmixer_cache_")
+                path = os.path.join(cache_dir, f"{which}-{name}")
+            os.makedirs(cache_dir, exist_ok=True)
+            file = open(path + ".u8.tmp", "wb")
+        indexed = split.examples().enumerate().map(_plain(lambda i, xy: (xy[0], (i, xy[1]))))
+        labels = np.zeros(split.size, np.int32)
+        valid = np.zeros(split.size, bool)
+        position = 0
+        for image, ok, (index, label) in decode_flagged(indexed).as_numpy_iterator():
+            labels[index] = label
+            if not ok or (not grow and image.shape != tuple(shapes[index])):
+                skipped.append(index)
+                if grow:  # stored order: the next image starts where this one would have
+                    offsets[index + 1] = offsets[index]
+                continue
+            valid[index] = True
+            if grow:  # offsets follow the decoded sizes; the buffer doubles when full
+                shapes[index] = image.shape
+                offsets[index + 1] = offsets[index] + image.size
+                if in_memory and offsets[index + 1] > len(buffer):
+                    buffer = np.resize(buffer, 2 * int(offsets[index + 1]))
+            if in_memory:
+                buffer[offsets[index]:offsets[index + 1]] = image.reshape(-1)
+            else:
+                file.seek(int(offsets[index]) - position, 1)
+                file.write(image.tobytes())
+                position = int(offsets[index + 1])
+        if not in_memory:
+            file.truncate(int(offsets[-1]))
+            file.close()
+            np.savez(path + ".npz.tmp.npz", offsets=offsets, shapes=shapes, labels=labels,
+                     valid=valid)
+            os.replace(path + ".u8.tmp", path + ".u8")
+            os.replace(path + ".npz.tmp.npz", path + ".npz")  # last: marks the cache complete
+        index_valid = valid
+    if index_valid is None:
+        with np.load(path + ".npz") as index:
+            index_valid = index["valid"]
+    kept = np.flatnonzero(index_valid)
+    nbytes = int(np.prod(shapes[kept], axis=1).sum()) if len(kept) else 0
+    where = "memory" if in_memory else path + ".u8" + (" (temporary)" if temporary else "")
+    log(f"{'Reused' if reused else 'Decoded'} {len(kept):,} {which} images"
+        f"{'' if reused else ' once'}: {nbytes / 2**20:,.0f} MB of uint8 pixels in {where} "
+        f"({time.monotonic() - start:.1f} s)")
+    if skipped:
+        names = [split.paths[i] if split.paths else f"example #{i}" for i in skipped]
+        log(f"Skipped {len(skipped):,} unreadable {which} image(s): {', '.join(names[:10])}"
+            + (f" ... and {len(names) - 10} more" if len(names) > 10 else ""))
+
+    kept_t = tf.constant(kept.astype(np.int64))
+    labels_t = tf.constant(labels[kept])
+    if in_memory:
+        mapped = buffer
+    else:
+        total = int(offsets[-1])
+        mapped = np.memmap(path + ".u8", np.uint8, "r") if total else np.zeros(0, np.uint8)
+        if temporary:  # the mapping stays valid; the file goes when the process ends
+            for suffix in (".u8", ".npz"):
+                os.remove(path + suffix)
+            os.rmdir(cache_dir)
+
+    def fetch(index):
+        return np.array(mapped[offsets[index]:offsets[index + 1]]).reshape(shapes[index])
+
+    def pixels(index):
+        return tf.numpy_function(fetch, [index], tf.uint8, stateful=False)
+
+    def read(position):
+        """The `position`-th kept image (0..len(kept)-1) and its label."""
+        index = tf.gather(kept_t, position)
+        return tf.ensure_shape(pixels(index), [None, None, 3]), tf.gather(labels_t, position)
+
+    def examples():
+        return tf.data.Dataset.range(len(kept)).map(_plain(read), num_parallel_calls=AUTOTUNE)
+
+    return CachedSplit(len(kept), examples, read, False, split.key, nbytes=nbytes,
+                       in_memory=in_memory)
+
