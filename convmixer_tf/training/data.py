@@ -96,8 +96,9 @@ class Datasets:
     never decodes the training set."""
 
     def __init__(self, make, num_classes, class_names, train_size, test_size, steps_per_epoch,
-                 image_size):
+                 image_size, service_parts=None):
         self._make = make
+        self.service_parts = service_parts  # data_service.training_stream's pieces
         self.num_classes = num_classes
         self.class_names = class_names
         self.train_size = train_size
@@ -297,9 +298,19 @@ def build_datasets(dataset="digits", image_size=32, global_batch_size=64, augmen
             lambda xy, s: batch_map(*xy, s), num_parallel_calls=AUTOTUNE)
         return ds.prefetch(AUTOTUNE)
 
+    def service_parts():
+        """The training pipeline's pieces for `data_service.training_stream`: the source's own
+        reader (files or arrays, never the cache), the per-image and per-batch maps."""
+        raw = source.train
+        if raw.read is None:
+            raise ValueError(f"--data-service needs a source with random access (an image "
+                             f"folder, digits or keras:NAME); {dataset!r} is read as a stream.")
+        return dict(size=raw.size, read=raw.read, encoded=raw.encoded, image_map=train_map,
+                    batch_map=batch_map, batch_size=global_batch_size)
+
     return Datasets(make, num_classes=num_classes, class_names=tuple(source.class_names),
                     train_size=source.train.size, test_size=source.test.size,
-                    steps_per_epoch=steps, image_size=image_size)
+                    steps_per_epoch=steps, image_size=image_size, service_parts=service_parts)
 
 
 def _parse_dataset(dataset):

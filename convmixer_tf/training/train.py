@@ -11,13 +11,15 @@ trained-model file set (`artifacts`: model, metadata, sample images) that deploy
 import dataclasses
 import json
 import os
+import uuid
 
 import keras
 
 import numpy as np
 
 from convmixer_tf import artifacts, layers, model as model_lib, presets
-from convmixer_tf.training import callbacks as callbacks_lib, data, distribute, schedules
+from convmixer_tf.training import (callbacks as callbacks_lib, data, data_service, distribute,
+                                   schedules)
 
 
 class FinalSaveError(OSError):
@@ -134,19 +136,34 @@ def train(config, datasets=None):
     distribute.global_batch_size(config.batch_size, strategy)
     keras.utils.set_random_seed(config.seed)
     keras.mixed_precision.set_global_policy(config.precision)
+    if config.data_service:  # fail in seconds, before any decoding, if nobody is there
+        data_service.check_reachable(config.data_service)
     if datasets is None:
         datasets = data.build_datasets(
             config.dataset, image_size=config.image_size, global_batch_size=config.batch_size,
             augment=config.augment, data_dir=config.data_dir or None, seed=config.seed,
             validation_split=config.validation_split, eval_crop_pct=config.eval_crop_pct,
-            cache=config.cache, cache_budget_mb=config.cache_budget_mb,
+            # With a data service the workers read the training set: no local decode pass.
+            cache="off" if config.data_service else config.cache,
+            cache_budget_mb=config.cache_budget_mb,
             cache_dir=os.path.join(config.run_dir, config.name, "cache"),
         )
-    train_ds, test_ds = datasets.train, datasets.test
+    test_ds = datasets.test
+    train_ds = None if config.data_service else datasets.train
 
     steps_per_epoch = datasets.steps_per_epoch
-    if config.steps_per_epoch:  # a fresh shuffle's first batches, every epoch
+    if config.steps_per_epoch:
         steps_per_epoch = min(steps_per_epoch, config.steps_per_epoch)
+    fit_steps = None  # the local pipeline ends each epoch itself
+    if config.data_service:  # one stream over every epoch: fit counts the steps
+        stream = data_service.training_stream(datasets.service_parts(), config.epochs,
+                                               config.seed)
+        job = f"{config.name}-{uuid.uuid4().hex[:8]}"  # never joins a stale job of that name
+        train_ds = data_service.distribute(stream, config.data_service, job_name=job)
+        fit_steps = steps_per_epoch
+        print(f"Training input from the tf.data service at {config.data_service} "
+              f"(distributed_epoch, job {job}): {steps_per_epoch} steps per epoch", flush=True)
+    elif config.steps_per_epoch:  # a fresh shuffle's first batches, every epoch
         train_ds = train_ds.take(steps_per_epoch)
     steps = config.epochs * steps_per_epoch
     test_ds = distribute.shardable(test_ds, config.batch_size)
@@ -179,13 +196,14 @@ def train(config, datasets=None):
     history = trainer.fit(
         train_ds,
         epochs=config.epochs,
+        steps_per_epoch=fit_steps,
         validation_data=test_ds,
         shuffle=False,  # the tf.data pipeline shuffles
         verbose=int(config.verbose) if str(config.verbose).isdigit() else config.verbose,
         callbacks=callbacks_lib.make_callbacks(
             os.path.join(config.run_dir, config.name), save_model=save_trained_model,
             is_chief=is_chief, task_id=task_id, delete_backup_at_end=False,
-        ) + [data.InputShare(datasets.train, config.batch_size)],
+        ) + ([] if config.data_service else [data.InputShare(datasets.train, config.batch_size)]),
     )
     _, test_accuracy = trainer.evaluate(test_ds, verbose=0)
     # Every worker writes (atomically, the same values); the chief alone exports.
