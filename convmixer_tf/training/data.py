@@ -255,13 +255,12 @@ def build_datasets(dataset="digits", image_size=32, global_batch_size=64, augmen
                                                 eval_crop_pct), label
 
     def train_map(image, label, seed_pair, encoded):
-        image = decode(image, encoded)
-        if augment.crop_scale:
+        if augment.crop_scale:  # file bytes: a JPEG decodes only the crop's window
+            return augment_lib.augment_image(image, seed_pair, augment, image_size,
+                                             encoded=encoded), label
+        image = preprocessing.resize_centre_crop(decode(image, encoded), image_size, 1.0)
+        if augment.per_image:
             image = augment_lib.augment_image(image, seed_pair, augment, image_size)
-        else:
-            image = preprocessing.resize_centre_crop(image, image_size, 1.0)
-            if augment.per_image:
-                image = augment_lib.augment_image(image, seed_pair, augment, image_size)
         return image, label
 
     def batch_map(images, labels, seed_pair):
