@@ -20,6 +20,12 @@ whole epoch (N workers: each example N times per epoch). A DYNAMIC source must b
 Keras `fit` reads it with `steps_per_epoch`, keeping one iterator across epochs, so epoch
 boundaries are step counts; each worker batches what it was handed, so a batch near an epoch
 boundary can hold examples of both epochs (one spare epoch covers what workers drop at the end).
+
+What the workers run must serialize (no `py_function` / `numpy_function`): the sources' own
+readers do (folders: `read_file` of constant paths; digits / keras: the arrays as constants in
+the graph), the decoded-image cache does not (its disk mode maps a file), so the trainer turns
+the cache off and the workers decode. tfds sets (no random access) are refused. A resumed run
+starts the stream again at epoch 0's permutation.
 """
 
 import signal
