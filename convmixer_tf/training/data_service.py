@@ -25,7 +25,7 @@ What the workers run must serialize (no `py_function` / `numpy_function`): the s
 readers do (folders: `read_file` of constant paths; digits / keras: the arrays as constants in
 the graph), the decoded-image cache does not (its disk mode maps a file), so the trainer turns
 the cache off and the workers decode. tfds sets (no random access) are refused. A resumed run
-starts the stream again at epoch 0's permutation.
+starts the stream where the interrupted one stood at its last finished epoch (`start`).
 """
 
 import signal
@@ -65,12 +65,13 @@ def check_reachable(address, timeout=CONNECT_TIMEOUT):
             time.sleep(0.25)
 
 
-def training_stream(parts, epochs, seed):
+def training_stream(parts, epochs, seed, start=0):
     """The training pipeline as the service's workers run it: `epochs + 1` epochs of
     (seed, epoch)-keyed permutations over a splittable `Dataset.range`, read + decoded +
     augmented per image, batched by the global batch, mixed per batch. `parts` is
     `data.Datasets.service_parts()`; every op is a graph op (no py_function), so the
-    dataset serializes to the dispatcher."""
+    dataset serializes to the dispatcher. `start`: the stream position to begin at (a resumed
+    run: its first epoch x steps x batch), so it reads on where the interrupted run stopped."""
     size, batch = parts["size"], parts["batch_size"]
     read, image_map, batch_map = parts["read"], parts["image_map"], parts["batch_map"]
     seed_t = tf.constant(seed, tf.int64)
@@ -85,7 +86,8 @@ def training_stream(parts, epochs, seed):
     def mix(images, labels, js):
         return batch_map(images, labels, tf.stack([seed_t + 1, js[0]]))
 
-    ds = tf.data.Dataset.range((epochs + 1) * size).map(example, num_parallel_calls=AUTOTUNE)
+    ds = tf.data.Dataset.range(start, (epochs + 1) * size).map(example,
+                                                               num_parallel_calls=AUTOTUNE)
     ds = ds.batch(batch, drop_remainder=True).map(mix, num_parallel_calls=AUTOTUNE)
     return ds.prefetch(AUTOTUNE)
 

@@ -156,8 +156,11 @@ def train(config, datasets=None):
         steps_per_epoch = min(steps_per_epoch, config.steps_per_epoch)
     fit_steps = None  # the local pipeline ends each epoch itself
     if config.data_service:  # one stream over every epoch: fit counts the steps
-        stream = data_service.training_stream(datasets.service_parts(), config.epochs,
-                                               config.seed)
+        backup = callbacks_lib.AtomicBackupAndRestore(os.path.join(run_dir, "backup"))
+        first_epoch = (backup.read_metadata() or {}).get("epoch", 0)  # > 0: a resumed run
+        stream = data_service.training_stream(
+            datasets.service_parts(), config.epochs, config.seed,
+            start=first_epoch * steps_per_epoch * config.batch_size)
         job = f"{config.name}-{uuid.uuid4().hex[:8]}"  # never joins a stale job of that name
         train_ds = data_service.distribute(stream, config.data_service, job_name=job)
         fit_steps = steps_per_epoch
