@@ -165,7 +165,9 @@ def train(config, datasets=None):
         train_ds = data_service.distribute(stream, config.data_service, job_name=job)
         fit_steps = steps_per_epoch
         print(f"Training input from the tf.data service at {config.data_service} "
-              f"(distributed_epoch, job {job}): {steps_per_epoch} steps per epoch", flush=True)
+              f"(distributed_epoch, job {job}): {steps_per_epoch} steps per epoch; the first step "
+              f"waits for workers (convmixer-data-service worker --dispatcher HOST:PORT)",
+              flush=True)
     elif config.steps_per_epoch:  # a fresh shuffle's first batches, every epoch
         train_ds = train_ds.take(steps_per_epoch)
     steps = config.epochs * steps_per_epoch
