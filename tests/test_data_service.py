@@ -238,3 +238,41 @@ def test_train_reads_its_batches_from_the_service(tmp_path, capsys):
     # Learning from the served batches (chance: 0.1; this config on the local pipeline: 0.84,
     # through the service 0.82 when written).
     assert result["test_accuracy"] > 0.5
+
+
+def test_data_service_command_usage_errors(capsys):
+    for argv, message in ((["dispatcher", "--port", "0"], "--port must be in 1-65535"),
+                          (["worker"], "--dispatcher"), ([], "role")):
+        with pytest.raises(SystemExit) as exit_info:
+            cli.data_service_main(argv)
+        assert exit_info.value.code == 2
+        assert message in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        cli.data_service_main(["worker", "--help"])
+    text = capsys.readouterr().out
+    assert "--address" in text and "the host name trainers reach this worker by" in text
+
+
+def test_dispatcher_with_work_dir_and_a_worker_stop_cleanly_on_sigterm(tmp_path):
+    """The real command: a fault-tolerant dispatcher journals into --work-dir; a worker on a
+    chosen --port and --address registers; SIGTERM stops both with exit 0."""
+    port, worker_port = _free_port(), _free_port()
+    procs = []
+    try:
+        procs.append(_start("data_service_main", "dispatcher", "--port", port, "--work-dir",
+                            tmp_path / "journal"))
+        _wait_for_line(procs[0], "dispatcher running")
+        procs.append(_start("data_service_main", "worker", "--dispatcher", f"localhost:{port}",
+                            "--port", worker_port, "--address", "127.0.0.1"))
+        _wait_for_line(procs[1], "worker running")
+        with socket.create_connection(("localhost", worker_port), timeout=5):
+            pass  # the worker listens where it was told
+        assert os.listdir(tmp_path / "journal")  # the dispatcher's state, for a restart
+        for proc in procs[::-1]:
+            code, out = _stop(proc)
+            assert code == 0 and "stopped" in out, out[-2000:]
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
