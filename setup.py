@@ -95,6 +95,7 @@ setup(
             "convmixer-evaluate=convmixer_tf.cli:evaluate_main",
             "convmixer-export=convmixer_tf.cli:export_main",
             "convmixer-predict=convmixer_tf.cli:predict_main",
+            "convmixer-data-service=convmixer_tf.cli:data_service_main",
         ]
     },
 )

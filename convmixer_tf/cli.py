@@ -11,6 +11,7 @@ import inspect
 import logging
 import os
 import re
+import socket
 import sys
 import tempfile
 import textwrap
@@ -398,6 +399,60 @@ def predict_main(argv=None):
     for row in rows:
         top = "  ".join(f"{label} {score:.3f}" for label, score in row["top"])
         print(f"{row['path']}: {top}  ({row['ms']:.2f} ms)")
+    return 0
+
+
+# ---------------------------------------------------------------------------- data service
+
+
+def data_service_main(argv=None):
+    """`convmixer-data-service`: run a tf.data service dispatcher or worker until SIGTERM/SIGINT
+    (convmixer-train --data-service grpc://HOST:PORT sends it the training pipeline)."""
+    parser = argparse.ArgumentParser(
+        prog="convmixer-data-service", description=data_service_main.__doc__,
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    roles = parser.add_subparsers(dest="role", required=True)
+    dispatcher = roles.add_parser(
+        "dispatcher", help="hands out the work; trainers and workers connect to it",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    dispatcher.add_argument("--port", type=int, required=True, help="port to listen on")
+    dispatcher.add_argument("--work-dir", default="",
+                            help="journal its state here and recover it after a restart "
+                                 "(fault-tolerant mode); empty = in memory")
+    worker = roles.add_parser(
+        "worker", help="reads, decodes and augments; one or more per CPU machine",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    worker.add_argument("--dispatcher", required=True, help="the dispatcher's HOST:PORT")
+    worker.add_argument("--port", type=int, default=0, help="port to listen on; 0 = any free")
+    worker.add_argument("--address", default="",
+                        help="the host name trainers reach this worker by; empty = localhost "
+                             "for a local dispatcher, else this machine's name")
+    args = parser.parse_args(argv)
+    if not 0 <= args.port <= 65535 or (args.role == "dispatcher" and args.port == 0):
+        parser.error(f"--port must be in 1-65535 (0 = any free, workers only). "
+                     f"Received {args.port}")
+
+    start_tensorflow()
+    from convmixer_tf.training import data_service
+
+    try:
+        if args.role == "dispatcher":
+            server = data_service.start_dispatcher(args.port, args.work_dir)
+            where = f"grpc://{socket.getfqdn()}:{args.port}"
+        else:
+            server = data_service.start_worker(args.dispatcher, args.port, args.address)
+            where = f"dispatcher {args.dispatcher}"
+    except (ValueError, ConnectionError) as error:
+        _error("convmixer-data-service", error)
+        return 2
+    except Exception as error:  # e.g. the port is taken: TF raises its own error types
+        _error("convmixer-data-service", f"could not start the {args.role}: "
+               f"{str(error).splitlines()[0] if str(error) else type(error).__name__}")
+        return 1
+    data_service.serve(server, on_ready=lambda: print(
+        f"tf.data service {args.role} running ({where}); stop with Ctrl-C or SIGTERM",
+        flush=True))
+    print(f"tf.data service {args.role} stopped", flush=True)
     return 0
 
 

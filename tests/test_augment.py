@@ -176,3 +176,24 @@ def test_cli_rejects_bad_augmentation_flags(capsys):
             cli.train_main(argv)
         assert exit_info.value.code == 2
         assert message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("fmt", ["JPEG", "PNG"])
+def test_crop_before_decode_is_the_crop_of_the_decoded_image(fmt, tmp_path):
+    """decode_random_resized_crop (a JPEG decodes only the window) gives the pixels of
+    random_resized_crop on the whole decoded image, box for box."""
+    rng = np.random.default_rng(2)
+    yy, xx = np.mgrid[:90, :120]
+    pixels = np.stack([xx * 2, yy * 2, (xx + yy)], -1) + rng.integers(0, 20, (90, 120, 3))
+    path = tmp_path / f"x.{fmt.lower()}"
+    Image.fromarray(pixels.clip(0, 255).astype("uint8")).save(path, format=fmt, quality=90)
+    encoded = tf.io.read_file(str(path))
+    decoded = tf.io.decode_image(encoded, channels=3)
+    for seed in SEEDS[:5]:
+        ours = A.decode_random_resized_crop(encoded, 32, seed, (0.08, 1.0), (3 / 4, 4 / 3))
+        whole = A.random_resized_crop(decoded, 32, seed, (0.08, 1.0), (3 / 4, 4 / 3))
+        assert ours.shape == (32, 32, 3) and ours.dtype == tf.float32
+        # libjpeg's window decode matches the full decode to a grey level or two (chroma
+        # upsampling at the window's edge); a PNG is decoded whole: exact.
+        tolerance = 3.0 if fmt == "JPEG" else 0.0
+        assert float(tf.reduce_max(tf.abs(ours - whole))) <= tolerance, seed

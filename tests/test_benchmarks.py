@@ -194,3 +194,36 @@ def test_edge_quick_run_times_every_build_against_torch(tmp_path):
             "litert full_int8, 7x7 depthwise unsplit", "torch eager fp32 NCHW"} <= set(
         results["results"])
     assert all(r["cpu_ms"] > 0 and r["wall_ms"] > 0 for r in results["results"].values())
+
+
+def _jpeg_folder(root, classes=2, per_class=6):
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for c in range(classes):
+        os.makedirs(root / f"class_{c}")
+        for i in range(per_class):
+            pixels = rng.integers(0, 256, (60 + i, 80, 3), dtype=np.uint8)
+            Image.fromarray(pixels).save(root / f"class_{c}" / f"{i}.jpg", quality=90)
+    return root
+
+
+def test_benchmark_input_our_side_and_stages(tmp_path):
+    """scripts/benchmark_input.py: our side answers a round with its CPU time for the images
+    it made (the protocol the parent interleaves), and --stages prints every stage's row."""
+    folder = _jpeg_folder(tmp_path / "jpegs")
+    script = os.path.join(ROOT, "scripts", "benchmark_input.py")
+    env = dict(os.environ, PYTHONPATH=ROOT, TF_CPP_MIN_LOG_LEVEL="2")
+    side = subprocess.run(
+        [sys.executable, script, "--side", "tf", "--folder", str(folder), "--batch", "4"],
+        input="round 2\n", env=env, capture_output=True, text=True, timeout=300)
+    assert side.returncode == 0, side.stderr[-2000:]
+    ready, answer = side.stdout.strip().splitlines()[-2:]
+    result = json.loads(answer)
+    assert ready == "ready" and result["images"] == 8 and result["cpu_s"] > 0
+    stages = subprocess.run([sys.executable, script, "--folder", str(folder), "--stages"],
+                            env=env, capture_output=True, text=True, timeout=300)
+    assert stages.returncode == 0, stages.stderr[-2000:]
+    rows = [line for line in stages.stdout.splitlines() if line.startswith("| ")][1:]
+    assert len(rows) == 7 and all(float(r.split("|")[2]) > 0 for r in rows), stages.stdout

@@ -21,7 +21,7 @@ from convmixer_tf.training import data
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 CONSOLE_SCRIPTS = ("convmixer-train", "convmixer-convert", "convmixer-evaluate",
-                   "convmixer-export", "convmixer-predict")
+                   "convmixer-export", "convmixer-predict", "convmixer-data-service")
 
 
 def _setup_kwargs(monkeypatch):

@@ -17,6 +17,22 @@ XLA_MODES = ("auto", "on", "off")
 CACHE_MODES = ("auto", "memory", "disk", "off")
 
 
+def parse_service_address(address):
+    """(host, port) of a tf.data service dispatcher's "grpc://HOST:PORT" (or "HOST:PORT");
+    ValueError naming the form."""
+    import urllib.parse
+
+    parsed = urllib.parse.urlsplit(address if "://" in address else "grpc://" + address)
+    try:
+        port = parsed.port
+    except ValueError:
+        port = None
+    if parsed.scheme != "grpc" or not parsed.hostname or not port or parsed.path not in ("", "/"):
+        raise ValueError(f"A tf.data service address is the dispatcher's grpc://HOST:PORT. "
+                         f"Received {address!r}")
+    return parsed.hostname, port
+
+
 @dataclasses.dataclass(frozen=True)
 class AugmentConfig:
     """Training augmentation knobs; the defaults switch everything off (the digits default)."""
@@ -86,6 +102,8 @@ class TrainConfig(AugmentConfig):
     # (ImageNet-1k decoded is ~0.5 TB: streaming costs no disk and no startup pass)
     strict_images: bool = False  # check every image before training and refuse bad ones;
     # default: the pipeline skips unreadable images and names them in the log each epoch
+    data_service: str = ""  # grpc://HOST:PORT of a tf.data service dispatcher: its workers
+    # read, decode and augment the training set (convmixer-data-service; docs/scale.md)
     validation_split: float = 0.1  # held out when a folder / tfds set has no test split
     eval_crop_pct: float = 1.0  # test: short side to size / crop_pct, centre crop (timm)
     image_size: int = 32  # digits are 8x8; 32 gives patch_size 2 a 16x16 token grid
@@ -154,6 +172,14 @@ class TrainConfig(AugmentConfig):
                              f"Received variant={self.variant!r}")
         if not str(self.verbose).isdigit() and self.verbose != "auto":
             raise ValueError(f"verbose must be auto, 0, 1 or 2. Received {self.verbose!r}")
+        if self.data_service:
+            if "://" not in self.data_service:
+                raise ValueError(f"data_service is grpc://HOST:PORT. "
+                                 f"Received data_service={self.data_service!r}")
+            parse_service_address(self.data_service)
+            if self.strategy == "multi_worker":
+                raise ValueError("--data-service with --strategy multi_worker is not supported "
+                                 "yet: use one trainer (default or mirrored) per data service.")
         if not self.name or os.sep in self.name:
             raise ValueError(f"name must be a plain file name. Received name={self.name!r}")
 

@@ -11,13 +11,15 @@ trained-model file set (`artifacts`: model, metadata, sample images) that deploy
 import dataclasses
 import json
 import os
+import uuid
 
 import keras
 
 import numpy as np
 
 from convmixer_tf import artifacts, layers, model as model_lib, presets
-from convmixer_tf.training import callbacks as callbacks_lib, data, distribute, schedules
+from convmixer_tf.training import (callbacks as callbacks_lib, data, data_service, distribute,
+                                   schedules)
 
 
 class FinalSaveError(OSError):
@@ -169,17 +171,21 @@ def train(config, datasets=None):
     distribute.global_batch_size(config.batch_size, strategy)
     keras.utils.set_random_seed(config.seed)
     keras.mixed_precision.set_global_policy(config.precision)
+    if config.data_service:  # fail in seconds, before any decoding, if nobody is there
+        data_service.check_reachable(config.data_service)
     if datasets is None:
         datasets = data.build_datasets(
             config.dataset, image_size=config.image_size, global_batch_size=config.batch_size,
             augment=config.augment, data_dir=config.data_dir or None, seed=config.seed,
             validation_split=config.validation_split, eval_crop_pct=config.eval_crop_pct,
-            cache=config.cache, cache_budget_mb=config.cache_budget_mb,
+            # With a data service the workers read the training set: no local decode pass.
+            cache="off" if config.data_service else config.cache,
+            cache_budget_mb=config.cache_budget_mb,
             cache_dir=os.path.join(config.run_dir, config.name, "cache"),
             cache_disk_budget_gb=config.cache_disk_budget_gb, strict_images=config.strict_images,
         )
     steps_per_epoch = datasets.steps_per_epoch
-    if config.steps_per_epoch:  # a fresh shuffle's first batches, every epoch
+    if config.steps_per_epoch:
         steps_per_epoch = min(steps_per_epoch, config.steps_per_epoch)
     train_ds, test_ds, fit_steps, local_train = training_input(datasets, strategy, steps_per_epoch,
                                                   config.batch_size)

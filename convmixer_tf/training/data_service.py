@@ -1,0 +1,145 @@
+"""tf.data service: the training input read, decoded and augmented on other machines.
+
+When a GPU node's cores cannot keep up with its GPUs (docs/scale.md), start a dispatcher and
+workers on CPU machines and point the trainer at the dispatcher:
+
+    convmixer-data-service dispatcher --port 5050
+    convmixer-data-service worker --dispatcher cpu-host:5050 --port 5051   # on each CPU host
+    convmixer-train --dataset folder:/data/imagenet --data-service grpc://cpu-host:5050 ...
+
+The trainer sends the training pipeline's graph to the dispatcher; the workers run it (file
+read + decode + augment + mix) and stream finished batches back. Evaluation stays local.
+
+Processing mode: `distributed_epoch` (`ShardingPolicy.DYNAMIC`): the dispatcher hands the
+source's elements out one at a time to whichever worker asks, so every example is processed by
+one worker once. `parallel_epochs` (`ShardingPolicy.OFF`) would make every worker produce a
+whole epoch (N workers: each example N times per epoch). A DYNAMIC source must be splittable
+(`Dataset.range`, not `Dataset.random` / `flat_map`), so the service pipeline is one stream over
+`range((epochs + 1) * size)`: element j is example `index_shuffle(j % size, (seed, j // size))`
+-- epoch e's permutation keyed by (seed, e) -- augmented with the stateless seed (seed, j).
+Keras `fit` reads it with `steps_per_epoch`, keeping one iterator across epochs, so epoch
+boundaries are step counts; each worker batches what it was handed, so a batch near an epoch
+boundary can hold examples of both epochs (one spare epoch covers what workers drop at the end).
+
+What the workers run must serialize (no `py_function` / `numpy_function`): the sources' own
+readers do (folders: `read_file` of constant paths; digits / keras: the arrays as constants in
+the graph), the decoded-image cache does not (its disk mode maps a file), so the trainer turns
+the cache off and the workers decode. tfds sets (no random access) are refused. A resumed run
+starts the stream where the interrupted one stood at its last finished epoch (`start`).
+"""
+
+import signal
+import socket
+import threading
+import time
+
+import tensorflow as tf
+
+from convmixer_tf.training import config
+
+AUTOTUNE = tf.data.AUTOTUNE
+PROCESSING_MODE = tf.data.experimental.service.ShardingPolicy.DYNAMIC  # "distributed_epoch"
+CONNECT_TIMEOUT = 10.0  # seconds to wait for a dispatcher that is still starting
+
+
+parse_address = config.parse_service_address  # (host, port) of "grpc://HOST:PORT"
+
+
+def check_reachable(address, timeout=CONNECT_TIMEOUT):
+    """Raises ConnectionError (one line, naming the fix) unless a TCP connection to the
+    dispatcher at `address` opens within `timeout` seconds: tf.data itself would retry for
+    ever, so an unreachable dispatcher would hang the trainer or a worker."""
+    host, port = parse_address(address)
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            with socket.create_connection((host, port), timeout=max(0.1, min(2.0, timeout))):
+                return
+        except OSError as error:
+            if time.monotonic() >= deadline:
+                raise ConnectionError(
+                    f"Cannot reach the tf.data service dispatcher at grpc://{host}:{port} "
+                    f"({error.strerror or error}) after {timeout:g} s: start it with "
+                    f"`convmixer-data-service dispatcher --port {port}` on {host}, or fix "
+                    f"--data-service.") from None
+            time.sleep(0.25)
+
+
+def training_stream(parts, epochs, seed, start=0):
+    """The training pipeline as the service's workers run it: `epochs + 1` epochs of
+    (seed, epoch)-keyed permutations over a splittable `Dataset.range`, read + decoded +
+    augmented per image, batched by the global batch, mixed per batch. `parts` is
+    `data.Datasets.service_parts()`; every op is a graph op (no py_function), so the
+    dataset serializes to the dispatcher. `start`: the stream position to begin at (a resumed
+    run: its first epoch x steps x batch), so it reads on where the interrupted run stopped."""
+    size, batch = parts["size"], parts["batch_size"]
+    read, image_map, batch_map = parts["read"], parts["image_map"], parts["batch_map"]
+    seed_t = tf.constant(seed, tf.int64)
+
+    def example(j):
+        key = tf.stack([seed_t, j // size])
+        index = tf.random.experimental.index_shuffle(j % size, key, size - 1)
+        image, label = read(index)
+        image, label = image_map(image, label, tf.stack([seed_t, j]), parts["encoded"])
+        return image, label, j
+
+    def mix(images, labels, js):
+        return batch_map(images, labels, tf.stack([seed_t + 1, js[0]]))
+
+    ds = tf.data.Dataset.range(start, (epochs + 1) * size).map(example,
+                                                               num_parallel_calls=AUTOTUNE)
+    ds = ds.batch(batch, drop_remainder=True).map(mix, num_parallel_calls=AUTOTUNE)
+    return ds.prefetch(AUTOTUNE)
+
+
+def distribute(dataset, address, job_name, timeout=CONNECT_TIMEOUT):
+    """`dataset` run by the tf.data service at `address` ("grpc://HOST:PORT") in
+    `distributed_epoch` mode (each element processed once, by one worker); consumers with the
+    same `job_name` share the job. Checks the dispatcher is reachable first (bounded wait)."""
+    check_reachable(address, timeout)
+    host, port = parse_address(address)
+    return dataset.apply(tf.data.experimental.service.distribute(
+        processing_mode=PROCESSING_MODE, service=f"grpc://{host}:{port}", job_name=job_name))
+
+
+# ---------------------------------------------------------------- the servers
+
+
+def start_dispatcher(port, work_dir=""):
+    """A started dispatcher on `port`; with `work_dir` it journals its state there and
+    recovers it on restart (fault-tolerant mode)."""
+    config = tf.data.experimental.service.DispatcherConfig(
+        port=port, work_dir=work_dir or None, fault_tolerant_mode=bool(work_dir))
+    return tf.data.experimental.service.DispatchServer(config)
+
+
+def start_worker(dispatcher, port=0, worker_address="", timeout=CONNECT_TIMEOUT):
+    """A started worker on `port`, registered with the dispatcher at `dispatcher` (HOST:PORT),
+    advertising `worker_address` (HOST; default: localhost for a local dispatcher, else this
+    machine's name) so the trainer can reach it."""
+    host, dispatcher_port = parse_address(dispatcher)
+    check_reachable(dispatcher, timeout)
+    if not worker_address:
+        local = host in ("localhost", "127.0.0.1", "::1")
+        worker_address = "localhost" if local else socket.getfqdn()
+    config = tf.data.experimental.service.WorkerConfig(
+        dispatcher_address=f"{host}:{dispatcher_port}", worker_address=f"{worker_address}:%port%",
+        port=port)
+    return tf.data.experimental.service.WorkerServer(config)
+
+
+def serve(server, on_ready=None):
+    """Blocks until SIGTERM or SIGINT, then stops `server` (a clean shutdown: its port is
+    released, the dispatcher sees a worker leave). `on_ready()` runs once the handlers are on."""
+    stop = threading.Event()
+    previous = {s: signal.signal(s, lambda *_: stop.set()) for s in (signal.SIGTERM,
+                                                                     signal.SIGINT)}
+    try:
+        if on_ready:
+            on_ready()
+        while not stop.wait(0.5):
+            pass
+    finally:
+        server.stop()
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
