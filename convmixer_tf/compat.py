@@ -33,6 +33,8 @@ PRIVATE_APIS = {
                        "calibrate once, quantize every int8 mode from it"),
     "mlir_quantize": ("tensorflow.lite.python.convert", "mlir_quantize",
                       "quantize a calibrated model with a denylist (int8_float_gelu)"),
+    "converter_error": ("tensorflow.lite.python.convert_phase", "ConverterError",
+                        "the error TFLiteConverter.convert raises (no public name)"),
     "interpreter_ops": ("ai_edge_litert.interpreter.Interpreter", "_get_ops_details",
                         "the op list: XNNPACK delegation, the patch size of a .tflite"),
 }
@@ -97,14 +99,14 @@ class TrainerBase(keras.Model):
     def symbolic_build(self, iterator=None, data_batch=None):
         super()._maybe_symbolic_build(iterator=iterator, data_batch=data_batch)
 
-    def compiled_loss(self, y, y_pred, sample_weight=None):
+    def compiled_loss_value(self, y, y_pred, sample_weight=None):
         return self._compile_loss(y, y_pred, sample_weight)
 
-    def additional_loss(self, loss):
+    def additional_loss_value(self, loss):
         return self._aggregate_additional_loss(loss)
 
     @property
-    def loss_tracker(self):
+    def train_loss_tracker(self):
         return self._loss_tracker
 
 
@@ -141,6 +143,13 @@ def mlir_quantize(calibrated, io_dtype, denylisted_ops=None):
 
     return convert.mlir_quantize(calibrated, input_data_type=io_dtype,
                                  output_data_type=io_dtype, denylisted_ops=denylisted_ops)
+
+
+def converter_error():
+    """The exception class `TFLiteConverter.convert()` raises on an unconvertible graph."""
+    from tensorflow.lite.python.convert_phase import ConverterError
+
+    return ConverterError
 
 
 def interpreter_ops(interpreter):

@@ -23,6 +23,8 @@ import os
 import keras
 from keras import layers
 
+from convmixer_tf import compat
+
 SQRT_HALF = 1.0 / math.sqrt(2.0)
 INV_SQRT_2PI = 1.0 / math.sqrt(2.0 * math.pi)
 
@@ -186,17 +188,6 @@ class GELU(layers.Layer):
         return input_shape
 
 
-def _onednn_enabled():
-    """Whether TF runs its convolutions on oneDNN (x86 builds, unless TF_ENABLE_ONEDNN_OPTS=0):
-    only oneDNN has the grouped-convolution filter gradient `FastDepthwiseConv2D` uses."""
-    try:  # TF's own switch (the env var included); private, so a missing one means "no"
-        from tensorflow.python.util import _pywrap_util_port
-
-        return bool(_pywrap_util_port.IsMklEnabled())
-    except (ImportError, AttributeError):
-        return False
-
-
 def _depthwise_filter_gradient(x, dy, kernel_shape):
     """dL/dkernel of a stride-1 'same' depthwise convolution, [kh, kw, c, 1].
 
@@ -208,7 +199,7 @@ def _depthwise_filter_gradient(x, dy, kernel_shape):
 
     kh, kw, c, _ = kernel_shape
     strides = [1, 1, 1, 1]
-    if not _onednn_enabled():
+    if not compat.onednn_enabled():
         return tf.raw_ops.DepthwiseConv2dNativeBackpropFilter(
             input=x, filter_sizes=[kh, kw, c, 1], out_backprop=dy, strides=strides,
             padding="SAME")

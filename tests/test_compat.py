@@ -1,7 +1,9 @@
 """Each private Keras/TF/LiteRT access in `compat` still exists and still does what we use it
 for, on the installed versions; a failure names the API that changed."""
 
+import ast
 import importlib
+import os
 
 import keras
 import numpy as np
@@ -124,12 +126,12 @@ def test_trainer_hooks():
             x, y = data
             with tf.GradientTape() as tape:
                 y_pred = self(x, training=True)
-                loss = self.compiled_loss(y, y_pred)
-                loss = loss + self.additional_loss(tf.constant(0.0))
+                loss = self.compiled_loss_value(y, y_pred)
+                loss = loss + self.additional_loss_value(tf.constant(0.0))
             grads = tape.gradient(loss, self.trainable_variables)
             self.optimizer.apply_gradients(zip(grads, self.trainable_variables))
-            self.loss_tracker.update_state(loss)
-            return {"loss": self.loss_tracker.result()}
+            self.train_loss_tracker.update_state(loss)
+            return {"loss": self.train_loss_tracker.result()}
 
     trainer = Trainer()
     trainer.compile("sgd", "mse")
@@ -169,3 +171,47 @@ def test_tflite_private_converter_and_interpreter_apis():
     interpreter = litert.Interpreter(model_content=quantized)
     names = {op["op_name"] for op in compat.interpreter_ops(interpreter)}
     assert "CONV_2D" in names and "GELU" in names, names
+    assert issubclass(compat.converter_error(), Exception)
+
+
+PRIVATE_MODULES = ("keras.src", "tensorflow.python", "tensorflow.lite.python")
+PACKAGE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "convmixer_tf")
+
+
+def _package_sources():
+    for folder, _, files in os.walk(PACKAGE):
+        for name in files:
+            if name.endswith(".py"):
+                path = os.path.join(folder, name)
+                yield path, ast.parse(open(path, encoding="utf-8").read())
+
+
+def test_no_private_access_outside_compat():
+    """Outside compat.py the package imports no private module and reads no `_name` of an
+    object but its own (`self`/`cls`, or names the package itself defines)."""
+    own = set()
+    for _, tree in _package_sources():
+        for node in ast.walk(tree):
+            if isinstance(node, (ast.FunctionDef, ast.ClassDef)):
+                own.add(node.name)
+            elif (isinstance(node, ast.Attribute) and isinstance(node.ctx, ast.Store)
+                  and isinstance(node.value, ast.Name) and node.value.id in ("self", "cls")):
+                own.add(node.attr)
+            elif isinstance(node, ast.Name):
+                own.add(node.id)
+    problems = []
+    for path, tree in _package_sources():
+        if os.path.basename(path) == "compat.py":
+            continue
+        where = os.path.relpath(path, PACKAGE)
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith(
+                    PRIVATE_MODULES):
+                problems.append(f"{where}:{node.lineno} imports {node.module}")
+            if isinstance(node, ast.Import):
+                problems += [f"{where}:{node.lineno} imports {a.name}" for a in node.names
+                             if a.name.startswith(PRIVATE_MODULES)]
+            if (isinstance(node, ast.Attribute) and node.attr.startswith("_")
+                    and not node.attr.startswith("__") and node.attr not in own):
+                problems.append(f"{where}:{node.lineno} reads {ast.unparse(node)}")
+    assert not problems, "private APIs outside compat.py: " + "; ".join(problems)

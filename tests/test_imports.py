@@ -9,7 +9,7 @@ import pytest
 
 ROOT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "convmixer_tf")
 CORE = {"model", "presets", "imagenet", "layers", "checkpoints", "artifacts", "preprocessing",
-        "timing"}
+        "compat", "timing"}
 
 
 def module_names():

@@ -5,7 +5,7 @@ import pytest
 import tensorflow as tf
 import keras
 
-from convmixer_tf import layers, model as model_lib
+from convmixer_tf import compat, layers, model as model_lib
 
 
 def _tiny(activation="gelu"):
@@ -116,9 +116,9 @@ def _depthwise_grads(layer, x, dy):
 def test_fast_depthwise_matches_autodiff(channels, kernel_size, onednn, monkeypatch):
     """Output, input gradient and filter/bias gradients equal the stock layer's autodiff
     (float32, relative 1e-5), eagerly and inside a tf.function (oneDNN's graph rewrites)."""
-    if onednn and not layers._onednn_enabled():
+    if onednn and not compat.onednn_enabled():
         pytest.skip("TF runs without oneDNN here")
-    monkeypatch.setattr(layers, "_onednn_enabled", lambda: onednn)
+    monkeypatch.setattr(compat, "onednn_enabled", lambda: onednn)
     stock, fast = _depthwise_pair(channels, kernel_size)
     rng = np.random.default_rng(3)
     x = tf.constant(rng.standard_normal((3, 9, 7, channels)).astype("float32"))
@@ -175,7 +175,7 @@ import tensorflow as tf
 cpu = tf.config.list_physical_devices("CPU")[0]
 tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
 import numpy as np, keras
-from convmixer_tf import layers, model as model_lib
+from convmixer_tf import compat, layers, model as model_lib
 strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
 with strategy.scope():
     model = layers.accelerate(model_lib.ConvMixer(

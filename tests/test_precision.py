@@ -62,8 +62,8 @@ def test_grouped_depthwise_gradient_dtypes_follow_the_cpu():
 
 GRADIENT_SCRIPT = r"""
 import json, numpy as np, tensorflow as tf
-from convmixer_tf import layers
-assert layers._onednn_enabled()
+from convmixer_tf import compat, layers
+assert compat.onednn_enabled()
 rng = np.random.default_rng(0)
 x = tf.constant(rng.normal(size=(4, 8, 8, 32)), tf.float32)
 k = tf.constant(rng.normal(size=(5, 5, 32, 1)), tf.float32)

@@ -23,6 +23,7 @@ import tempfile
 
 import keras
 
+from convmixer_tf import compat
 from convmixer_tf.artifacts import atomic_write, write_json
 from convmixer_tf.training import distribute
 
@@ -43,7 +44,7 @@ def _is_number(value):
     return True
 
 
-class AtomicBackupAndRestore(keras.callbacks.BackupAndRestore):
+class AtomicBackupAndRestore(compat.BackupAndRestoreBase):
     """`keras.callbacks.BackupAndRestore` whose backup survives a kill at any instant.
 
     Keras's writes `latest.weights.h5` in place, then the epoch: a kill mid-write corrupts the
@@ -55,14 +56,14 @@ class AtomicBackupAndRestore(keras.callbacks.BackupAndRestore):
 
     def __init__(self, backup_dir, save_freq="epoch", delete_checkpoint=True):
         super().__init__(backup_dir, save_freq=save_freq, delete_checkpoint=delete_checkpoint)
-        self._training_metadata_path = os.path.join(backup_dir, _METADATA)
+        self.metadata_path = os.path.join(backup_dir, _METADATA)
         self._finished = False
 
     def read_metadata(self):
         """The last backup's `{"epoch", "batch", "weights"}`, or `None` when there is none."""
-        if not os.path.exists(self._training_metadata_path):
+        if not os.path.exists(self.metadata_path):
             return None
-        with open(self._training_metadata_path) as f:
+        with open(self.metadata_path) as f:
             return json.load(f)
 
     def on_train_begin(self, logs=None):
@@ -89,31 +90,31 @@ class AtomicBackupAndRestore(keras.callbacks.BackupAndRestore):
                 f"Cannot resume from the backup in {self.backup_dir} ({error}). It was written "
                 "by a different model or is damaged: delete it, or use another run name."
             ) from error
-        self.model._initial_epoch = metadata["epoch"]
-        self._current_epoch = metadata["epoch"]
+        compat.set_resume_epoch(self.model, metadata["epoch"])
+        self.current_epoch = metadata["epoch"]
 
     def on_epoch_end(self, epoch, logs=None):
-        self._current_epoch = epoch + 1
-        self._last_batch_seen = 0
+        self.current_epoch = epoch + 1
+        self.last_batch_seen = 0
         if not _finite(logs):
             return
-        self._finished = self._current_epoch >= self.params.get("epochs", math.inf)
+        self._finished = self.current_epoch >= self.params.get("epochs", math.inf)
         if self.save_freq == "epoch":
-            self._save_model()
+            self.save_backup()
 
     def on_train_batch_end(self, batch, logs=None):
         if _finite(logs):
             super().on_train_batch_end(batch, logs)
 
-    def _save_model(self):
-        name = f"epoch-{self._current_epoch:05d}-batch-{self._last_batch_seen:07d}.weights.h5"
+    def save_backup(self):
+        name = f"epoch-{self.current_epoch:05d}-batch-{self.last_batch_seen:07d}.weights.h5"
         atomic_write(
             os.path.join(self.backup_dir, name),
             lambda tmp: self.model.save_weights(tmp, overwrite=True),
         )
         write_json(
-            self._training_metadata_path,
-            {"epoch": self._current_epoch, "batch": self._last_batch_seen, "weights": name,
+            self.metadata_path,
+            {"epoch": self.current_epoch, "batch": self.last_batch_seen, "weights": name,
              "signature": self._signature()},
         )
         for old in glob.glob(os.path.join(self.backup_dir, "*.weights.h5")):
@@ -131,7 +132,7 @@ class AtomicBackupAndRestore(keras.callbacks.BackupAndRestore):
             super().on_train_end(logs)
 
 
-class AtomicModelCheckpoint(keras.callbacks.ModelCheckpoint):
+class AtomicModelCheckpoint(compat.ModelCheckpointBase):
     """`keras.callbacks.ModelCheckpoint` that writes the plain functional model (the trainer's
     inner model) with `save_model(model, path)` (atomic, stock layers), never a non-finite one,
     and, with `save_best_only`, remembers the best value across restarts in `<path>.json`."""
@@ -149,11 +150,11 @@ class AtomicModelCheckpoint(keras.callbacks.ModelCheckpoint):
             if state.get("monitor") == self.monitor:
                 self.best = state["best"]
 
-    def _save_model(self, epoch, batch, logs):
+    def save_checkpoint(self, epoch, batch, logs):
         if not _finite(logs):
             return
-        filepath = self._get_file_path(epoch, batch, logs)
-        if not self._should_save_model(epoch, batch, logs, filepath):
+        filepath = self.checkpoint_path(epoch, batch, logs)
+        if not self.should_save(epoch, batch, logs, filepath):
             return
         self._save(distribute.inner_model(self.model), filepath)
         if self.save_best_only:

@@ -24,6 +24,7 @@ import time
 
 import keras
 
+from convmixer_tf import compat
 from convmixer_tf.training.config import STRATEGIES, XLA_MODES
 
 
@@ -266,7 +267,7 @@ def shardable(dataset, batch_size):
     return dataset.unbatch().batch(batch_size, drop_remainder=True)
 
 
-class ReplicaTrainer(keras.Model):
+class ReplicaTrainer(compat.TrainerBase):
     """Trains a (functional) `model` under any `tf.distribute` strategy, with or without XLA.
 
     Its weights are `model`'s; `compile`/`fit`/`evaluate`/`predict` work as usual; save `model`
@@ -298,7 +299,7 @@ class ReplicaTrainer(keras.Model):
             self._forward_backward_fn = None
         super().compile(*args, jit_compile=False, **kwargs)
 
-    def _maybe_symbolic_build(self, iterator=None, data_batch=None):
+    def symbolic_build(self, iterator=None, data_batch=None):
         # Keras all-reduces (MEAN) a real input batch across replicas only to learn its shapes;
         # under MultiWorkerMirroredStrategy that collective fails. A local replica's batch has
         # the same structure and dtypes, which is all the symbolic build needs.
@@ -309,7 +310,7 @@ class ReplicaTrainer(keras.Model):
                     lambda v: self.distribute_strategy.experimental_local_results(v)[0], batch
                 )
                 break
-        super()._maybe_symbolic_build(data_batch=data_batch)
+        super().symbolic_build(data_batch=data_batch)
 
     def _forward_backward(self, trainable, non_trainable, x, y, sample_weight, loss_scale):
         tf = _tf()
@@ -319,9 +320,9 @@ class ReplicaTrainer(keras.Model):
                 trainable, non_trainable, x, training=True, return_losses=True
             )
             # Keras's loss divides by the replica count, so summed gradients are global means.
-            loss = self._compile_loss(y, y_pred, sample_weight)
+            loss = self.compiled_loss_value(y, y_pred, sample_weight)
             for extra in losses:  # regularizers, add_loss
-                loss = loss + self._aggregate_additional_loss(extra)
+                loss = loss + self.additional_loss_value(extra)
             scaled = loss * tf.cast(loss_scale, loss.dtype)
         grads = tape.gradient(scaled, trainable)
         return loss, y_pred, grads, new_non_trainable
@@ -347,7 +348,7 @@ class ReplicaTrainer(keras.Model):
         self.optimizer.apply_gradients(zip(grads, trainable))
         replicas = tf.distribute.get_strategy().num_replicas_in_sync
         batch = tf.shape(tf.nest.flatten(x)[0])[0]
-        self._loss_tracker.update_state(loss * tf.cast(replicas, loss.dtype), sample_weight=batch)
+        self.train_loss_tracker.update_state(loss * tf.cast(replicas, loss.dtype), sample_weight=batch)
         return self._multi_worker_safe(self.compute_metrics(x, y, y_pred, sample_weight))
 
     def test_step(self, data):

@@ -14,7 +14,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from convmixer_tf import _extras, preprocessing
+from convmixer_tf import _extras, compat, preprocessing
 
 DIGITS_CLASS_NAMES = tuple(str(i) for i in range(10))
 IMAGE_EXTENSIONS = preprocessing.IMAGE_EXTENSIONS
@@ -141,9 +141,7 @@ def _digits_source(image_size, seed):
 def keras_cache_dir():
     """The folder `keras.datasets.*.load_data()` read from: `$KERAS_HOME/datasets`
     (default ~/.keras/datasets; Keras falls back to /tmp/.keras when that is not writable)."""
-    from keras.src.backend import config as keras_config  # where Keras keeps it (no public API)
-
-    base = os.path.expanduser(keras_config.keras_home())
+    base = os.path.expanduser(compat.keras_home())
     if not os.access(base, os.W_OK):
         base = os.path.join("/tmp" if os.path.isdir("/tmp") else tempfile.gettempdir(), ".keras")
     return os.path.join(base, "datasets")
