@@ -6,14 +6,13 @@ start-up logging and answer `--help` before TensorFlow is imported.
 
 import importlib
 
+from convmixer_tf import presets  # plain data, no TensorFlow
+
 __version__ = "0.1.0"
 
 _EXPORTS = {
     "ConvMixer": "convmixer_tf.model",
-    "ConvMixer256_8": "convmixer_tf.model",
-    "ConvMixer768_32": "convmixer_tf.model",
-    "ConvMixer1024_20": "convmixer_tf.model",
-    "ConvMixer1536_20": "convmixer_tf.model",
+    **{variant: "convmixer_tf.model" for variant in presets.VARIANTS},
     "MODEL_CONFIGS": "convmixer_tf.presets",
     "decode_predictions": "convmixer_tf.imagenet",
     "export": "convmixer_tf.deploy.export",

@@ -196,6 +196,7 @@ def ConvMixer(
 
 
 def _variant(config_name, function_name, description):
+    """The keras.applications-style builder of a named variant (its docstring formatted)."""
     config = presets.MODEL_CONFIGS[config_name]
 
     def builder(
@@ -227,22 +228,19 @@ def _variant(config_name, function_name, description):
     return builder
 
 
-ConvMixer1536_20 = _variant(
-    "convmixer_1536_20", "ConvMixer1536_20", "h=1536, depth 20, kernel 9, patch 7, GELU: 51.6M."
-)
-ConvMixer768_32 = _variant(
-    "convmixer_768_32", "ConvMixer768_32", "h=768, depth 32, kernel 7, patch 7, ReLU: 21.1M."
-)
-ConvMixer1024_20 = _variant(
-    "convmixer_1024_20_ks9_p14",
-    "ConvMixer1024_20",
-    "h=1024, depth 20, kernel 9, patch 14, GELU: 24.4M.",
-)
-ConvMixer256_8 = _variant(
-    "convmixer_256_8_ks5_p2",
-    "ConvMixer256_8",
-    "The paper's CIFAR-10 model: h=256, depth 8, kernel 5, patch 2, GELU: 0.59M (10 classes).",
-)
+def _describe(config, classes, params):
+    """One line of a variant's docstring, from its config."""
+    act = {"gelu": "GELU", "relu": "ReLU"}[config["activation"]]
+    return (f"h={config['dim']}, depth {config['depth']}, kernel {config['kernel_size']}, "
+            f"patch {config['patch_size']}, {act}: {params} ({classes} classes).")
+
+
+# One builder per `presets.VARIANTS` entry: ConvMixer1536_20, ConvMixer768_32, ConvMixer1024_20,
+# ConvMixer256_8.
+for _function, (_config, _classes, _params) in presets.VARIANTS.items():
+    globals()[_function] = _variant(
+        _config, _function, _describe(presets.MODEL_CONFIGS[_config], _classes, _params))
+del _function, _config, _classes, _params
 
 
 def build_from_checkpoint(path, activation=None, prefer_ema=False, trust_checkpoint=False,

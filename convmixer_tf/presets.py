@@ -26,6 +26,16 @@ MODEL_CONFIGS = {
     "convmixer_256_8_ks5_p2": dict(dim=256, depth=8, kernel_size=5, patch_size=2, activation="gelu"),
 }
 
+# The exported builders (keras.applications style, `convmixer_tf.ConvMixer1536_20(...)`):
+# function name -> (MODEL_CONFIGS name, classes of the published model, its parameters).
+# A new variant is one MODEL_CONFIGS entry and one line here.
+VARIANTS = {
+    "ConvMixer1536_20": ("convmixer_1536_20", 1000, "51.6M"),
+    "ConvMixer768_32": ("convmixer_768_32", 1000, "21.1M"),
+    "ConvMixer1024_20": ("convmixer_1024_20_ks9_p14", 1000, "24.4M"),
+    "ConvMixer256_8": ("convmixer_256_8_ks5_p2", 10, "0.59M, the paper's CIFAR-10 model"),
+}
+
 # How the ImageNet checkpoints were evaluated (timm default_cfg crop_pct): resize the short side
 # to size / crop_pct (bicubic, `preprocessing.INTERPOLATION`), centre-crop the size.
 IMAGENET_CROP_PCT = 0.96

@@ -3,6 +3,7 @@ import pytest
 
 import keras
 import convmixer_tf
+from convmixer_tf import presets
 
 
 def tiny(**kwargs):
@@ -15,18 +16,23 @@ def trainable_params(model):
     return sum(int(np.prod(w.shape)) for w in model.trainable_weights)
 
 
-@pytest.mark.parametrize(
-    "builder, classes, millions",
-    [
-        (convmixer_tf.ConvMixer1536_20, 1000, 51.6),
-        (convmixer_tf.ConvMixer768_32, 1000, 21.1),
-        (convmixer_tf.ConvMixer1024_20, 1000, 24.4),
-        (convmixer_tf.ConvMixer256_8, 10, 0.59),
-    ],
-)
-def test_parameter_counts_match_the_paper(builder, classes, millions):
+PAPER_PARAMS = {"ConvMixer1536_20": 51.6, "ConvMixer768_32": 21.1, "ConvMixer1024_20": 24.4,
+                "ConvMixer256_8": 0.59}  # millions, paper Table 1 and Sec. 3
+
+
+@pytest.mark.parametrize("variant", sorted(presets.VARIANTS))
+def test_parameter_counts_match_the_paper(variant):
+    """Every exported variant (one `presets.VARIANTS` entry each) builds, is exported from the
+    package, documents itself and has the paper's parameter count."""
+    config_name, classes, params = presets.VARIANTS[variant]
+    builder = getattr(convmixer_tf, variant)
+    assert variant in convmixer_tf.__all__ and builder.__name__ == variant
+    assert builder.__doc__.startswith(f"Instantiates the {variant}") and params in builder.__doc__
     model = builder(classes=classes)
+    assert model.name == config_name
+    millions = PAPER_PARAMS[variant]
     assert round(trainable_params(model) / 1e6, 2 if millions < 1 else 1) == millions
+    assert params.startswith(str(millions))
 
 
 def test_variants_carry_their_architecture():
