@@ -157,7 +157,7 @@ def test_softmax_head_is_detected_and_logits_recovered():
     assert logits.output_activation(tiny_model()) is None
     module = saved_model.ServingModule(model, list("abcd"), (16, 16), top_k=3)
     x = np.random.default_rng(5).uniform(0, 255, (2, 16, 16, 3)).astype(np.float32)
-    out = module._serve_float(tf.constant(x))
+    out = module.serve(saved_model.SIGNATURE_FLOAT, tf.constant(x))
     np.testing.assert_allclose(out["probabilities"].numpy(), model(x).numpy(), atol=1e-6)
     np.testing.assert_allclose(tf.nn.softmax(out["logits"]).numpy(), model(x).numpy(), atol=1e-6)
     assert out["classes"].shape == (2, 3)
