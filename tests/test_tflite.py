@@ -164,6 +164,18 @@ def test_the_mode_table_drives_the_converter_the_cli_and_export(monkeypatch, cap
         "float32", "int8"]
 
 
+def test_moved_names_keep_their_old_import_path():
+    """`tflite.<name>` of every moved name is the object in its new module (one release)."""
+    import importlib
+
+    for name, module in tflite.MOVED.items():
+        assert getattr(tflite, name) is getattr(importlib.import_module(module), name), name
+    from convmixer_tf.deploy.tflite import EDGE_BUILD, LiteRTModel, export_all  # noqa: F401
+    assert LiteRTModel is litert.LiteRTModel and export_all is tflite_set.export_all
+    with pytest.raises(AttributeError, match="no attribute 'nothing'"):
+        tflite.nothing  # noqa: B018
+
+
 def test_int8_io_applies_to_the_int8_builds_only(trained, digits16, tmp_path):
     """`int8_io="uint8"` with float builds in the set: the int8 builds take pixel bytes, the
     float ones keep float32 I/O (it used to refuse the whole set)."""
