@@ -56,7 +56,7 @@ def main(argv=None):
     args = p.parse_args(argv)
     import numpy as np
 
-    from convmixer_tf.deploy import tflite
+    from convmixer_tf.deploy import litert, tflite
 
     side, dim = BLOCK["image"] // BLOCK["patch_size"], BLOCK["dim"]
     rng = np.random.default_rng(0)
@@ -69,7 +69,7 @@ def main(argv=None):
                                           (1, side, side), split_depthwise=split)
         for mode, flat in flats.items():
             for xnnpack in (True, False):
-                runners[(op, mode, xnnpack)] = tflite.LiteRTModel(
+                runners[(op, mode, xnnpack)] = litert.LiteRTModel(
                     flat, num_threads=args.threads, xnnpack=xnnpack)
     clock = timing.clock_for_threads(args.threads)
     timed = timing.interleaved({key: lambda r=r: r.predict(x) for key, r in runners.items()},

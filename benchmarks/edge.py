@@ -32,7 +32,7 @@ def litert_candidates(cfg, model, calibration, x):
     """{name: (run, info)} for the export's builds (+ full int8 unsplit / without XNNPACK)."""
     import numpy as np
 
-    from convmixer_tf.deploy import tflite
+    from convmixer_tf.deploy import litert, tflite
 
     modes = ["float32", "float16", "dynamic_int8", "full_int8"]
     if cfg["activation"] == "gelu":
@@ -48,10 +48,10 @@ def litert_candidates(cfg, model, calibration, x):
     out = {}
     for name, flat in flats.items():
         for xnnpack in (True, False) if name == "full_int8" else (True,):
-            runner = tflite.LiteRTModel(flat, num_threads=1, xnnpack=xnnpack)
+            runner = litert.LiteRTModel(flat, num_threads=1, xnnpack=xnnpack)
             err = float(np.abs(runner.predict(x) - reference).max() / np.abs(reference).max())
             info = dict(mb=round(len(flat) / 1e6, 2), rel_err=round(err, 4),
-                        min_runtime=tflite.min_runtime_version(flat))
+                        min_runtime=litert.min_runtime_version(flat))
             label = f"litert {name}" + ("" if xnnpack else ", no XNNPACK")
             out[label] = (lambda runner=runner: runner.predict(x), info)
     return out

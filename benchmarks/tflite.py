@@ -1,5 +1,5 @@
 """Edge section of `python -m benchmarks`: LiteRT builds from the library's converter
-(`convmixer_tf.deploy.tflite`, every mode it offers) at batch 1, beside TF and PyTorch."""
+(`convmixer_tf.deploy.tflite`, every mode of its table) at batch 1, beside TF and PyTorch."""
 
 import time
 
@@ -9,8 +9,9 @@ from .infer import keras_infer_candidate, torch_infer_candidate
 
 def _partitions(runner):
     """How many XNNPACK partitions (DELEGATE nodes) the interpreter made."""
-    return sum(op["op_name"] == "DELEGATE"
-               for op in runner.interpreter._get_ops_details())  # noqa: SLF001 - op listing
+    from convmixer_tf import compat
+
+    return sum(op["op_name"] == "DELEGATE" for op in compat.interpreter_ops(runner.interpreter))
 
 
 def tflite_section(cfgs, calibration, args):
@@ -18,7 +19,7 @@ def tflite_section(cfgs, calibration, args):
     import numpy as np
 
     from convmixer_tf import presets
-    from convmixer_tf.deploy import tflite
+    from convmixer_tf.deploy import gate, litert, tflite
 
     results = {}
     for cfg in cfgs:
@@ -33,9 +34,9 @@ def tflite_section(cfgs, calibration, args):
             start = time.perf_counter()
             flat = tflite.convert(model, mode, calib, input_shape=(1, cfg["image"], cfg["image"]))
             convert_s = time.perf_counter() - start
-            report = tflite.accuracy_report(flat, reference, test)
+            report = gate.accuracy_report(flat, reference, test)
             error, agreement = report["max_logit_error"], report["agreement"]
-            runner = tflite.LiteRTModel(flat, num_threads=args.threads)
+            runner = litert.LiteRTModel(flat, num_threads=args.threads)
             left = {f"{name}x{total - done}" for name, _, done, total in runner.delegation()
                     if done < total}
             info[f"litert {mode}"] = (f"{len(flat) / 1e6:.2f}", f"{error:.3g}",

@@ -193,8 +193,9 @@ def export_main(argv=None):
     Exit status 0: everything written; 1: error; 2: usage; 3: finished, but the gate refused
     a TFLite build or it failed to convert (named on stderr and in the metadata; every other
     file was written). TensorFlow's own output goes to <export dir>/<name>.export.log."""
-    from convmixer_tf.deploy.modes import (EDGE_BUILD, MAX_IMAGE_PIXELS, MODES, REQUEST_IMAGES,
-                                         SERVING_PRECISIONS)
+    from convmixer_tf.deploy.modes import (DEFAULT_MODES, EDGE_BUILD, EXPORT_MODES,
+                                           INT8_IO, MAX_IMAGE_PIXELS, REQUEST_IMAGES,
+                                           SERVING_PRECISIONS, check_modes)
 
     parser = argparse.ArgumentParser(
         prog="convmixer-export", description=export_main.__doc__,
@@ -206,14 +207,15 @@ def export_main(argv=None):
                         help="TF Serving model base dir root (default: the model's folder)")
     parser.add_argument("--name", default=None, help="model name (default: the file name)")
     parser.add_argument("--saved-model", default=True, action=argparse.BooleanOptionalAction)
-    parser.add_argument("--tflite-modes", default=f"float32,float16,{EDGE_BUILD}",
-                        help="comma-separated, from " + ",".join(MODES) + f", or {EDGE_BUILD}: "
+    parser.add_argument("--tflite-modes", default=",".join(DEFAULT_MODES),
+                        help="comma-separated, from " + ",".join(EXPORT_MODES)
+                             + f" ({EDGE_BUILD}: "
                              "every int8 build, the fastest that passes the gate also written "
-                             f"as <name>_{EDGE_BUILD}.tflite; or none")
+                             f"as <name>_{EDGE_BUILD}.tflite), or none")
     parser.add_argument("--calibration-dir", default=None,
                         help="images for int8 calibration/validation (default: the samples "
                              "training stored beside the model)")
-    parser.add_argument("--int8-io", default="float32", choices=("float32", "int8", "uint8"),
+    parser.add_argument("--int8-io", default="float32", choices=INT8_IO,
                         help="input/output type of the int8 files (uint8 = raw pixel bytes)")
     parser.add_argument("--tolerance", type=float, default=None,
                         help="max abs logit error allowed for the SavedModel (default: 1e-4 "
@@ -239,11 +241,10 @@ def export_main(argv=None):
                         help="... and a request whose images hold more pixels together; "
                              f"None: {REQUEST_IMAGES} x --max-image-pixels")
     args = parser.parse_args(argv)
-    modes = [] if args.tflite_modes == "none" else args.tflite_modes.split(",")
-    bad = [m for m in modes if m not in MODES + (EDGE_BUILD,)]
-    if bad:
-        parser.error(f"unknown --tflite-modes {bad}; choose from "
-                     f"{','.join(MODES + (EDGE_BUILD,))} or none")
+    try:
+        modes = check_modes(args.tflite_modes, "--tflite-modes")
+    except ValueError as error:
+        parser.error(str(error))
 
     start_tensorflow()
     from convmixer_tf.deploy import export

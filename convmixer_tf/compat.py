@@ -31,6 +31,9 @@ PRIVATE_APIS = {
                          "a hybrid dense layer that old runtimes (2.9+) run"),
     "calibrate_only": ("tf.lite.TFLiteConverter", "_experimental_calibrate_only",
                        "calibrate once, quantize every int8 mode from it"),
+    "converter_error": ("tensorflow.lite.python.convert_phase", "ConverterError",
+                        "what the converter raises for a graph it cannot convert (no public "
+                        "alias)"),
     "mlir_quantize": ("tensorflow.lite.python.convert", "mlir_quantize",
                       "quantize a calibrated model with a denylist (int8_float_gelu)"),
     "converter_error": ("tensorflow.lite.python.convert_phase", "ConverterError",
@@ -135,6 +138,13 @@ def calibrate_only(converter):
     """`convert()` returns the float model with recorded ranges (as QuantizationDebugger)."""
     converter._experimental_calibrate_only = True  # noqa: SLF001
     return converter
+
+
+def converter_error():
+    """The exception class `TFLiteConverter.convert` raises for a graph it cannot convert."""
+    from tensorflow.lite.python.convert_phase import ConverterError
+
+    return ConverterError
 
 
 def mlir_quantize(calibrated, io_dtype, denylisted_ops=None):

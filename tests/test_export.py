@@ -294,7 +294,7 @@ def test_export_api_writes_the_set_from_a_model_in_memory(tmp_path):
 
 
 def _bfloat16_graph_conversion(real):
-    """`tflite._convert_float_or_dynamic` with float16 converting a graph whose Mul computes
+    """`tflite.convert_uncalibrated` with float16 converting a graph whose Mul computes
     in bfloat16: the converter's real failure (ConverterError, MLIR diagnostics on fd 2)."""
 
     def convert(saved_model_dir, mode):
@@ -324,8 +324,8 @@ def test_failed_conversion_is_one_line_and_the_rest_of_the_set_is_written(tmp_pa
     rng = np.random.default_rng(0)
     artifacts.write_samples(path, rng.integers(0, 256, (16, 16, 16, 3)),
                             rng.integers(0, 256, (16, 16, 16, 3)), rng.integers(0, 4, 16))
-    monkeypatch.setattr(tflite, "_convert_float_or_dynamic",
-                        _bfloat16_graph_conversion(tflite._convert_float_or_dynamic))
+    monkeypatch.setattr(tflite, "convert_uncalibrated",
+                        _bfloat16_graph_conversion(tflite.convert_uncalibrated))
     capfd.readouterr()  # the setup's own output (TF starting)
     stderr, fd2 = sys.stderr, os.fstat(2)
     code = cli.export_main([path, "--no-saved-model", "--tflite-modes", "float32,float16",

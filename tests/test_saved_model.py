@@ -157,10 +157,37 @@ def test_softmax_head_is_detected_and_logits_recovered():
     assert logits.output_activation(tiny_model()) is None
     module = saved_model.ServingModule(model, list("abcd"), (16, 16), top_k=3)
     x = np.random.default_rng(5).uniform(0, 255, (2, 16, 16, 3)).astype(np.float32)
-    out = module._serve_float(tf.constant(x))
+    out = module.serve(saved_model.SIGNATURE_FLOAT, tf.constant(x))
     np.testing.assert_allclose(out["probabilities"].numpy(), model(x).numpy(), atol=1e-6)
     np.testing.assert_allclose(tf.nn.softmax(out["logits"]).numpy(), model(x).numpy(), atol=1e-6)
     assert out["classes"].shape == (2, 3)
+
+
+def test_a_new_signature_is_one_table_entry(tmp_path, monkeypatch):
+    """A `SIGNATURES` entry is served, warmed up and validated in the fresh process with no
+    other edit: here 0-1 float pixels, scaled back to 0-255 by the signature itself."""
+    monkeypatch.setitem(saved_model.SIGNATURES, "serving_unit_float", saved_model.Signature(
+        "unit_images", "float32", lambda module, x: module.checked_images(x) * 255.0,
+        lambda images: images.astype(np.float32) / 255.0,
+        lambda images, size, crop_pct: images.astype(np.float32)))
+    model = tiny_model()
+    images = np.random.default_rng(3).integers(0, 256, (2, 16, 16, 3)).astype(np.uint8)
+    lines = []
+    result = saved_model.export_saved_model(
+        model=model, export_root=str(tmp_path), name="tiny", sample_images=images,
+        meta=dict(class_names=CLASS_NAMES, image_size=[16, 16], crop_pct=1.0),
+        log=lines.append)
+    assert {"tf1/serving_unit_float", "tf2/serving_unit_float"} <= set(result["report"])
+    assert any("validate serving_unit_float" in line for line in lines)
+    loaded = tf.saved_model.load(result["path"])
+    got = loaded.signatures["serving_unit_float"](unit_images=tf.constant(images / 255.0,
+                                                                          tf.float32))
+    np.testing.assert_allclose(got["logits"], model(images.astype(np.float32)), atol=1e-4)
+    warmup = os.path.join(result["path"], "assets.extra", "tf_serving_warmup_requests")
+    records = list(tf.data.TFRecordDataset(warmup).as_numpy_iterator())
+    assert len(records) == len(saved_model.SIGNATURES) == 4
+    assert any(b"serving_unit_float" in record and b"unit_images" in record
+               for record in records)
 
 
 def _tree_digest(path):

@@ -208,17 +208,17 @@ def test_train_command_exports_through_the_library_and_passes_exit_3_on(tmp_path
     """`convmixer-train` hands its file set to `deploy.export.export_model` (the wings never
     import each other; the CLI wires them) and returns the export's status: 3 when the gate
     refuses a build, with every other file written."""
-    from convmixer_tf.deploy import export, tflite
+    from convmixer_tf.deploy import export, gate, tflite
 
     calls = []
-    real_export, real_gate = export.export_model, tflite.gate
+    real_export, real_gate = export.export_model, gate.gate
 
     def float32_only(model_path, **kwargs):  # the real export, fewer builds (time)
         calls.append(model_path)
         return real_export(model_path, tflite_modes=("float32",), **kwargs)
 
     monkeypatch.setattr(export, "export_model", float32_only)
-    monkeypatch.setattr(tflite, "gate", lambda report, *a, **k: "refused by the test"
+    monkeypatch.setattr(gate, "gate", lambda report, *a, **k: "refused by the test"
                         if report["input"][0] is None else real_gate(report, *a, **k))
     out = tmp_path / "models"
     code = cli.train_main(["--image-size", "16", "--dim", "8", "--depth", "1",

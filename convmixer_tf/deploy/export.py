@@ -25,11 +25,11 @@ import keras
 import numpy as np
 
 from convmixer_tf import artifacts, preprocessing
-from convmixer_tf.deploy import saved_model, tflite
+from convmixer_tf.deploy import saved_model, tflite_set
 from convmixer_tf.deploy.logits import check_precision, compute_dtype
+from convmixer_tf.deploy.modes import DEFAULT_MODES, INT8_IO, check_modes
 
-TFLITE_MODES = ("float32", "float16", tflite.EDGE_BUILD)  # int8: every int8 build + the edge build
-INT8_IO = ("float32", "int8", "uint8")
+TFLITE_MODES = DEFAULT_MODES  # the old name of the default modes, kept for one release
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")  # a folder name TF Serving and shells take
 
 
@@ -61,7 +61,7 @@ def sample_images(model_path, meta, calibration_dir=None):
 
 def export(model, export_dir, name=None, class_names=None, image_size=None, crop_pct=1.0,
            calibration_images=None, held_out=None, saved_model_export=True,
-           tflite_modes=TFLITE_MODES, int8_io="float32", tolerance=None,
+           tflite_modes=DEFAULT_MODES, int8_io="float32", tolerance=None,
            max_accuracy_drop=0.01, min_int8_agreement=0.98, serving_precision="float32",
            serving_limits=None, log=print):
     """Exports a Keras ConvMixer classifier in memory: `<export_dir>/<name>/<version>/` (TF
@@ -82,7 +82,7 @@ def export(model, export_dir, name=None, class_names=None, image_size=None, crop
     max_request_pixels=), the SavedModel's pixel budgets (`saved_model.serving_limits`;
     default 40 MP per image, 4x that per request). Returns dict(saved_model=..., tflite=report with `version`,
     `path`, `refused` and `failed` builds, log=the log file); a refused or failed build is not
-    written, the rest is (`tflite.REFUSED_EXIT_CODE` for a command). Bad arguments raise
+    written, the rest is (`modes.REFUSED_EXIT_CODE` for a command). Bad arguments raise
     ValueError before any work.
     """
     meta, modes, calibration, held_images, labels = _checked(
@@ -175,11 +175,7 @@ def _checked(model, export_dir, name, class_names, image_size, crop_pct, calibra
     image_size = tuple(int(s) for s in image_size)
     if not isinstance(crop_pct, (int, float)) or not 0 < crop_pct <= 1:
         raise ValueError(f"`crop_pct` must be in (0, 1]. Received crop_pct={crop_pct!r}")
-    modes = [tflite_modes] if isinstance(tflite_modes, str) else list(tflite_modes or ())
-    bad = [m for m in modes if m not in tflite.MODES + (tflite.EDGE_BUILD,)]
-    if bad:
-        raise ValueError(f"`tflite_modes` must be from {tflite.MODES + (tflite.EDGE_BUILD,)}. "
-                         f"Received tflite_modes={list(modes)!r}")
+    modes = check_modes(tflite_modes)
     if int8_io not in INT8_IO:
         raise ValueError(f"`int8_io` must be one of {INT8_IO}. Received int8_io={int8_io!r}")
     check_precision(serving_precision)
@@ -259,7 +255,7 @@ def _tee(log, logged):
 
 
 def export_model(model_path, export_dir=None, name=None, saved_model_export=True,
-                 tflite_modes=TFLITE_MODES, calibration_dir=None, int8_io="float32",
+                 tflite_modes=DEFAULT_MODES, calibration_dir=None, int8_io="float32",
                  tolerance=None, max_accuracy_drop=0.01, min_int8_agreement=0.98,
                  log=print, serving_precision="float32", serving_limits=None):
     """`export` of a trained-model file set: `model_path` (a `.keras` file) with its metadata
@@ -296,7 +292,7 @@ def export_tflite_version(model, tflite_root, name, meta, calibration, held_out,
     `<tflite_root>/<next version>/` in one step. Returns the report with the published
     `version` and `path` (each build's `files` are names in that folder)."""
     with artifacts.new_version(tflite_root) as published:
-        report = tflite.export_all(
+        report = tflite_set.export_all(
             model, published["tmp"], name, calibration, held_out, meta["image_size"],
             eval_labels=labels, modes=modes, max_accuracy_drop=max_accuracy_drop,
             min_int8_agreement=min_int8_agreement, int8_io=int8_io, log=log, gated=gated,

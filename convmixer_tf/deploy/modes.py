@@ -1,11 +1,84 @@
 """The export's named choices, without importing TensorFlow, so a command lists them in
-`--help` and checks its flags before TensorFlow loads (`deploy.tflite` builds the TFLite
-modes, `deploy.logits` applies the serving precisions)."""
+`--help` and checks its flags before TensorFlow loads: the TFLite modes as one table
+(`deploy.tflite` converts from it, `deploy.tflite_set` expands and gates it), the serving
+precisions (`deploy.logits`) and the SavedModel's pixel budgets (`deploy.saved_model`).
 
-MODES = ("float32", "float16", "dynamic_int8", "full_int8", "int8_float_gelu")
-INT8_MODES = ("dynamic_int8", "full_int8", "int8_float_gelu")  # the edge-build candidates
+A new TFLite mode is one `TFLITE_MODES` entry (+ its test in tests/test_tflite.py).
+"""
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Mode:
+    """How the converter makes one TFLite build, and where the build fits. Builtin ops only,
+    never Flex/Select TF ops."""
+
+    about: str  # one line for the docs and `--help`
+    quantize: bool = False  # converter.optimizations = [Optimize.DEFAULT]
+    weight_type: str = ""  # target_spec.supported_types, e.g. "float16" weights
+    calibrated: bool = False  # full integer: ranges recorded on representative training images
+    io_types: tuple = ("float32",)  # input/output types it can take (the export's --int8-io)
+    float_ops: tuple = ()  # TFLite ops kept in float32 (the converter's denylist) ...
+    base: str = ""  # ... else the same file as this mode: skipped for a model without them
+    per_tensor_dense: bool = False  # dynamic-range dense layers quantized per tensor
+    split_depthwise: bool = True  # large depthwise kernels as row groups XNNPACK runs fast
+    edge_candidate: bool = False  # an int8 build the export's edge build is chosen among
+    runtime: str = ""  # what keeps the file loadable on old runtimes (min_runtime_version)
+
+
+INT8_IO = ("float32", "int8", "uint8")  # uint8 input is exactly the raw pixel bytes
+
+TFLITE_MODES = {
+    "float32": Mode("plain float model"),
+    "float16": Mode("float16 weights, float compute (half the size)", quantize=True,
+                    weight_type="float16"),
+    "dynamic_int8": Mode(
+        "int8 weights, activations quantized on the fly (dynamic range)", quantize=True,
+        per_tensor_dense=True, edge_candidate=True,
+        # XNNPACK never takes its hybrid depthwise convolutions, and on TFLite's builtin
+        # kernel one 7x7 layer is faster than three row groups (BENCHMARKS.md).
+        split_depthwise=False,
+        # Per-channel hybrid FULLY_CONNECTED is op version 12 (min runtime 2.17: tflite-runtime
+        # 2.14 refuses the file); a per-tensor dense layer keeps version <= 9 (runtime 2.9).
+        runtime="per-tensor dense layers: FULLY_CONNECTED <= v9 (runtime 2.9+)"),
+    "full_int8": Mode(
+        "int8 weights and activations, calibrated on training images",
+        quantize=True, calibrated=True, io_types=INT8_IO, edge_candidate=True),
+    "int8_float_gelu": Mode(
+        "full_int8 with the GELUs in float32 (XNNPACK has no int8 GELU: one partition)", quantize=True, calibrated=True, io_types=INT8_IO,
+        float_ops=("GELU",), base="full_int8", edge_candidate=True),
+}
+MODES = tuple(TFLITE_MODES)
+INT8_MODES = tuple(m for m, mode in TFLITE_MODES.items() if mode.edge_candidate)
 EDGE_BUILD = "int8"  # `<name>_int8.tflite`: the fastest int8 build that passes the gate
+EXPORT_MODES = MODES + (EDGE_BUILD,)  # what `export(tflite_modes=...)` takes
+DEFAULT_MODES = ("float32", "float16", EDGE_BUILD)  # export's and convmixer-export's default
 REFUSED_EXIT_CODE = 3  # convmixer-export: finished, but a build was refused or failed
+
+
+def check_modes(modes, what="tflite_modes", edge_build=True):
+    """The one check of TFLite mode names: `modes` (names, or one comma-separated string where
+    "none" or "" is no build) as a list, each a `TFLITE_MODES` name or, with `edge_build`,
+    `EDGE_BUILD` (a converter takes no "int8"), else a one-line ValueError naming the
+    unknown ones, the choices and what was received."""
+    received = modes
+    if isinstance(modes, str):
+        modes = [] if modes in ("", "none") else modes.split(",")
+    modes = list(modes or ())
+    choices = tuple(TFLITE_MODES) + ((EDGE_BUILD,) if edge_build else ())  # the table as is
+    bad = [m for m in modes if m not in choices]
+    if bad:
+        hint = (f" ('{EDGE_BUILD}' is the export's edge build, chosen among "
+                f"{', '.join(INT8_MODES)})" if EDGE_BUILD in bad and not edge_build else
+                f" ({EDGE_BUILD}: every int8 build, the fastest that passes the gate also "
+                f"written as <name>_{EDGE_BUILD}.tflite)" if edge_build else "")
+        raise ValueError(f"unknown TFLite mode {', '.join(map(repr, bad))}: `{what}` must be "
+                         f"from {','.join(choices)}{' or none' if edge_build else ''}{hint}. "
+                         f"Received {what}={received!r}")
+    return modes
+
+
 # What the SavedModel computes in: "float32" (a float32 rebuild of the model, the default, and
 # always for TFLite) or "policy" (the dtype policy the model was saved with, e.g. bfloat16).
 SERVING_PRECISIONS = ("float32", "policy")

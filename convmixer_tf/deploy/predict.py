@@ -13,7 +13,7 @@ import numpy as np
 import tensorflow as tf
 
 from convmixer_tf import artifacts, preprocessing
-from convmixer_tf.deploy import saved_model, tflite
+from convmixer_tf.deploy import litert, saved_model
 
 
 def read_labels(path):
@@ -40,7 +40,7 @@ def predict_tflite(model_path, paths, top_k=3, labels=None, threads=None):
     file's fixed size)."""
     if not model_path.endswith(".tflite"):
         raise ValueError(f"{model_path}: expected a .tflite file or a SavedModel directory")
-    runner = tflite.LiteRTModel(model_path, num_threads=threads)
+    runner = litert.LiteRTModel(model_path, num_threads=threads)
     labels_path = labels or os.path.join(os.path.dirname(model_path), "metadata.json")
     if labels and not os.path.isfile(labels):
         raise FileNotFoundError(f"no such labels file: {labels}")

@@ -21,10 +21,13 @@ reads each image's size from its header, so a small file that declares a huge im
 decoded.
 """
 
+import functools
 import os
 import subprocess
 import sys
 import tempfile
+from dataclasses import dataclass
+from typing import Callable
 
 import keras
 import numpy as np
@@ -42,11 +45,50 @@ SIGNATURE_BYTES = "serving_image_bytes"
 OUTPUT_NAMES = ("logits", "probabilities", "classes", "scores", "class_ids")
 
 
+@dataclass(frozen=True)
+class Signature:
+    """One serving signature: its input, how the module turns that input into the model's
+    float32 pixels (every check before the first kernel), and how an export feeds it
+    uint8 sample images (warmup requests, validation) and what Keras sees for them."""
+
+    input_name: str  # the request's input key
+    dtype: str  # the input's dtype (any shape: ServingModule checks it at run time)
+    images: Callable  # (module, input) -> float32 pixels [N, h, w, 3], checked
+    feed: Callable  # uint8 images [N, H, W, 3] -> this signature's request input
+    keras_input: Callable  # (uint8 images, image_size, crop_pct) -> the Keras model's input
+
+
+def _tensor_pixels(module, images):
+    return tf.cast(module.checked_images(images), tf.float32)
+
+
+def _pixels_as_sent(images, image_size, crop_pct):
+    return images.astype(np.float32)
+
+
+def _evaluation_pixels(images, image_size, crop_pct):
+    return np.stack([preprocessing.resize_centre_crop(i, image_size, crop_pct).numpy()
+                     for i in images])
+
+
+# A new signature is one entry here (+ its test in tests/test_saved_model.py): the SavedModel,
+# its warmup requests and the validation in a fresh process all read this table.
+SIGNATURES = {
+    SIGNATURE_FLOAT: Signature("images", "float32", _tensor_pixels,
+                               lambda images: images.astype(np.float32), _pixels_as_sent),
+    SIGNATURE_UINT8: Signature("images", "uint8", _tensor_pixels,
+                               lambda images: images.astype(np.uint8), _pixels_as_sent),
+    SIGNATURE_BYTES: Signature("image_bytes", "string", lambda module, x: module.decoded(x),
+                               lambda images: np.array(encode_png(images), dtype=object),
+                               _evaluation_pixels),
+}
+
+
 # ---------------------------------------------------------------------------- serving module
 
 
 class ServingModule:
-    """The logits model plus the three signature functions, written out with
+    """The logits model plus one function per `SIGNATURES` entry, written out with
     `keras.export.ExportArchive` (which saves each variable once, by name, so the TF1 session
     loader that TF Serving uses restores them all).
 
@@ -68,12 +110,10 @@ class ServingModule:
         self.min_size = min_image_size(model)
         self.channels = model.input_shape[-1]
         self.limits = serving_limits(image_size, crop_pct, max_image_pixels, max_request_pixels)
-        self.endpoints = {
-            SIGNATURE_FLOAT: (self._serve_float, tf.TensorSpec(None, tf.float32, name="images")),
-            SIGNATURE_UINT8: (self._serve_uint8, tf.TensorSpec(None, tf.uint8, name="images")),
-            SIGNATURE_BYTES: (self._serve_bytes,
-                              tf.TensorSpec(None, tf.string, name="image_bytes")),
-        }
+        self.endpoints = {  # name -> (function, input spec), from `SIGNATURES`
+            name: (functools.partial(self.serve, name),
+                   tf.TensorSpec(None, signature.dtype, name=signature.input_name))
+            for name, signature in SIGNATURES.items()}
 
     def save(self, path):
         archive = keras.export.ExportArchive()
@@ -85,7 +125,7 @@ class ServingModule:
                                                                trainable=False, name=name)])
         archive.write_out(path, verbose=False)
 
-    def _checked_images(self, images):
+    def checked_images(self, images):
         """`images` once every check passed, with its static shape [N, H, W, C].
 
         No op here can fail for any rank or size except the asserts (the shape is padded
@@ -152,13 +192,13 @@ class ServingModule:
             "class_ids": tf.cast(ids, tf.int32),
         }
 
-    def _serve_float(self, images):
-        return self._outputs(self._checked_images(images))
+    def serve(self, signature, inputs):
+        """The outputs of `signature` (a `SIGNATURES` name) for its request input."""
+        return self._outputs(SIGNATURES[signature].images(self, inputs))
 
-    def _serve_uint8(self, images):
-        return self._outputs(tf.cast(self._checked_images(images), tf.float32))
-
-    def _serve_bytes(self, image_bytes):
+    def decoded(self, image_bytes):
+        """Encoded JPEG/PNG images [N] -> float32 pixels [N, h, w, 3], decoded, resized and
+        centre-cropped like evaluation (`preprocessing`), every check before the decode."""
         known = tf.logical_or(_is_jpeg(image_bytes), _is_png(image_bytes))  # any rank
         conditions = [
             (tf.equal(tf.rank(image_bytes), 1),
@@ -181,7 +221,7 @@ class ServingModule:
                                                                self.crop_pct),
                 image_bytes, fn_output_signature=tf.TensorSpec([height, width, 3], tf.float32),
             )
-        return self._outputs(images)
+        return images
 
     def _size_checks(self, image_bytes):
         """The checks on the sizes the images' headers declare (read without decoding): the
@@ -328,19 +368,10 @@ def validate_saved_model(export_dir, model, images, class_names, image_size, cro
     `preprocessing` of them), prints the max abs logit error per path and raises ExportError
     above `tolerance` (None: `logits.default_tolerance`)."""
     images = np.asarray(images)
-    encoded = encode_png(images)
-    prepared = np.stack([preprocessing.resize_centre_crop(i, image_size, crop_pct).numpy()
-                         for i in images])
-    feeds = {
-        f"{SIGNATURE_FLOAT}/images": images.astype(np.float32),
-        f"{SIGNATURE_UINT8}/images": images.astype(np.uint8),
-        f"{SIGNATURE_BYTES}/image_bytes": np.array(encoded, dtype=object),
-    }
-    keras_inputs = {
-        SIGNATURE_FLOAT: images.astype(np.float32),
-        SIGNATURE_UINT8: images.astype(np.float32),
-        SIGNATURE_BYTES: prepared,
-    }
+    feeds = {f"{name}/{signature.input_name}": signature.feed(images)
+             for name, signature in SIGNATURES.items()}
+    keras_inputs = {name: signature.keras_input(images, image_size, crop_pct)
+                    for name, signature in SIGNATURES.items()}
     activation = output_activation(model)
     reference_logits = logits_model(model, precision=precision)
     with tempfile.TemporaryDirectory(prefix="convmixer-validate-") as work:
@@ -422,10 +453,8 @@ def export_saved_model(model_path=None, export_root="saved_models", name=None, m
                       precision=serving_precision, **limits).save(tmp)
         warm = sample_images[:1]
         tf_serving.write_warmup_requests(tmp, name, [
-            (SIGNATURE_FLOAT, "images", warm.astype(np.float32)),
-            (SIGNATURE_UINT8, "images", warm),
-            (SIGNATURE_BYTES, "image_bytes", np.array(encode_png(warm), dtype=object)),
-        ])
+            (signature_name, signature.input_name, signature.feed(warm))
+            for signature_name, signature in SIGNATURES.items()])
         report = validate_saved_model(tmp, model, sample_images, class_names, image_size,
                                       crop_pct, tolerance=tolerance, log=log,
                                       precision=serving_precision)
