@@ -36,8 +36,6 @@ PRIVATE_APIS = {
                         "alias)"),
     "mlir_quantize": ("tensorflow.lite.python.convert", "mlir_quantize",
                       "quantize a calibrated model with a denylist (int8_float_gelu)"),
-    "converter_error": ("tensorflow.lite.python.convert_phase", "ConverterError",
-                        "the error TFLiteConverter.convert raises (no public name)"),
     "interpreter_ops": ("ai_edge_litert.interpreter.Interpreter", "_get_ops_details",
                         "the op list: XNNPACK delegation, the patch size of a .tflite"),
 }
@@ -153,13 +151,6 @@ def mlir_quantize(calibrated, io_dtype, denylisted_ops=None):
 
     return convert.mlir_quantize(calibrated, input_data_type=io_dtype,
                                  output_data_type=io_dtype, denylisted_ops=denylisted_ops)
-
-
-def converter_error():
-    """The exception class `TFLiteConverter.convert()` raises on an unconvertible graph."""
-    from tensorflow.lite.python.convert_phase import ConverterError
-
-    return ConverterError
 
 
 def interpreter_ops(interpreter):
