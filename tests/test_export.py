@@ -216,7 +216,7 @@ def test_export_cli_on_a_text_file_or_truncated_keras(tmp_path, capsys):
     truncated.write_bytes(data[: len(data) // 2])
     for path, message in ((text, "not a .keras model file (expected the .keras file"),
                           (truncated, "not a zip archive): damaged or truncated?")):
-        assert cli.export_main([str(path), "--tflite-modes", "none"]) == 1
+        assert cli.export_main([str(path), "--tflite-modes", "none"]) == 2
         err = capsys.readouterr().err
         assert f"convmixer-export: error: cannot load '{path}'" in err and message in err, err
         assert "File not found" not in err

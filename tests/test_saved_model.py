@@ -188,7 +188,7 @@ def test_new_version_per_export_and_failures_leave_versions_untouched(exported, 
     bad_meta = os.path.join(root, "bad.keras")
     exported["model"].save(bad_meta)
     artifacts.write_metadata(bad_meta, ["a", "b"], (16, 16))
-    assert cli.export_main([bad_meta, "--name", "tiny", "--tflite-modes", "none"]) == 1
+    assert cli.export_main([bad_meta, "--name", "tiny", "--tflite-modes", "none"]) == 2
     assert "lists 2 class names but the model has 10" in capsys.readouterr().err
 
     assert artifacts.list_versions(model_dir) == [1, 2]
@@ -197,11 +197,11 @@ def test_new_version_per_export_and_failures_leave_versions_untouched(exported, 
 
 
 def test_export_cli_bad_input(tmp_path, capsys):
-    assert cli.export_main([str(tmp_path / "missing.keras")]) == 1
+    assert cli.export_main([str(tmp_path / "missing.keras")]) == 2
     assert "no such model file" in capsys.readouterr().err
     corrupt = tmp_path / "corrupt.keras"
     corrupt.write_bytes(b"this is not a zip archive")
-    assert cli.export_main([str(corrupt)]) == 1
+    assert cli.export_main([str(corrupt)]) == 2
     assert "cannot load" in capsys.readouterr().err
     with pytest.raises(SystemExit) as exit_info:
         cli.export_main([str(corrupt), "--tflite-modes", "float32,int4"])
@@ -491,17 +491,17 @@ def test_export_cli_pixel_budgets(exported, tmp_path, capsys):
             signature(**kwargs)
 
     for flags, code, error in (
-            (["--max-image-pixels", "0"], 2, "must be at least 1, got 0"),
-            (["--max-image-pixels", "100"], 1, "is below the 256 pixels one image of the "
+            (["--max-image-pixels", "0"], "usage", "must be at least 1, got 0"),
+            (["--max-image-pixels", "100"], "input", "is below the 256 pixels one image of the "
                                                "model's size (16, 16) takes"),
-            (["--max-request-pixels", "500", "--max-image-pixels", "1000"], 1,
+            (["--max-request-pixels", "500", "--max-image-pixels", "1000"], "input",
              "max_request_pixels=500 is below max_image_pixels=1000")):
         argv = [model_path, "--export-dir", str(tmp_path), "--tflite-modes", "none", *flags]
-        if code == 2:
+        if code == "usage":
             with pytest.raises(SystemExit) as exit_info:
                 cli.export_main(argv)
             assert exit_info.value.code == 2
         else:
-            assert cli.export_main(argv) == 1
+            assert cli.export_main(argv) == 2
         assert error in capsys.readouterr().err
     assert artifacts.list_versions(str(tmp_path / "tiny")) == [1]

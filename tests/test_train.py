@@ -68,7 +68,7 @@ def test_cli_help_and_bad_flags(capsys):
     with pytest.raises(SystemExit) as exit_info:  # at parse time, before any work
         cli.train_main(["--variant", "convmixer_9_9", "--output-dir", "/nonexistent"])
     assert exit_info.value.code == 2 and "Unknown variant" in capsys.readouterr().err
-    # Every flag has a description (from the config's comments) and shows its default.
+    # Every flag has a description (its field's metadata["help"]) and shows its default.
     with pytest.raises(SystemExit):
         cli.train_main(["--help"])
     help_text = " ".join(capsys.readouterr().out.split())
