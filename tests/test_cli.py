@@ -1,24 +1,22 @@
 """Console entry points: what a user sees on stderr besides our own lines."""
 
-import os
 import subprocess
 import sys
 
 import pytest
 
-from convmixer_tf import cli, model as model_lib
+from convmixer_tf import cli
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from helpers import subprocess_env
 
 
 @pytest.mark.skipif(cli._has_nvidia_driver(), reason="the noise is that of a machine without GPU")
-def test_cpu_machine_start_is_quiet_and_unprepared_tfds_has_one_error(tmp_path):
+def test_cpu_machine_start_is_quiet_and_unprepared_tfds_has_one_error(tmp_path, tiny_model):
     """No "cuInit" error, no pre-absl info lines, no tfds warning about a missing folder: only
     our error saying the data set is not prepared."""
-    model = model_lib.ConvMixer(dim=8, depth=1, kernel_size=3, patch_size=2,
-                                input_shape=(16, 16, 3), classes=10)
+    model = tiny_model(classifier_activation="softmax")
     model.save(tmp_path / "m.keras")
-    env = dict(os.environ, PYTHONPATH=ROOT)
+    env = subprocess_env()
     env.pop("TF_CPP_MIN_LOG_LEVEL", None)  # as a user's shell
     argv = [sys.executable, "-c", "import sys; from convmixer_tf import cli; "
             "sys.exit(cli.evaluate_main(sys.argv[1:]))", str(tmp_path / "m.keras"),
