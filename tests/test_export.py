@@ -309,7 +309,7 @@ def _bfloat16_graph_conversion(real):
 
 
 def test_failed_conversion_is_one_line_and_the_rest_of_the_set_is_written(tmp_path, capfd,
-                                                                          monkeypatch):
+                                                                          monkeypatch, tiny_model):
     from convmixer_tf import cli
     from convmixer_tf.deploy import tflite
 
