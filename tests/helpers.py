@@ -8,8 +8,12 @@ WORKERS = os.path.join(ROOT, "tests", "workers")  # scripts the tests start as s
 
 
 def worker(name):
-    """The path of worker script `name` (e.g. "resume_worker.py")."""
-    return os.path.join(WORKERS, name)
+    """The path of worker script `name` (e.g. "resume_worker.py"); a missing one fails here,
+    not as a subprocess's "can't open file"."""
+    path = os.path.join(WORKERS, name)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"no worker script {path}")
+    return path
 
 
 def subprocess_env(**extra):
