@@ -151,7 +151,8 @@ def run(command, fn, *args):
             print(f"{command}: internal error (a bug; the traceback is above): "
                   f"{type(error).__name__}: {error}", file=sys.stderr)
         else:  # TF's errors keep their own text in .message
-            _error(command, getattr(error, "message", None) or error or type(error).__name__)
+            _error(command, getattr(error, "message", None) or str(error)
+                   or type(error).__name__)
         return code
 
 

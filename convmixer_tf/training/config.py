@@ -114,8 +114,8 @@ class TrainConfig(AugmentConfig):
     says why it is what it is. `TrainConfig.create(preset=..., **values)` fills in a recipe."""
 
     dataset: str = knob("digits",
-        "digits: offline (ships with scikit-learn), learns in a minute or a prepared tfds name "
-        "(cifar10, tfds:imagenette, ...) or an image folder (folder:PATH) or keras:fashion_mnist "
+        "digits: offline (ships with scikit-learn), learns in a minute; or a prepared tfds name "
+        "(cifar10, tfds:imagenette, ...), an image folder (folder:PATH) or keras:fashion_mnist "
         "/ mnist / cifar10 / cifar100 (Keras's cache, ~/.keras/datasets)")
     data_dir: str = knob("", "where tfds data sets are prepared; \"\" = tfds default")
     cache: str = knob("auto",
