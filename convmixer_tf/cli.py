@@ -2,19 +2,27 @@
 
 The library modules are imported inside each command so that `--help` answers before
 TensorFlow loads (and after TF's C++ log level is set below).
+
+Exit status, the same for every command (`run` applies `EXIT_CODES`):
+  0  done
+  2  usage or input error: a bad flag (argparse's usage line) or bad input (a missing or
+     unreadable file, bad data, a model that cannot be exported as asked, an unreachable
+     server): one line `<command>: error: <what and the fix>`
+  3  finished, but a partial export: a TFLite build was refused by the gate or failed to
+     convert (one line each); every other file was written
+  1  internal error (anything else, i.e. a bug): the traceback on stderr, then one line
+     `<command>: internal error: ...`
 """
 
 import argparse
-import ast
 import dataclasses
-import inspect
 import logging
 import os
 import re
 import socket
 import sys
 import tempfile
-import textwrap
+import traceback
 
 # Entry points only (not the library): hide TensorFlow's C++ info/warning lines so the user
 # sees Keras's progress bar and our results. An explicit TF_CPP_MIN_LOG_LEVEL wins.
@@ -66,34 +74,10 @@ def start_tensorflow():
             sys.stderr.flush()
 
 
-def field_comments(cls):
-    """{field name: its trailing `# comment`} from the dataclass source (and its bases'), the
-    one place each knob is explained."""
-    comments = {}
-    for klass in reversed(cls.__mro__):
-        if not dataclasses.is_dataclass(klass):
-            continue
-        source = textwrap.dedent(inspect.getsource(klass))
-        lines = source.splitlines()
-        for node in ast.walk(ast.parse(source)):
-            if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name):
-                line = lines[node.lineno - 1]
-                comment = line.split("#", 1)[1].strip() if "#" in line else ""
-                # A comment on the next line(s) continues it ("# ... or a folder").
-                for nxt in lines[node.end_lineno:]:
-                    stripped = nxt.strip()
-                    if not stripped.startswith("#"):
-                        break
-                    comment += " " + stripped.lstrip("# ").strip()
-                comments[node.target.id] = comment.replace("%", "%%")
-    return comments
-
-
 def add_config_flags(parser, config_cls, groups=(), only_given=False):
-    """One `--flag` per dataclass field, typed by its default, described by its source comment;
-    fields of a class in `groups` ((title, dataclass) pairs) go under that title.
-    `only_given=True`: the parsed namespace holds only the flags actually given."""
-    comments = field_comments(config_cls)
+    """One `--flag` per dataclass field, typed by its default, described by its
+    `metadata["help"]` (config.knob); fields of a class in `groups` ((title, dataclass) pairs)
+    go under that title. `only_given=True`: the parsed namespace holds only the flags given."""
     choices = getattr(config_cls, "CHOICES", {})
     sections = {}
     for title, group_cls in groups:
@@ -105,7 +89,7 @@ def add_config_flags(parser, config_cls, groups=(), only_given=False):
         target = sections.get(field.name, parser)
         flag = "--" + field.name.replace("_", "-")
         kwargs = dict(default=argparse.SUPPRESS if only_given else default,
-                      help=comments.get(field.name) or " ")
+                      help=field.metadata["help"].replace("%", "%%"))
         if isinstance(default, bool):
             target.add_argument(flag, action=argparse.BooleanOptionalAction, **kwargs)
         else:
@@ -127,6 +111,49 @@ def _positive_int(text):
 
 def _error(command, error):
     print(f"{command}: error: {error}", file=sys.stderr)
+
+
+# The exit-code policy (module docstring): exception class -> exit status, first match wins.
+# Classes are named by module so that the table imports nothing: a class whose module is not
+# loaded cannot have been raised. Anything not listed is an internal error (exit 1).
+EXIT_OK, EXIT_INTERNAL, EXIT_INPUT, EXIT_PARTIAL = 0, 1, 2, 3
+EXIT_CODES = (
+    ("builtins", "ValueError", EXIT_INPUT),  # bad values, bad data, contradicting files
+    ("builtins", "OSError", EXIT_INPUT),  # missing/existing/unreadable files, unreachable hosts
+    ("builtins", "ImportError", EXIT_INPUT),  # an optional extra (torch, tfds) not installed
+    ("convmixer_tf.deploy.logits", "ExportError", EXIT_INPUT),  # not exportable as asked
+    # TensorFlow's own: a SavedModel signature refusing an image, a file or port it cannot use.
+    ("tensorflow.python.framework.errors_impl", "InvalidArgumentError", EXIT_INPUT),
+    ("tensorflow.python.framework.errors_impl", "NotFoundError", EXIT_INPUT),
+    ("tensorflow.python.framework.errors_impl", "UnavailableError", EXIT_INPUT),
+)
+
+
+def exit_code(error):
+    """The exit status `EXIT_CODES` gives an exception (EXIT_INTERNAL when none matches)."""
+    for module, name, code in EXIT_CODES:
+        cls = getattr(sys.modules.get(module), name, None)
+        if cls is not None and isinstance(error, cls):
+            return code
+    return EXIT_INTERNAL
+
+
+def run(command, fn, *args):
+    """Runs a command's body `fn(*args)` (which returns its exit status) under the one
+    exit-code policy: an input error is one line, anything unexpected is the traceback and a
+    line saying so."""
+    try:
+        return fn(*args)
+    except Exception as error:  # noqa: BLE001 - sorted by EXIT_CODES
+        code = exit_code(error)
+        if code == EXIT_INTERNAL:
+            traceback.print_exc()
+            print(f"{command}: internal error (a bug; the traceback is above): "
+                  f"{type(error).__name__}: {error}", file=sys.stderr)
+        else:  # TF's errors keep their own text in .message
+            _error(command, getattr(error, "message", None) or str(error)
+                   or type(error).__name__)
+        return code
 
 
 # ---------------------------------------------------------------------------- train
@@ -156,6 +183,10 @@ def _train_parser(only_given=False):
 
 def train_main(argv=None):
     """`convmixer-train`: train, evaluate, save, export."""
+    return run("convmixer-train", _train, argv)
+
+
+def _train(argv):
     parser = _train_parser()
     parser.parse_args(argv)  # --help, and type/choice errors with every default shown
     given = vars(_train_parser(only_given=True).parse_args(argv))
@@ -166,23 +197,19 @@ def train_main(argv=None):
     try:
         config = TrainConfig.create(**given)
     except ValueError as error:
-        parser.error(str(error))
+        parser.error(str(error))  # a flag's value: the usage line too
 
     start_tensorflow()
     from convmixer_tf.training.train import train
 
-    try:
-        result = train(config)
-    except (ValueError, OSError) as error:
-        _error("convmixer-train", error)
-        return 2
+    result = train(config)
     print(f"held-out accuracy: {result['test_accuracy']:.2%}")
     print(f"saved model: {result['model_path']}")
     if not result["is_chief"] or not do_export:  # multi-worker: the chief alone exports
-        return 0
+        return EXIT_OK
     from convmixer_tf.deploy import export
 
-    return _export("convmixer-train", export.export_model, result["model_path"])
+    return _report_export("convmixer-train", export.export_model(result["model_path"]))
 
 
 # ---------------------------------------------------------------------------- export
@@ -190,9 +217,14 @@ def train_main(argv=None):
 
 def export_main(argv=None):
     """`convmixer-export`: a `.keras` model -> TF Serving SavedModel (new version) + TFLite.
-    Exit status 0: everything written; 1: error; 2: usage; 3: finished, but the gate refused
-    a TFLite build or it failed to convert (named on stderr and in the metadata; every other
-    file was written). TensorFlow's own output goes to <export dir>/<name>.export.log."""
+    Exit status 0: everything written; 2: usage or input error (nothing new published);
+    3: finished, but the gate refused a TFLite build or it failed to convert (named on stderr
+    and in the metadata; every other file was written); 1: internal error. TensorFlow's own
+    output goes to <export dir>/<name>.export.log."""
+    return run("convmixer-export", _export, argv)
+
+
+def _export(argv):
     from convmixer_tf.deploy.modes import (DEFAULT_MODES, EDGE_BUILD, EXPORT_MODES,
                                            INT8_IO, MAX_IMAGE_PIXELS, REQUEST_IMAGES,
                                            SERVING_PRECISIONS, check_modes)
@@ -249,29 +281,21 @@ def export_main(argv=None):
     start_tensorflow()
     from convmixer_tf.deploy import export
 
-    return _export(
-        "convmixer-export", export.export_model, args.model, args.export_dir, args.name,
+    return _report_export("convmixer-export", export.export_model(
+        args.model, args.export_dir, args.name,
         saved_model_export=args.saved_model, tflite_modes=modes,
         calibration_dir=args.calibration_dir, int8_io=args.int8_io, tolerance=args.tolerance,
         max_accuracy_drop=args.max_accuracy_drop / 100,
         min_int8_agreement=args.min_int8_agreement, serving_precision=args.serving_precision,
         serving_limits=dict(max_image_pixels=args.max_image_pixels,
                             max_request_pixels=args.max_request_pixels),
-    )
+    ))
 
 
-def _export(command, export_model, *args, **kwargs):
-    """Runs the export job and prints its outcome; the export exit-code policy: 0 everything
-    written, 1 error (nothing new published), 3 finished but a TFLite build was refused by the
-    gate or failed to convert (one line each; TensorFlow's messages are in the export's log)."""
-    from convmixer_tf.deploy.logits import ExportError
-    from convmixer_tf.deploy.modes import REFUSED_EXIT_CODE
-
-    try:
-        result = export_model(*args, **kwargs)
-    except (OSError, ValueError, ExportError) as error:
-        _error(command, error)
-        return 1
+def _report_export(command, result):
+    """Prints an export's outcome (`export.export_model`'s result) and returns its exit status:
+    0 everything written, EXIT_PARTIAL when a TFLite build was refused by the gate or failed to
+    convert (one line each; TensorFlow's messages are in the export's log)."""
     report = result.get("tflite", {})
     for build, why in report.get("refused", {}).items():
         print(f"{command}: refused TFLite build {build}: {why}", file=sys.stderr)
@@ -279,9 +303,9 @@ def _export(command, export_model, *args, **kwargs):
         print(f"{command}: {build}: {why}; see {result['log']}", file=sys.stderr)
     if report.get("refused") or report.get("failed"):
         print(f"{command}: finished; every other file was written (exit status "
-              f"{REFUSED_EXIT_CODE}: a TFLite build was refused or failed)", file=sys.stderr)
-        return REFUSED_EXIT_CODE
-    return 0
+              f"{EXIT_PARTIAL}: a TFLite build was refused or failed)", file=sys.stderr)
+        return EXIT_PARTIAL
+    return EXIT_OK
 
 
 # ---------------------------------------------------------------------------- convert
@@ -289,6 +313,10 @@ def _export(command, export_model, *args, **kwargs):
 
 def convert_main(argv=None):
     """`convmixer-convert`: PyTorch ConvMixer checkpoint (official/timm) -> .keras/.weights.h5."""
+    return run("convmixer-convert", _convert, argv)
+
+
+def _convert(argv):
     parser = argparse.ArgumentParser(
         prog="convmixer-convert", description=convert_main.__doc__,
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
@@ -317,20 +345,16 @@ def convert_main(argv=None):
     from convmixer_tf import model as model_lib
 
     activation = None if args.classifier_activation == "none" else args.classifier_activation
-    try:
-        model, path, arch = model_lib.convert_checkpoint(
-            args.checkpoint, args.output, overwrite=args.overwrite, activation=args.activation,
-            prefer_ema=args.ema, trust_checkpoint=args.trust_checkpoint,
-            include_preprocessing=args.include_preprocessing,
-            classifier_activation=activation, include_top=not args.no_top,
-        )
-    except (ValueError, FileNotFoundError, FileExistsError, ImportError) as error:
-        _error("convmixer-convert", error)
-        return 2
+    model, path, arch = model_lib.convert_checkpoint(
+        args.checkpoint, args.output, overwrite=args.overwrite, activation=args.activation,
+        prefer_ema=args.ema, trust_checkpoint=args.trust_checkpoint,
+        include_preprocessing=args.include_preprocessing,
+        classifier_activation=activation, include_top=not args.no_top,
+    )
     print(f"converted: {model.name}: " + " ".join(f"{k}={v}" for k, v in arch.items())
           + f" ({model.count_params():,} parameters)")
     print(f"saved: {path}")
-    return 0
+    return EXIT_OK
 
 
 # ---------------------------------------------------------------------------- evaluate
@@ -338,6 +362,10 @@ def convert_main(argv=None):
 
 def evaluate_main(argv=None):
     """`convmixer-evaluate`: top-1 / top-5 accuracy of a saved .keras model on a test split."""
+    return run("convmixer-evaluate", _evaluate, argv)
+
+
+def _evaluate(argv):
     parser = argparse.ArgumentParser(
         prog="convmixer-evaluate", description=evaluate_main.__doc__,
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
@@ -355,16 +383,12 @@ def evaluate_main(argv=None):
     start_tensorflow()
     from convmixer_tf.training.evaluate import evaluate_saved_model
 
-    try:
-        result = evaluate_saved_model(
-            args.model, args.dataset, args.image_size, args.batch_size, args.data_dir
-        )
-    except (ValueError, FileNotFoundError) as error:
-        _error("convmixer-evaluate", error)
-        return 2
+    result = evaluate_saved_model(
+        args.model, args.dataset, args.image_size, args.batch_size, args.data_dir
+    )
     print(f"{result['examples']} test images of {args.dataset}: "
           f"top-1 {result['top1']:.2%}, top-5 {result['top5']:.2%}")
-    return 0
+    return EXIT_OK
 
 
 # ---------------------------------------------------------------------------- predict
@@ -373,6 +397,10 @@ def evaluate_main(argv=None):
 def predict_main(argv=None):
     """`convmixer-predict`: top-k labels and latency per image from a .tflite file (LiteRT)
     or a SavedModel directory."""
+    return run("convmixer-predict", _predict, argv)
+
+
+def _predict(argv):
     parser = argparse.ArgumentParser(prog="convmixer-predict", description=predict_main.__doc__)
     parser.add_argument("model", help="a .tflite file, or a SavedModel (version or base) dir")
     parser.add_argument("images", nargs="+", help="image files (JPEG, PNG, BMP, ...)")
@@ -388,19 +416,11 @@ def predict_main(argv=None):
     start_tensorflow()
     from convmixer_tf.deploy import predict
 
-    try:
-        rows = predict.predict_files(args.model, args.images, args.top_k, args.labels,
-                                     args.threads)
-    except (OSError, ValueError, RuntimeError) as error:
-        _error("convmixer-predict", error)
-        return 2
-    except Exception as error:  # noqa: BLE001 - TF errors carry the signature's message
-        _error("convmixer-predict", getattr(error, "message", error))
-        return 2
+    rows = predict.predict_files(args.model, args.images, args.top_k, args.labels, args.threads)
     for row in rows:
         top = "  ".join(f"{label} {score:.3f}" for label, score in row["top"])
         print(f"{row['path']}: {top}  ({row['ms']:.2f} ms)")
-    return 0
+    return EXIT_OK
 
 
 # ---------------------------------------------------------------------------- data service
@@ -409,6 +429,10 @@ def predict_main(argv=None):
 def data_service_main(argv=None):
     """`convmixer-data-service`: run a tf.data service dispatcher or worker until SIGTERM/SIGINT
     (convmixer-train --data-service grpc://HOST:PORT sends it the training pipeline)."""
+    return run("convmixer-data-service", _data_service, argv)
+
+
+def _data_service(argv):
     parser = argparse.ArgumentParser(
         prog="convmixer-data-service", description=data_service_main.__doc__,
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -443,18 +467,14 @@ def data_service_main(argv=None):
         else:
             server = data_service.start_worker(args.dispatcher, args.port, args.address)
             where = f"dispatcher {args.dispatcher}"
-    except (ValueError, ConnectionError) as error:
-        _error("convmixer-data-service", error)
-        return 2
-    except Exception as error:  # e.g. the port is taken: TF raises its own error types
-        _error("convmixer-data-service", f"could not start the {args.role}: "
-               f"{str(error).splitlines()[0] if str(error) else type(error).__name__}")
-        return 1
+    except RuntimeError as error:  # TF's "Could not start gRPC server": the port is taken
+        raise OSError(f"could not start the {args.role}: {error} (is port {args.port} in "
+                      f"use? choose another --port)") from error
     data_service.serve(server, on_ready=lambda: print(
         f"tf.data service {args.role} running ({where}); stop with Ctrl-C or SIGTERM",
         flush=True))
     print(f"tf.data service {args.role} stopped", flush=True)
-    return 0
+    return EXIT_OK
 
 
 if __name__ == "__main__":

@@ -1,10 +1,13 @@
-"""Shared test setup: quiet TF logs, float32 policy restored after every test."""
+"""Shared test setup: quiet TF logs, float32 policy restored after every test, the `--large`
+flag, and the fixtures many test files receive (`tiny_model`, `image_folder`). Plain helpers
+(ROOT, subprocess_env, worker paths) are in helpers.py."""
 
 import os
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import keras  # noqa: E402
+import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
 
@@ -25,3 +28,50 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "large" in item.keywords:
             item.add_marker(skip)
+
+
+def _tiny_convmixer(classes=10, *, seed=0, size=16, bn_stats=False, **kwargs):
+    """A seeded random-weight ConvMixer-8/1 (k3, p2) on size x size images returning logits
+    (override any ConvMixer argument); `bn_stats=True` gives its BatchNorms non-trivial
+    statistics, so a wrong normalisation shows in the logits."""
+    from convmixer_tf import model as model_lib
+
+    keras.utils.set_random_seed(seed)
+    args = dict(dim=8, depth=1, kernel_size=3, patch_size=2, input_shape=(size, size, 3),
+                classes=classes, classifier_activation=None, name="tiny")
+    model = model_lib.ConvMixer(**{**args, **kwargs})
+    if bn_stats:
+        rng = np.random.default_rng(seed)
+        for layer in model.layers:
+            if layer.name.endswith("_bn"):
+                gamma, beta, mean, var = layer.get_weights()
+                layer.set_weights([gamma * rng.uniform(0.5, 2, gamma.shape),
+                                   beta + rng.normal(0, 0.3, beta.shape),
+                                   mean + rng.normal(0, 0.3, mean.shape),
+                                   var * rng.uniform(0.5, 2, var.shape)])
+    return model
+
+
+@pytest.fixture(scope="session")
+def tiny_model():
+    """Factory: `tiny_model(classes=10, seed=0, size=16, bn_stats=False, **ConvMixer args)`."""
+    return _tiny_convmixer
+
+
+def _image_folder(root, classes=("cat", "dog"), per_class=5, size=(20, 20), seed=0):
+    """Writes root/<class>/<i>.png random RGB images (an image-folder data set); returns root."""
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    for name in classes:
+        os.makedirs(os.path.join(root, name), exist_ok=True)
+        for i in range(per_class):
+            pixels = rng.integers(0, 256, (*size, 3), dtype=np.uint8)
+            Image.fromarray(pixels).save(os.path.join(root, name, f"{i}.png"))
+    return str(root)
+
+
+@pytest.fixture(scope="session")
+def image_folder():
+    """Factory: `image_folder(root, classes=("cat", "dog"), per_class=5, size=(20, 20))`."""
+    return _image_folder

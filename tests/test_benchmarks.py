@@ -13,7 +13,7 @@ import pytest
 from benchmarks import __main__ as benchmark, harness as bench, train as benchmark_train
 from convmixer_tf import presets
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from helpers import ROOT, subprocess_env
 
 
 def test_flops_match_the_layers_of_the_keras_model():
@@ -214,7 +214,7 @@ def test_benchmark_input_our_side_and_stages(tmp_path):
     it made (the protocol the parent interleaves), and --stages prints every stage's row."""
     folder = _jpeg_folder(tmp_path / "jpegs")
     script = os.path.join(ROOT, "scripts", "benchmark_input.py")
-    env = dict(os.environ, PYTHONPATH=ROOT, TF_CPP_MIN_LOG_LEVEL="2")
+    env = subprocess_env()
     side = subprocess.run(
         [sys.executable, script, "--side", "tf", "--folder", str(folder), "--batch", "4"],
         input="round 2\n", env=env, capture_output=True, text=True, timeout=300)

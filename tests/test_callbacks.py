@@ -16,21 +16,7 @@ import pytest
 from convmixer_tf import cli, model as model_lib
 from convmixer_tf.training import callbacks, data, evaluate, train
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def _env(**extra):
-    env = dict(os.environ, PYTHONPATH=ROOT, TF_CPP_MIN_LOG_LEVEL="2")
-    env.pop("TF_CONFIG", None)
-    env.update(extra)
-    return env
-
-
-def _tiny_model(name="convmixer"):
-    return model_lib.ConvMixer(
-        dim=8, depth=1, kernel_size=3, patch_size=2, input_shape=(16, 16, 3), classes=10,
-        classifier_activation=None, name=name,
-    )
+from helpers import subprocess_env, worker
 
 
 def test_atomic_write_keeps_old_file_when_writer_fails_or_is_killed(tmp_path):
@@ -57,7 +43,7 @@ def test_atomic_write_keeps_old_file_when_writer_fails_or_is_killed(tmp_path):
         "    time.sleep(600)\n"
         f"atomic_write({str(target)!r}, write)\n"
     )
-    proc = subprocess.Popen([sys.executable, "-c", script], env=_env())
+    proc = subprocess.Popen([sys.executable, "-c", script], env=subprocess_env())
     try:
         _wait_for(marker, proc, 60)
     finally:
@@ -84,7 +70,7 @@ def _history_epochs(path):
 def test_sigkill_mid_epoch_then_same_command_resumes(tmp_path):
     run = tmp_path / "runs" / "job"
     argv = [
-        sys.executable, os.path.join(ROOT, "tests", "resume_worker.py"),
+        sys.executable, worker("resume_worker.py"),
         "--name", "job", "--no-export", "--image-size", "16", "--dim", "8", "--depth", "1",
         "--kernel-size", "3", "--epochs", "3", "--steps-per-epoch", "3", "--batch-size", "16",
         "--xla", "off", "--verbose", "0", "--output-dir", str(tmp_path / "models"),
@@ -92,7 +78,7 @@ def test_sigkill_mid_epoch_then_same_command_resumes(tmp_path):
     ]
     marker = tmp_path / "paused"
     first = subprocess.Popen(
-        argv, env=_env(PAUSE_AT="1,1", PAUSE_MARKER=str(marker)), stdout=subprocess.PIPE,
+        argv, env=subprocess_env(PAUSE_AT="1,1", PAUSE_MARKER=str(marker)), stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT, text=True,
     )
     try:
@@ -111,7 +97,7 @@ def test_sigkill_mid_epoch_then_same_command_resumes(tmp_path):
     assert _history_epochs(run / "history.csv") == [0]
     keras.saving.load_model(run / "checkpoints" / "last.keras")  # complete, plain model
 
-    second = subprocess.run(argv, env=_env(), capture_output=True, text=True, timeout=240)
+    second = subprocess.run(argv, env=subprocess_env(), capture_output=True, text=True, timeout=240)
     assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
     done = [int(line.split()[1]) for line in second.stdout.splitlines()
             if line.startswith("EPOCH_DONE")]
@@ -129,7 +115,7 @@ def test_sigkill_mid_epoch_then_same_command_resumes(tmp_path):
     clean = [a if not a.startswith(str(tmp_path)) else a.replace(str(tmp_path),
                                                                    str(tmp_path / "clean"))
              for a in argv]
-    third = subprocess.run(clean, env=_env(), capture_output=True, text=True, timeout=240)
+    third = subprocess.run(clean, env=subprocess_env(), capture_output=True, text=True, timeout=240)
     assert third.returncode == 0, third.stdout[-3000:] + third.stderr[-3000:]
     uninterrupted = keras.saving.load_model(tmp_path / "clean" / "models" / "job.keras")
     diff = max(float(np.max(np.abs(a - b))) for a, b in
@@ -138,11 +124,11 @@ def test_sigkill_mid_epoch_then_same_command_resumes(tmp_path):
     assert diff == 0.0
 
 
-def test_nan_stops_training_without_touching_backup_or_checkpoints(tmp_path):
+def test_nan_stops_training_without_touching_backup_or_checkpoints(tmp_path, tiny_model):
     rng = np.random.default_rng(0)
     x = rng.integers(0, 256, (32, 16, 16, 3)).astype("float32")
     y = keras.utils.to_categorical(rng.integers(0, 10, 32), 10)
-    model = _tiny_model()
+    model = tiny_model(name="convmixer")
     model.compile(keras.optimizers.SGD(0.01),
                   keras.losses.CategoricalCrossentropy(from_logits=True), metrics=["accuracy"])
 
@@ -164,7 +150,7 @@ def test_nan_stops_training_without_touching_backup_or_checkpoints(tmp_path):
     assert _history_epochs(tmp_path / "history.csv") == [0, 1]
 
     # Rerunning resumes from the finite backup, not from the NaN weights.
-    fresh = _tiny_model()
+    fresh = tiny_model(name="convmixer", seed=1)
     fresh.compile(keras.optimizers.SGD(0.01),
                   keras.losses.CategoricalCrossentropy(from_logits=True), metrics=["accuracy"])
     history = fresh.fit(x, y, batch_size=16, epochs=3, validation_data=(x, y), verbose=0,
@@ -193,9 +179,9 @@ def test_backup_from_another_model_is_a_clear_error(tmp_path):
                 model.fit(x, y, epochs=2, verbose=0, callbacks=cbs)
 
 
-def test_evaluate_reports_top1_top5_and_fails_clearly(tmp_path, capsys):
+def test_evaluate_reports_top1_top5_and_fails_clearly(tmp_path, capsys, tiny_model):
     keras.utils.set_random_seed(0)
-    model = _tiny_model()
+    model = tiny_model(name="convmixer")
     path = tmp_path / "m.keras"
     model.save(path)
     result = evaluate.evaluate_saved_model(str(path))

@@ -1,24 +1,22 @@
 """Console entry points: what a user sees on stderr besides our own lines."""
 
-import os
 import subprocess
 import sys
 
 import pytest
 
-from convmixer_tf import cli, model as model_lib
+from convmixer_tf import cli
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from helpers import subprocess_env
 
 
 @pytest.mark.skipif(cli._has_nvidia_driver(), reason="the noise is that of a machine without GPU")
-def test_cpu_machine_start_is_quiet_and_unprepared_tfds_has_one_error(tmp_path):
+def test_cpu_machine_start_is_quiet_and_unprepared_tfds_has_one_error(tmp_path, tiny_model):
     """No "cuInit" error, no pre-absl info lines, no tfds warning about a missing folder: only
     our error saying the data set is not prepared."""
-    model = model_lib.ConvMixer(dim=8, depth=1, kernel_size=3, patch_size=2,
-                                input_shape=(16, 16, 3), classes=10)
+    model = tiny_model(classifier_activation="softmax")
     model.save(tmp_path / "m.keras")
-    env = dict(os.environ, PYTHONPATH=ROOT)
+    env = subprocess_env()
     env.pop("TF_CPP_MIN_LOG_LEVEL", None)  # as a user's shell
     argv = [sys.executable, "-c", "import sys; from convmixer_tf import cli; "
             "sys.exit(cli.evaluate_main(sys.argv[1:]))", str(tmp_path / "m.keras"),
@@ -60,3 +58,184 @@ def test_every_flag_has_a_description_and_shows_its_default(command, capsys):
         assert len(block.split()) > 2, block  # the flag and a description
     if command == "train":
         assert " ".join(text.split()).count("(default:") >= len(flags) - 1
+
+
+# ---------------------------------------------------------------------------- help from metadata
+
+
+def test_every_config_field_has_help_text_and_help_needs_no_source(monkeypatch, capsys):
+    """`--help` reads each field's metadata["help"] (config.knob), not the source file."""
+    import dataclasses
+    import inspect
+
+    from convmixer_tf.training.config import AugmentConfig, TrainConfig
+
+    for cls in (AugmentConfig, TrainConfig):
+        for field in dataclasses.fields(cls):
+            assert field.metadata.get("help", "").strip(), f"{cls.__name__}.{field.name}"
+
+    def no_source(*args, **kwargs):
+        raise OSError("could not get source code")
+
+    monkeypatch.setattr(inspect, "getsource", no_source)
+    with pytest.raises(SystemExit) as exit_info:
+        cli.train_main(["--help"])
+    assert exit_info.value.code == 0
+    text = " ".join(capsys.readouterr().out.split())
+    assert "--dim DIM width h: small enough for 2 CPU cores, wide enough for >97% on digits" in text
+    assert "--mix-switch-prob MIX_SWITCH_PROB with both on: probability of cutmix" in text
+
+
+# ---------------------------------------------------------------------------- exit-code policy
+
+COMMANDS = ("train", "export", "convert", "evaluate", "predict", "data_service")
+
+
+@pytest.mark.parametrize("error, code", [
+    (ValueError("bad value"), 2), (FileNotFoundError("no such file"), 2),
+    (FileExistsError("exists"), 2), (ConnectionError("unreachable"), 2),
+    (ImportError("pip install convmixer_tf[torch]"), 2),
+    (KeyError("oops"), 1), (TypeError("oops"), 1), (RuntimeError("oops"), 1),
+])
+def test_exit_code_table(error, code, capsys):
+    def fail():
+        raise error
+
+    assert cli.run("convmixer-x", fail) == code
+    err = capsys.readouterr().err
+    if code == 2:
+        assert err == f"convmixer-x: error: {error}\n"
+    else:
+        assert err.startswith("Traceback (most recent call last):")
+        assert err.splitlines()[-1].startswith(
+            f"convmixer-x: internal error (a bug; the traceback is above): "
+            f"{type(error).__name__}")
+
+
+def test_exit_code_of_export_and_tensorflow_errors():
+    import tensorflow as tf
+
+    from convmixer_tf.deploy.logits import ExportError
+
+    assert cli.exit_code(ExportError("validation failed")) == cli.EXIT_INPUT
+    assert cli.exit_code(tf.errors.InvalidArgumentError(None, None, "bad image")) == 2
+    assert cli.exit_code(tf.errors.InternalError(None, None, "?")) == cli.EXIT_INTERNAL
+    assert cli.run("convmixer-x", lambda: cli.EXIT_PARTIAL) == 3
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+def test_every_command_exits_2_on_a_bad_flag(command, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        getattr(cli, f"{command}_main")([*INTERNAL_CASES[command][2], "--no-such-flag"])
+    assert exit_info.value.code == 2
+    assert "unrecognized arguments: --no-such-flag" in capsys.readouterr().err
+
+
+def _free_port():
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        return s.getsockname()[1]
+
+
+def _input_error_case(command, tmp_path):
+    """(argv, words of the one error line) for a real input error of `command`."""
+    if command == "train":
+        return (["--dataset", f"folder:{tmp_path / 'missing'}", "--no-export", "--output-dir",
+                 str(tmp_path / "out"), "--run-dir", str(tmp_path / "runs")], "missing")
+    if command == "export":
+        return [str(tmp_path / "missing.keras")], "no such model file"
+    if command == "convert":
+        return [str(tmp_path / "missing.pth"), str(tmp_path / "out.keras")], "missing.pth"
+    if command == "evaluate":
+        return [str(tmp_path / "missing.keras")], "missing.keras"
+    if command == "predict":
+        return [str(tmp_path / "missing.tflite"), str(tmp_path / "a.png")], "missing.tflite"
+    return ["worker", "--dispatcher", f"localhost:{_free_port()}"], "Cannot reach"
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+def test_every_command_exits_2_with_one_line_on_bad_input(command, tmp_path, capsys):
+    argv, words = _input_error_case(command, tmp_path)
+    assert getattr(cli, f"{command}_main")(argv) == 2
+    err = capsys.readouterr().err
+    prog = "convmixer-" + command.replace("_", "-")
+    assert err.splitlines()[-1].startswith(f"{prog}: error: ") and words in err, err
+    assert "Traceback" not in err
+
+
+def test_data_service_on_a_taken_port_exits_2(capsys):
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        assert cli.data_service_main(["dispatcher", "--port", str(port)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and f"is port {port} in use? choose another --port" in err[0], err
+
+
+# (command, the library function it calls, argv that reaches the call)
+INTERNAL_CASES = {
+    "train": ("convmixer_tf.training.train", "train", ["--no-export"]),
+    "export": ("convmixer_tf.deploy.export", "export_model", ["m.keras", "--tflite-modes", "none"]),
+    "convert": ("convmixer_tf.model", "convert_checkpoint", ["m.pth", "m.keras"]),
+    "evaluate": ("convmixer_tf.training.evaluate", "evaluate_saved_model", ["m.keras"]),
+    "predict": ("convmixer_tf.deploy.predict", "predict_files", ["m.tflite", "a.png"]),
+    "data_service": ("convmixer_tf.training.data_service", "start_worker",
+                     ["worker", "--dispatcher", "localhost:1"]),
+}
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+def test_every_command_exits_1_with_the_traceback_on_a_bug(command, monkeypatch, capsys):
+    """A bug (here a KeyError raised where the command calls the library) is exit 1: the
+    traceback, then one line saying it is an internal error."""
+    import importlib
+
+    module, function, argv = INTERNAL_CASES[command]
+
+    def bug(*args, **kwargs):
+        raise KeyError("a bug")
+
+    monkeypatch.setattr(importlib.import_module(module), function, bug)
+    assert getattr(cli, f"{command}_main")(argv) == 1
+    err = capsys.readouterr().err
+    prog = "convmixer-" + command.replace("_", "-")
+    assert "Traceback (most recent call last)" in err
+    assert err.splitlines()[-1] == (f"{prog}: internal error (a bug; the traceback is above): "
+                                    f"KeyError: 'a bug'"), err
+
+
+# ---------------------------------------------------------------------------- default --name
+
+
+@pytest.mark.parametrize("dataset, name", [
+    ("digits", "convmixer_digits"), ("keras:fashion_mnist", "convmixer_fashion_mnist"),
+    ("folder:/data/pets", "convmixer_pets"), ("/data/pets/", "convmixer_pets"),
+    ("tfds:cifar10", "convmixer_cifar10"), ("cifar10", "convmixer_cifar10"),
+    ("tfds:imagenette/320px:1.0.0", "convmixer_imagenette_320px"),
+    ("folder:/data/my pets (2)", "convmixer_my_pets_2"),
+])
+def test_default_name_follows_the_data_set(dataset, name):
+    from convmixer_tf.training.config import TrainConfig, default_name
+
+    assert default_name(dataset) == name
+    assert TrainConfig(dataset=dataset).name == name
+    assert TrainConfig(dataset=dataset, name="mine").name == "mine"
+
+
+def test_train_without_name_writes_the_data_sets_name(tmp_path, image_folder, capsys):
+    """Through the command: --dataset folder:.../pets without --name -> convmixer_pets.keras."""
+    folder = image_folder(tmp_path / "pets", size=(16, 16))
+    out, runs = tmp_path / "models", tmp_path / "runs"
+    assert cli.train_main([
+        "--dataset", f"folder:{folder}", "--epochs", "1", "--steps-per-epoch", "1",
+        "--dim", "8", "--depth", "1", "--kernel-size", "3", "--image-size", "16",
+        "--batch-size", "4", "--verbose", "0", "--no-export",
+        "--output-dir", str(out), "--run-dir", str(runs)]) == 0
+    assert (out / "convmixer_pets.keras").is_file() and (runs / "convmixer_pets").is_dir()
+    assert not (out / "convmixer_digits.keras").exists()
+    assert f"saved model: {out / 'convmixer_pets.keras'}" in capsys.readouterr().out

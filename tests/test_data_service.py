@@ -19,8 +19,8 @@ from convmixer_tf import cli
 from convmixer_tf.training import data_service
 from convmixer_tf.training.config import TrainConfig
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-ENV = dict(os.environ, PYTHONPATH=ROOT, TF_CPP_MIN_LOG_LEVEL="2")
+from helpers import subprocess_env
+ENV = subprocess_env()
 
 
 def _free_port():

@@ -18,31 +18,17 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from convmixer_tf import cli, model as model_lib
+from convmixer_tf import cli
 from convmixer_tf.training import data, distribute
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from helpers import ROOT, subprocess_env, worker
 # XLA vs no XLA after the same 12 AdamW steps (weights move by up to ~0.7): float32 only
 # reorders float sums (measured 4e-7); float16 rounds every fused intermediate to 11
 # significant bits (unit roundoff 4.9e-4, measured 2.3e-4): ~20x margins.
 XLA_TOLERANCE = {"float32": 1e-5, "mixed_float16": 5e-3}
 
 
-def _env(**extra):
-    env = dict(os.environ, PYTHONPATH=ROOT, TF_CPP_MIN_LOG_LEVEL="2")
-    env.pop("TF_CONFIG", None)
-    env.update(extra)
-    return env
-
-
-def _tiny_model():
-    return model_lib.ConvMixer(
-        dim=8, depth=1, kernel_size=3, patch_size=2, input_shape=(16, 16, 3), classes=10,
-        classifier_activation=None,
-    )
-
-
-def test_strategy_xla_and_batch_flags_fail_clearly(monkeypatch):
+def test_strategy_xla_and_batch_flags_fail_clearly(monkeypatch, tiny_model):
     assert distribute.resolve_xla("off") is False and distribute.resolve_xla("on") is True
     assert distribute.resolve_xla("auto") is bool(tf.config.list_physical_devices("GPU"))
     with pytest.raises(ValueError, match="Unknown xla mode"):
@@ -66,7 +52,7 @@ def test_strategy_xla_and_batch_flags_fail_clearly(monkeypatch):
     assert distribute.global_batch_size(64, TwoReplicas()) == 64
     with pytest.raises(ValueError, match="multiple of the 2 replicas"):
         distribute.global_batch_size(63, TwoReplicas())
-    model = _tiny_model()
+    model = tiny_model()
     assert distribute.make_trainer(model) is model  # one device: Keras's own fit and XLA
 
 
@@ -77,7 +63,7 @@ def test_cli_rejects_bad_strategy_and_xla():
         assert exit_info.value.code == 2
 
 
-def test_replica_trainer_equals_stock_fit_on_one_device():
+def test_replica_trainer_equals_stock_fit_on_one_device(tiny_model):
     """Same steps as Keras's own train_step: loss scaling, gradients, BN statistics."""
     rng = np.random.default_rng(0)
     x = rng.integers(0, 256, (48, 16, 16, 3)).astype("uint8")
@@ -85,7 +71,7 @@ def test_replica_trainer_equals_stock_fit_on_one_device():
     results = []
     for wrap in (False, True):
         keras.utils.set_random_seed(0)
-        model = _tiny_model()
+        model = tiny_model()
         trainer = distribute.ReplicaTrainer(model) if wrap else model
         trainer.compile(
             keras.optimizers.SGD(0.1), keras.losses.CategoricalCrossentropy(from_logits=True),
@@ -101,10 +87,10 @@ def test_replica_trainer_equals_stock_fit_on_one_device():
 
 
 def test_mirrored_two_replicas_xla_matches_no_xla():
-    """2 logical CPUs, float32 and mixed_float16, XLA on and off (tests/mirrored_worker.py)."""
+    """2 logical CPUs, float32 and mixed_float16, XLA on and off (workers/mirrored_worker.py)."""
     proc = subprocess.run(
-        [sys.executable, os.path.join(ROOT, "tests", "mirrored_worker.py")],
-        env=_env(), capture_output=True, text=True, timeout=400,
+        [sys.executable, worker("mirrored_worker.py")],
+        env=subprocess_env(), capture_output=True, text=True, timeout=400,
     )
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("REPORT ")]
     assert proc.returncode == 0 and lines, proc.stderr[-3000:]
@@ -149,7 +135,7 @@ def test_multi_worker_two_processes_end_identical(tmp_path):
             "--run-dir", str(tmp_path / "runs"),
         ]
         procs.append(subprocess.Popen(
-            argv, env=_env(TF_CONFIG=json.dumps(tf_config)), stdout=subprocess.PIPE,
+            argv, env=subprocess_env(TF_CONFIG=json.dumps(tf_config)), stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT, text=True, cwd=ROOT,
         ))
     outputs = []
@@ -224,7 +210,8 @@ def test_absent_peer_ends_the_wait_in_time_and_sigterm_ends_it_at_once(tmp_path)
         tf_config = {"cluster": {"worker": workers}, "task": {"type": "worker", "index": 0}}
         logs[tag] = open(tmp_path / f"{tag}.log", "w+")
         procs[tag] = subprocess.Popen(
-            _worker_argv(tmp_path, tag, timeout), env=_env(TF_CONFIG=json.dumps(tf_config)),
+            _worker_argv(tmp_path, tag, timeout),
+            env=subprocess_env(TF_CONFIG=json.dumps(tf_config)),
             stdout=logs[tag], stderr=subprocess.STDOUT, text=True, cwd=ROOT,
         )
     try:
@@ -253,7 +240,7 @@ def test_absent_peer_ends_the_wait_in_time_and_sigterm_ends_it_at_once(tmp_path)
 def test_mirrored_on_a_cpu_runs_two_replicas_and_says_so():
     script = ("from convmixer_tf.training import distribute\n"
               "print('REPLICAS', distribute.make_strategy('mirrored').num_replicas_in_sync)")
-    proc = subprocess.run([sys.executable, "-c", script], env=_env(), capture_output=True,
+    proc = subprocess.run([sys.executable, "-c", script], env=subprocess_env(), capture_output=True,
                           text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "REPLICAS 2" in proc.stdout
@@ -290,7 +277,7 @@ def test_multi_worker_each_worker_reads_only_its_share(tmp_path):
             "--run-dir", str(tmp_path / "runs"), "--name", "shards",
         ]
         procs.append(subprocess.Popen(
-            argv, env=_env(TF_CONFIG=json.dumps(tf_config)), stdout=subprocess.PIPE,
+            argv, env=subprocess_env(TF_CONFIG=json.dumps(tf_config)), stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT, text=True, cwd=ROOT,
         ))
     outputs = []

@@ -15,7 +15,7 @@ from convmixer_tf.deploy import tflite
 from convmixer_tf.deploy.logits import logits_model
 from convmixer_tf.training import data
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from helpers import ROOT
 SMALL = ["--epochs", "1", "--steps", "5", "--dim", "16", "--depth", "1",
          "--tflite-modes", "float32"]
 

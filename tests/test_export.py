@@ -15,13 +15,7 @@ from convmixer_tf import artifacts
 from convmixer_tf.deploy import export
 from convmixer_tf.model import ConvMixer
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def tiny_model():
-    tf.keras.utils.set_random_seed(0)
-    return ConvMixer(dim=8, depth=1, kernel_size=3, patch_size=2, input_shape=(16, 16, 3),
-                     classes=4, classifier_activation=None, name="tiny")
+from helpers import ROOT, subprocess_env
 
 
 def write_image(path, seed, size=(20, 24)):
@@ -88,7 +82,7 @@ sys.exit(cli.export_main(argv))
 
 
 def _run_until_paused(stage, argv, cwd, timeout=240):
-    env = dict(os.environ, PYTHONPATH=ROOT, TF_CPP_MIN_LOG_LEVEL="2")
+    env = subprocess_env()
     proc = subprocess.Popen([sys.executable, "-c", KILLABLE_EXPORT, stage, *argv], cwd=cwd,
                             env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True, start_new_session=True)
@@ -132,13 +126,13 @@ def _temps(*folders):
 
 
 @pytest.mark.large  # four export processes: ~40 s of CPU, 2-3 min on the shared 2 cores
-def test_export_killed_at_each_stage_leaves_versions_whole(tmp_path):
+def test_export_killed_at_each_stage_leaves_versions_whole(tmp_path, tiny_model):
     """SIGKILL during the SavedModel write/validation, mid TFLite conversion and right before
     the TFLite set is published: the published versions stay byte-identical, no partial
     version appears, and the next run removes the temp folders (converter scratch included)."""
     root = tmp_path / "models"
     model_path = str(root / "tiny.keras")
-    artifacts.save_model(tiny_model(), model_path)
+    artifacts.save_model(tiny_model(4), model_path)
     artifacts.write_metadata(model_path, list("abcd"), (16, 16))
     saved, lite = str(root / "tiny"), str(root / "tiny_tflite")
     first = export.export_model(model_path, tflite_modes=("float32",), log=lambda _: None)
@@ -190,7 +184,7 @@ def test_export_killed_at_each_stage_leaves_versions_whole(tmp_path):
     unchanged()
 
     # 4. A normal run: cleans up, publishes version 2 of both, leaves no temp behind.
-    env = dict(os.environ, PYTHONPATH=ROOT, TF_CPP_MIN_LOG_LEVEL="2")
+    env = subprocess_env()
     done = subprocess.run([os.path.join(os.path.dirname(sys.executable), "convmixer-export"),
                            model_path, "--tflite-modes", "float32"],
                           cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
@@ -203,20 +197,20 @@ def test_export_killed_at_each_stage_leaves_versions_whole(tmp_path):
     assert "exported TFLite files: " + os.path.join(lite, "2") in done.stdout
 
 
-def test_export_cli_on_a_text_file_or_truncated_keras(tmp_path, capsys):
+def test_export_cli_on_a_text_file_or_truncated_keras(tmp_path, capsys, tiny_model):
     from convmixer_tf import cli
 
     text = tmp_path / "notes.txt"
     text.write_text("not a model")
     good = str(tmp_path / "tiny.keras")
-    artifacts.save_model(tiny_model(), good)
+    artifacts.save_model(tiny_model(4), good)
     truncated = tmp_path / "truncated.keras"
     with open(good, "rb") as f:
         data = f.read()
     truncated.write_bytes(data[: len(data) // 2])
     for path, message in ((text, "not a .keras model file (expected the .keras file"),
                           (truncated, "not a zip archive): damaged or truncated?")):
-        assert cli.export_main([str(path), "--tflite-modes", "none"]) == 1
+        assert cli.export_main([str(path), "--tflite-modes", "none"]) == 2
         err = capsys.readouterr().err
         assert f"convmixer-export: error: cannot load '{path}'" in err and message in err, err
         assert "File not found" not in err
@@ -226,10 +220,10 @@ def test_export_cli_on_a_text_file_or_truncated_keras(tmp_path, capsys):
 # ---------------------------------------------------------------------------- the export API
 
 
-def test_export_api_rejects_bad_arguments_before_any_work(tmp_path):
+def test_export_api_rejects_bad_arguments_before_any_work(tmp_path, tiny_model):
     import convmixer_tf
 
-    model = tiny_model()
+    model = tiny_model(4)
     images = np.random.default_rng(0).integers(0, 256, (4, 16, 16, 3)).astype(np.uint8)
     out = str(tmp_path / "out")
     cases = [
@@ -259,13 +253,13 @@ def test_export_api_rejects_bad_arguments_before_any_work(tmp_path):
 
 
 
-def test_export_api_writes_the_set_from_a_model_in_memory(tmp_path):
+def test_export_api_writes_the_set_from_a_model_in_memory(tmp_path, tiny_model):
     """`convmixer_tf.export` without any file: the names, size and crop given reach the
     SavedModel's signatures and the TFLite set's metadata, gated on the labelled images."""
     import convmixer_tf
     from convmixer_tf.deploy import tflite
 
-    model = tiny_model()
+    model = tiny_model(4)
     rng = np.random.default_rng(0)
     images = rng.integers(0, 256, (12, 16, 16, 3)).astype(np.uint8)
     labels = rng.integers(0, 4, 12)
@@ -315,12 +309,12 @@ def _bfloat16_graph_conversion(real):
 
 
 def test_failed_conversion_is_one_line_and_the_rest_of_the_set_is_written(tmp_path, capfd,
-                                                                          monkeypatch):
+                                                                          monkeypatch, tiny_model):
     from convmixer_tf import cli
     from convmixer_tf.deploy import tflite
 
     path = str(tmp_path / "tiny.keras")
-    artifacts.save_model(tiny_model(), path)
+    artifacts.save_model(tiny_model(4), path)
     rng = np.random.default_rng(0)
     artifacts.write_samples(path, rng.integers(0, 256, (16, 16, 16, 3)),
                             rng.integers(0, 256, (16, 16, 16, 3)), rng.integers(0, 4, 16))
@@ -370,12 +364,12 @@ def test_stderr_to_a_log_restores_fd_2_even_on_an_exception(tmp_path, capfd):
                                             "our own line"]
 
 
-def test_export_command_prints_no_tensorflow_noise(tmp_path):
+def test_export_command_prints_no_tensorflow_noise(tmp_path, tiny_model):
     """The real `convmixer-export` (float32 + calibrated full_int8; the SavedModel's validation
     runs in its own process, whose output it keeps): stdout has our report, stderr nothing;
     TF's own lines (the converter's, XNNPACK's) are in `<name>.export.log`."""
     path = str(tmp_path / "tiny.keras")
-    artifacts.save_model(tiny_model(), path)
+    artifacts.save_model(tiny_model(4), path)
     rng = np.random.default_rng(0)
     artifacts.write_samples(path, rng.integers(0, 256, (16, 16, 16, 3)),
                             rng.integers(0, 256, (16, 16, 16, 3)), rng.integers(0, 4, 16))

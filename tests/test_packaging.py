@@ -19,7 +19,9 @@ import convmixer_tf
 from convmixer_tf import _extras, checkpoints
 from convmixer_tf.training import data
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
+import helpers
+
+ROOT = pathlib.Path(helpers.ROOT)
 CONSOLE_SCRIPTS = ("convmixer-train", "convmixer-convert", "convmixer-evaluate",
                    "convmixer-export", "convmixer-predict", "convmixer-data-service")
 
@@ -188,7 +190,7 @@ def test_lower_bounds_install_and_pass_the_smoke_run(tmp_path):
         assert installed.get(name) == version, (name, installed.get(name), version)
     work = tmp_path / "work"
     work.mkdir()
-    result = subprocess.run([str(bin_dir / "python"), str(ROOT / "tests" / "packaging_smoke.py")],
+    result = subprocess.run([str(bin_dir / "python"), helpers.worker("packaging_smoke.py")],
                             cwd=work, env=_env(), capture_output=True, text=True, timeout=1800)
     assert result.returncode == 0 and "smoke ok" in result.stdout, (
         result.stdout[-5000:] + result.stderr[-5000:])

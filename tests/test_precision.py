@@ -16,15 +16,14 @@ import convmixer_tf
 from convmixer_tf import artifacts, layers
 from convmixer_tf.deploy import logits as logits_lib
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from helpers import ROOT, subprocess_env, worker
 PRECISIONS = ("float32", "mixed_float16", "mixed_bfloat16")
 
 
 def _env(**extra):
     # oneDNN on, as on the AVX512 machines users train on (this CPU's default is off): the
     # path where the float16 depthwise gradient crashed.
-    return dict(os.environ, PYTHONPATH=ROOT, TF_CPP_MIN_LOG_LEVEL="2",
-                TF_ENABLE_ONEDNN_OPTS="1", **extra)
+    return subprocess_env(TF_ENABLE_ONEDNN_OPTS="1", **extra)
 
 
 def _command(name, *args, timeout=600):
@@ -156,7 +155,7 @@ def _trained(model, trainer_fn=lambda m: m):
 def _source(kind, policy, path):
     """Writes a `.keras` model of `kind` trained under `policy` to `path`."""
     if kind == "user_script":  # MirroredStrategy on 2 logical CPUs: its own process
-        proc = subprocess.run([sys.executable, os.path.join(ROOT, "tests", "precision_worker.py"),
+        proc = subprocess.run([sys.executable, worker("precision_worker.py"),
                                str(path), policy], env=_env(), capture_output=True, text=True,
                               timeout=300, cwd=ROOT)
         assert proc.returncode == 0, proc.stderr[-3000:]

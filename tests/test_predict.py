@@ -11,17 +11,14 @@ from PIL import Image
 
 from convmixer_tf import artifacts, cli
 from convmixer_tf.deploy import export, predict
-from convmixer_tf.model import ConvMixer
 
 CLASSES = ["cat", "dog", "owl", "elk"]
 
 
 @pytest.fixture(scope="module")
-def exported(tmp_path_factory):
+def exported(tmp_path_factory, tiny_model):
     root = tmp_path_factory.mktemp("predict")
-    tf.keras.utils.set_random_seed(0)
-    model = ConvMixer(dim=8, depth=1, kernel_size=3, patch_size=2, input_shape=(16, 16, 3),
-                      classes=4, classifier_activation=None, name="tiny")
+    model = tiny_model(4)
     model_path = str(root / "tiny.keras")
     artifacts.save_model(model, model_path)
     artifacts.write_metadata(model_path, CLASSES, (16, 16))

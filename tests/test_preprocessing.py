@@ -11,7 +11,6 @@ from PIL import Image
 
 from convmixer_tf import artifacts, preprocessing
 from convmixer_tf.deploy import predict, saved_model, tflite
-from convmixer_tf.model import ConvMixer
 from convmixer_tf.training import data
 
 SIZE, CROP = 16, 0.875
@@ -53,20 +52,7 @@ def test_read_image_file_16_bit_and_palette(tmp_path):
         preprocessing.read_image_file(str(tmp_path / "notes.txt"))
 
 
-def _tiny_model():
-    tf.keras.utils.set_random_seed(0)
-    model = ConvMixer(dim=8, depth=1, kernel_size=3, patch_size=2, input_shape=(SIZE, SIZE, 3),
-                      classes=2, classifier_activation=None, name="tiny")
-    rng = np.random.default_rng(0)
-    for layer in model.layers:
-        if layer.name.endswith("_bn"):
-            gamma, beta, mean, var = layer.get_weights()
-            layer.set_weights([gamma * rng.uniform(0.5, 2, gamma.shape), beta + 0.3,
-                               mean + rng.normal(0, 0.3, mean.shape), var])
-    return model
-
-
-def test_same_jpeg_same_logits_in_eval_serving_and_predict(tmp_path):
+def test_same_jpeg_same_logits_in_eval_serving_and_predict(tmp_path, tiny_model):
     rng = np.random.default_rng(1)
     folder = tmp_path / "images"
     for split in ("train", "test"):
@@ -82,7 +68,7 @@ def test_same_jpeg_same_logits_in_eval_serving_and_predict(tmp_path):
     datasets = data.build_datasets(f"folder:{folder}", image_size=SIZE, global_batch_size=2,
                                    eval_crop_pct=CROP)
     test_images = np.concatenate([x.numpy() for x, _ in datasets.test])
-    model = _tiny_model()
+    model = tiny_model(2, size=SIZE, bn_stats=True)
     eval_logits = model.predict(test_images, verbose=0)[-1]  # sorted: b/1.jpg is last
 
     model_path = str(tmp_path / "tiny.keras")

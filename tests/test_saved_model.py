@@ -12,26 +12,10 @@ import tensorflow as tf
 
 from convmixer_tf import artifacts, cli
 from convmixer_tf.deploy import logits, saved_model
-from convmixer_tf.model import ConvMixer
+
+from helpers import ROOT, worker
 
 CLASS_NAMES = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def tiny_model(seed=0):
-    """A random-weight ConvMixer with non-trivial BatchNorm statistics, returning logits."""
-    tf.keras.utils.set_random_seed(seed)
-    model = ConvMixer(dim=8, depth=1, kernel_size=3, patch_size=2, input_shape=(16, 16, 3),
-                      classes=10, classifier_activation=None, name="tiny")
-    rng = np.random.default_rng(seed)
-    for layer in model.layers:
-        if layer.name.endswith("_bn"):
-            gamma, beta, mean, var = layer.get_weights()
-            layer.set_weights([gamma * rng.uniform(0.5, 2, gamma.shape),
-                               beta + rng.normal(0, 0.3, beta.shape),
-                               mean + rng.normal(0, 0.3, mean.shape),
-                               var * rng.uniform(0.5, 2, var.shape)])
-    return model
 
 
 def png(image):
@@ -39,10 +23,10 @@ def png(image):
 
 
 @pytest.fixture(scope="module")
-def exported(tmp_path_factory):
+def exported(tmp_path_factory, tiny_model):
     """One validated export of a tiny model with metadata (class names), shared by the tests."""
     root = tmp_path_factory.mktemp("export")
-    model = tiny_model()
+    model = tiny_model(bn_stats=True)
     model_path = str(root / "tiny.keras")
     model.save(model_path)
     artifacts.write_metadata(model_path, CLASS_NAMES, (16, 16))
@@ -150,11 +134,10 @@ def test_signatures_any_size_labels_and_bad_input(exported):
         loaded.signatures["serving_default"](images=tf.zeros([1, 16, 16, 4]))
 
 
-def test_softmax_head_is_detected_and_logits_recovered():
-    model = ConvMixer(dim=8, depth=1, kernel_size=3, patch_size=2, input_shape=(16, 16, 3),
-                      classes=4, classifier_activation="softmax")
+def test_softmax_head_is_detected_and_logits_recovered(tiny_model):
+    model = tiny_model(4, classifier_activation="softmax")
     assert logits.output_activation(model) == "softmax"
-    assert logits.output_activation(tiny_model()) is None
+    assert logits.output_activation(tiny_model(bn_stats=True)) is None
     module = saved_model.ServingModule(model, list("abcd"), (16, 16), top_k=3)
     x = np.random.default_rng(5).uniform(0, 255, (2, 16, 16, 3)).astype(np.float32)
     out = module.serve(saved_model.SIGNATURE_FLOAT, tf.constant(x))
@@ -215,7 +198,7 @@ def test_new_version_per_export_and_failures_leave_versions_untouched(exported, 
     bad_meta = os.path.join(root, "bad.keras")
     exported["model"].save(bad_meta)
     artifacts.write_metadata(bad_meta, ["a", "b"], (16, 16))
-    assert cli.export_main([bad_meta, "--name", "tiny", "--tflite-modes", "none"]) == 1
+    assert cli.export_main([bad_meta, "--name", "tiny", "--tflite-modes", "none"]) == 2
     assert "lists 2 class names but the model has 10" in capsys.readouterr().err
 
     assert artifacts.list_versions(model_dir) == [1, 2]
@@ -224,11 +207,11 @@ def test_new_version_per_export_and_failures_leave_versions_untouched(exported, 
 
 
 def test_export_cli_bad_input(tmp_path, capsys):
-    assert cli.export_main([str(tmp_path / "missing.keras")]) == 1
+    assert cli.export_main([str(tmp_path / "missing.keras")]) == 2
     assert "no such model file" in capsys.readouterr().err
     corrupt = tmp_path / "corrupt.keras"
     corrupt.write_bytes(b"this is not a zip archive")
-    assert cli.export_main([str(corrupt)]) == 1
+    assert cli.export_main([str(corrupt)]) == 2
     assert "cannot load" in capsys.readouterr().err
     with pytest.raises(SystemExit) as exit_info:
         cli.export_main([str(corrupt), "--tflite-modes", "float32,int4"])
@@ -341,7 +324,7 @@ def test_fuzz_malformed_requests_fail_cleanly_with_onednn(exported, tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     env.update(TF_ENABLE_ONEDNN_OPTS="1", TF_CPP_MIN_LOG_LEVEL="2")
     proc = subprocess.run(
-        [sys.executable, os.path.join(ROOT, "tests", "saved_model_fuzz_worker.py"),
+        [sys.executable, worker("saved_model_fuzz_worker.py"),
          exported["result"]["path"], str(out)],
         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300,
     )
@@ -428,7 +411,7 @@ def test_oversized_requests_refused_before_decoding_within_memory(exported, tmp_
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     env.update(TF_CPP_MIN_LOG_LEVEL="2")
     proc = subprocess.run(
-        [sys.executable, os.path.join(ROOT, "tests", "saved_model_budget_worker.py"),
+        [sys.executable, worker("saved_model_budget_worker.py"),
          exported["result"]["path"], str(out), "6000", "5"],
         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300,
     )
@@ -518,17 +501,17 @@ def test_export_cli_pixel_budgets(exported, tmp_path, capsys):
             signature(**kwargs)
 
     for flags, code, error in (
-            (["--max-image-pixels", "0"], 2, "must be at least 1, got 0"),
-            (["--max-image-pixels", "100"], 1, "is below the 256 pixels one image of the "
+            (["--max-image-pixels", "0"], "usage", "must be at least 1, got 0"),
+            (["--max-image-pixels", "100"], "input", "is below the 256 pixels one image of the "
                                                "model's size (16, 16) takes"),
-            (["--max-request-pixels", "500", "--max-image-pixels", "1000"], 1,
+            (["--max-request-pixels", "500", "--max-image-pixels", "1000"], "input",
              "max_request_pixels=500 is below max_image_pixels=1000")):
         argv = [model_path, "--export-dir", str(tmp_path), "--tflite-modes", "none", *flags]
-        if code == 2:
+        if code == "usage":
             with pytest.raises(SystemExit) as exit_info:
                 cli.export_main(argv)
             assert exit_info.value.code == 2
         else:
-            assert cli.export_main(argv) == 1
+            assert cli.export_main(argv) == 2
         assert error in capsys.readouterr().err
     assert artifacts.list_versions(str(tmp_path / "tiny")) == [1]

@@ -11,6 +11,7 @@ from convmixer_tf import artifacts, cli, compat
 from convmixer_tf.deploy import gate, litert, logits, modes, tflite, tflite_set
 from convmixer_tf.training import data
 from convmixer_tf.model import ConvMixer
+from helpers import worker
 
 
 @pytest.fixture(scope="module")
@@ -415,8 +416,8 @@ def test_every_exported_file_runs_on_tflite_runtime_2_14(digits16, tmp_path):
         assert _version(entry["min_runtime_version"]) <= (2, 14), entry
     images = x_test[:16]
     np.savez(tmp_path / "inputs.npz", images=images)
-    worker = os.path.join(os.path.dirname(__file__), "tflite_runtime_worker.py")
-    run = subprocess.run([python, worker, str(tmp_path / "inputs.npz"),
+    script = worker("tflite_runtime_worker.py")
+    run = subprocess.run([python, script, str(tmp_path / "inputs.npz"),
                           str(tmp_path / "outputs.npz"), *files], capture_output=True, text=True)
     assert run.returncode == 0, run.stderr
     got = np.load(tmp_path / "outputs.npz")

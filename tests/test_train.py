@@ -68,7 +68,7 @@ def test_cli_help_and_bad_flags(capsys):
     with pytest.raises(SystemExit) as exit_info:  # at parse time, before any work
         cli.train_main(["--variant", "convmixer_9_9", "--output-dir", "/nonexistent"])
     assert exit_info.value.code == 2 and "Unknown variant" in capsys.readouterr().err
-    # Every flag has a description (from the config's comments) and shows its default.
+    # Every flag has a description (its field's metadata["help"]) and shows its default.
     with pytest.raises(SystemExit):
         cli.train_main(["--help"])
     help_text = " ".join(capsys.readouterr().out.split())
@@ -151,7 +151,7 @@ def test_a_run_name_holds_one_run(tmp_path):
     with pytest.raises(ValueError, match=r"dim 8 -> 16.*--overwrite"):
         train_lib.preflight(_tiny_config(tmp_path, dim=16))
     with pytest.raises(ValueError, match=r"dataset 'digits' -> './elsewhere'"):
-        train_lib.preflight(_tiny_config(tmp_path, dataset="./elsewhere"))
+        train_lib.preflight(_tiny_config(tmp_path, dataset="./elsewhere", name=first.name))
     with pytest.raises(ValueError, match=r"depth 1 -> 20.*patch_size 2 -> 7"):
         train_lib.preflight(_tiny_config(tmp_path, variant="convmixer_1536_20"))
     train_lib.preflight(_tiny_config(tmp_path, seed=3, epochs=5))  # same identity: goes on

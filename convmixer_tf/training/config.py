@@ -7,6 +7,7 @@ resolved; `__post_init__` is the one validation.
 
 import dataclasses
 import os
+import re
 
 from convmixer_tf import presets
 
@@ -33,24 +34,46 @@ def parse_service_address(address):
     return parsed.hostname, port
 
 
+def default_name(dataset):
+    """The run name a `--dataset` string gives: convmixer_ + the data set's own name, a plain
+    file name (digits -> convmixer_digits, keras:fashion_mnist -> convmixer_fashion_mnist,
+    folder:/data/pets -> convmixer_pets, tfds:cifar10 or cifar10 -> convmixer_cifar10)."""
+    prefix, _, rest = dataset.partition(":") if re.match(r"^[a-z]+:", dataset) else ("", "", "")
+    if prefix == "folder" or (not prefix and (os.sep in dataset or dataset.startswith(".")
+                                               or os.path.isdir(dataset))):
+        # A folder, as `data.sources.parse_dataset` reads it: its own name.
+        stem = os.path.basename(os.path.abspath(rest if prefix else dataset))
+    else:  # keras:NAME, tfds:NAME[/CONFIG][:VERSION], a bare tfds name, digits
+        stem = (rest if prefix else dataset).split(":")[0].replace("/", "_")
+    stem = re.sub(r"[^A-Za-z0-9_-]+", "_", stem).strip("_-")
+    return "convmixer_" + (stem or "data")
+
+
+def knob(default, help):
+    """A config field: its default and its `--help` line (the CLI reads `metadata["help"]`)."""
+    return dataclasses.field(default=default, metadata={"help": help})
+
+
 @dataclasses.dataclass(frozen=True)
 class AugmentConfig:
     """Training augmentation knobs; the defaults switch everything off (the digits default)."""
 
-    crop_scale: float = 0.0  # random resized crop of area [crop_scale, 1]; 0 = no crop
-    crop_ratio: float = 4 / 3  # its aspect-ratio range [1 / crop_ratio, crop_ratio] (timm)
-    hflip: float = 0.0  # probability of a horizontal flip
-    randaug_n: int = 0  # RandAugment: ops per image; 0 = off
-    randaug_m: float = 9.0  # magnitude on timm's 0-10 scale
-    randaug_mstd: float = 0.5  # std of the per-op Gaussian noise on the magnitude (timm mstd)
-    randaug_prob: float = 0.5  # probability each chosen op is applied (timm: 0.5)
-    color_jitter: float = 0.0  # torchvision ColorJitter(b, c, s) strength; 0 = off
-    erase_prob: float = 0.0  # random erasing probability (timm --reprob)
-    erase_mode: str = "pixel"  # "pixel": per-pixel normal noise (timm); "mean": mean colour
-    mixup: float = 0.0  # mixup Beta(alpha, alpha); 0 = off
-    cutmix: float = 0.0  # cutmix Beta(alpha, alpha); 0 = off
-    mix_prob: float = 1.0  # probability a batch is mixed at all (timm --mixup-prob)
-    mix_switch_prob: float = 0.5  # with both on: probability of cutmix (timm --mixup-switch-prob)
+    crop_scale: float = knob(0.0, "random resized crop of area [crop_scale, 1]; 0 = no crop")
+    crop_ratio: float = knob(4 / 3, "its aspect-ratio range [1 / crop_ratio, crop_ratio] (timm)")
+    hflip: float = knob(0.0, "probability of a horizontal flip")
+    randaug_n: int = knob(0, "RandAugment: ops per image; 0 = off")
+    randaug_m: float = knob(9.0, "magnitude on timm's 0-10 scale")
+    randaug_mstd: float = knob(0.5, "std of the per-op Gaussian noise on the magnitude (timm mstd)")
+    randaug_prob: float = knob(0.5, "probability each chosen op is applied (timm: 0.5)")
+    color_jitter: float = knob(0.0, "torchvision ColorJitter(b, c, s) strength; 0 = off")
+    erase_prob: float = knob(0.0, "random erasing probability (timm --reprob)")
+    erase_mode: str = knob("pixel",
+        "\"pixel\": per-pixel normal noise (timm); \"mean\": mean colour")
+    mixup: float = knob(0.0, "mixup Beta(alpha, alpha); 0 = off")
+    cutmix: float = knob(0.0, "cutmix Beta(alpha, alpha); 0 = off")
+    mix_prob: float = knob(1.0, "probability a batch is mixed at all (timm --mixup-prob)")
+    mix_switch_prob: float = knob(0.5,
+        "with both on: probability of cutmix (timm --mixup-switch-prob)")
 
     def __post_init__(self):
         for name in ("hflip", "randaug_prob", "erase_prob", "mix_prob", "mix_switch_prob"):
@@ -90,51 +113,62 @@ class TrainConfig(AugmentConfig):
     """Every knob of a run (the augmentation knobs are `augment.AugmentConfig`'s); each default
     says why it is what it is. `TrainConfig.create(preset=..., **values)` fills in a recipe."""
 
-    dataset: str = "digits"  # digits: offline (ships with scikit-learn), learns in a minute
-    # or a prepared tfds name (cifar10, tfds:imagenette, ...) or an image folder (folder:PATH)
-    # or keras:fashion_mnist / mnist / cifar10 / cifar100 (Keras's cache, ~/.keras/datasets)
-    data_dir: str = ""  # where tfds data sets are prepared; "" = tfds default
-    cache: str = "auto"  # decided before decoding (~64 headers): decoded pixels in memory up
-    # to --cache-budget-mb, else in <run_dir>/<name>/cache/ up to --cache-disk-budget-gb, else
-    # stream (read + decode every epoch); or memory / disk / off (stream)
-    cache_budget_mb: int = 2048  # decoded uint8 pixels kept in memory (CIFAR-10: 176 MB)
-    cache_disk_budget_gb: float = 0.0  # decoded pixels auto may write to disk; 0 = never
-    # (ImageNet-1k decoded is ~0.5 TB: streaming costs no disk and no startup pass)
-    strict_images: bool = False  # check every image before training and refuse bad ones;
-    # default: the pipeline skips unreadable images and names them in the log each epoch
-    data_service: str = ""  # grpc://HOST:PORT of a tf.data service dispatcher: its workers
-    # read, decode and augment the training set (convmixer-data-service; docs/scale.md)
-    validation_split: float = 0.1  # held out when a folder / tfds set has no test split
-    eval_crop_pct: float = 1.0  # test: short side to size / crop_pct, centre crop (timm)
-    image_size: int = 32  # digits are 8x8; 32 gives patch_size 2 a 16x16 token grid
-    variant: str = ""  # a MODEL_CONFIGS name; empty = the small model below
-    dim: int = 128  # width h: small enough for 2 CPU cores, wide enough for >97% on digits
-    depth: int = 4  # ConvMixer blocks
-    kernel_size: int = 5  # the paper's CIFAR setting for small images
-    patch_size: int = 2  # patch embedding kernel and stride
-    activation: str = "gelu"  # gelu (exact, the paper) or relu (the paper's 768/32)
-    epochs: int = 12  # enough for digits to pass 97%
-    batch_size: int = 64  # the GLOBAL batch (split over replicas)
-    max_lr: float = 0.005  # one-cycle peak, AdamW
-    weight_decay: float = 0.01  # AdamW decoupled weight decay
-    label_smoothing: float = 0.1  # paper recipe
-    clip_norm: float = 1.0  # paper's CIFAR script clips gradient norm at 1; 0 = no clipping
-    adam_epsilon: float = 1e-7  # Keras default; the ImageNet recipe uses 1e-3 (timm --opt-eps)
-    decay_all_weights: bool = True  # False: no weight decay on 1-D weights (BN, bias), as timm
-    precision: str = "float32"  # or mixed_float16 / mixed_bfloat16
-    fast_layers: bool = True  # layers.accelerate: same function, 1.5x faster fp32 CPU training
-    seed: int = 0  # data order, augmentation and initialisation
-    output_dir: str = "saved_models"  # <output_dir>/<name>.keras
-    name: str = "convmixer_digits"  # the run: <output_dir>/<name>.keras, <run_dir>/<name>/
-    verbose: str = "auto"  # Keras progress bar
+    dataset: str = knob("digits",
+        "digits: offline (ships with scikit-learn), learns in a minute; or a prepared tfds name "
+        "(cifar10, tfds:imagenette, ...), an image folder (folder:PATH) or keras:fashion_mnist "
+        "/ mnist / cifar10 / cifar100 (Keras's cache, ~/.keras/datasets)")
+    data_dir: str = knob("", "where tfds data sets are prepared; \"\" = tfds default")
+    cache: str = knob("auto",
+        "decided before decoding (~64 headers): decoded pixels in memory up to --cache-budget-mb, "
+        "else in <run_dir>/<name>/cache/ up to --cache-disk-budget-gb, else stream (read + decode "
+        "every epoch); or memory / disk / off (stream)")
+    cache_budget_mb: int = knob(2048, "decoded uint8 pixels kept in memory (CIFAR-10: 176 MB)")
+    cache_disk_budget_gb: float = knob(0.0,
+        "decoded pixels auto may write to disk; 0 = never (ImageNet-1k decoded is ~0.5 TB: "
+        "streaming costs no disk and no startup pass)")
+    strict_images: bool = knob(False,
+        "check every image before training and refuse bad ones; default: the pipeline skips "
+        "unreadable images and names them in the log each epoch")
+    data_service: str = knob("",
+        "grpc://HOST:PORT of a tf.data service dispatcher: its workers read, decode and augment "
+        "the training set (convmixer-data-service; docs/scale.md)")
+    validation_split: float = knob(0.1, "held out when a folder / tfds set has no test split")
+    eval_crop_pct: float = knob(1.0, "test: short side to size / crop_pct, centre crop (timm)")
+    image_size: int = knob(32, "digits are 8x8; 32 gives patch_size 2 a 16x16 token grid")
+    variant: str = knob("", "a MODEL_CONFIGS name; empty = the small model below")
+    dim: int = knob(128, "width h: small enough for 2 CPU cores, wide enough for >97% on digits")
+    depth: int = knob(4, "ConvMixer blocks")
+    kernel_size: int = knob(5, "the paper's CIFAR setting for small images")
+    patch_size: int = knob(2, "patch embedding kernel and stride")
+    activation: str = knob("gelu", "gelu (exact, the paper) or relu (the paper's 768/32)")
+    epochs: int = knob(12, "enough for digits to pass 97%")
+    batch_size: int = knob(64, "the GLOBAL batch (split over replicas)")
+    max_lr: float = knob(0.005, "one-cycle peak, AdamW")
+    weight_decay: float = knob(0.01, "AdamW decoupled weight decay")
+    label_smoothing: float = knob(0.1, "paper recipe")
+    clip_norm: float = knob(1.0, "paper's CIFAR script clips gradient norm at 1; 0 = no clipping")
+    adam_epsilon: float = knob(1e-7,
+        "Keras default; the ImageNet recipe uses 1e-3 (timm --opt-eps)")
+    decay_all_weights: bool = knob(True,
+        "False: no weight decay on 1-D weights (BN, bias), as timm")
+    precision: str = knob("float32", "or mixed_float16 / mixed_bfloat16")
+    fast_layers: bool = knob(True,
+        "layers.accelerate: same function, 1.5x faster fp32 CPU training")
+    seed: int = knob(0, "data order, augmentation and initialisation")
+    output_dir: str = knob("saved_models", "<output_dir>/<name>.keras")
+    name: str = knob("",
+        "the run: <output_dir>/<name>.keras, <run_dir>/<name>/; empty = convmixer_<data set> "
+        "(convmixer_digits, convmixer_fashion_mnist, convmixer_<folder name>, ...)")
+    verbose: str = knob("auto", "Keras progress bar")
     # Distribution and fault tolerance (docs/distributed.md). batch_size is the GLOBAL batch.
-    strategy: str = "default"  # or mirrored (all local GPUs) / multi_worker (TF_CONFIG)
-    xla: str = "auto"  # on / off; auto = on when a GPU is visible (slow on CPU)
-    run_dir: str = "runs"  # <run_dir>/<name>/: backup/, checkpoints/, logs/, history.csv
-    steps_per_epoch: int = 0  # 0 = the whole training split each epoch
-    cluster_timeout: float = 300.0  # multi_worker: seconds to wait for every TF_CONFIG peer
-    overwrite: bool = False  # start <name> afresh: delete <run_dir>/<name>/, replace its model
-    # (without it, a --name whose run or model has another architecture or data set is refused)
+    strategy: str = knob("default", "or mirrored (all local GPUs) / multi_worker (TF_CONFIG)")
+    xla: str = knob("auto", "on / off; auto = on when a GPU is visible (slow on CPU)")
+    run_dir: str = knob("runs", "<run_dir>/<name>/: backup/, checkpoints/, logs/, history.csv")
+    steps_per_epoch: int = knob(0, "0 = the whole training split each epoch")
+    cluster_timeout: float = knob(300.0, "multi_worker: seconds to wait for every TF_CONFIG peer")
+    overwrite: bool = knob(False,
+        "start <name> afresh: delete <run_dir>/<name>/, replace its model (without it, a --name "
+        "whose run or model has another architecture or data set is refused)")
 
     # Choices of the string fields (the CLI offers them; __post_init__ checks them).
     CHOICES = dict(
@@ -180,7 +214,9 @@ class TrainConfig(AugmentConfig):
             if self.strategy == "multi_worker":
                 raise ValueError("--data-service with --strategy multi_worker is not supported "
                                  "yet: use one trainer (default or mirrored) per data service.")
-        if not self.name or os.sep in self.name:
+        if not self.name:  # frozen: the one place a field is filled in after __init__
+            object.__setattr__(self, "name", default_name(self.dataset))
+        if os.sep in self.name or self.name in (".", ".."):
             raise ValueError(f"name must be a plain file name. Received name={self.name!r}")
 
     @classmethod

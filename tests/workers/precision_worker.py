@@ -2,7 +2,7 @@
 script in miniature, as the README shows it: ConvMixer under MirroredStrategy, a global
 mixed-precision policy, `distribute.make_trainer`, `jit_compile=True`, then `model.save`.
 
-    python tests/precision_worker.py OUT.keras [POLICY]
+    python tests/workers/precision_worker.py OUT.keras [POLICY]
 """
 
 import os

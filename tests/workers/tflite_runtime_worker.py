@@ -1,6 +1,6 @@
 """Runs .tflite files with the standalone `tflite_runtime` package (for tests/test_tflite.py).
 
-    <venv>/bin/python tests/tflite_runtime_worker.py INPUTS.npz OUT.npz A.tflite B.tflite ...
+    <venv>/bin/python tests/workers/tflite_runtime_worker.py IN.npz OUT.npz A.tflite B.tflite ...
 
 Imports only tflite_runtime and NumPy (the test runs it in a venv with tflite-runtime 2.14 and
 numpy<2). Feeds `images` (raw 0-255 pixels) one image at a time through each file, quantizing
