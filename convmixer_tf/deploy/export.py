@@ -80,9 +80,9 @@ def export(model, export_dir, name=None, class_names=None, image_size=None, crop
     keeps the model's own (e.g. bfloat16 for a GPU server; `tolerance` then defaults to that
     dtype's, `logits.TOLERANCES`). `serving_limits`: dict(max_image_pixels=,
     max_request_pixels=), the SavedModel's pixel budgets (`saved_model.serving_limits`;
-    default 40 MP per image, 4x that per request). Returns dict(saved_model=..., tflite=report with `version`,
-    `path`, `refused` and `failed` builds, log=the log file); a refused or failed build is not
-    written, the rest is (`modes.REFUSED_EXIT_CODE` for a command). Bad arguments raise
+    default 40 MP per image, 4x that per request). Returns dict(saved_model=...,
+    tflite=report with `version`, `path`, `refused` and `failed` builds, log=the log file); a refused or failed build is not
+    written, the rest is (`convmixer-export` then exits 3). Bad arguments raise
     ValueError before any work.
     """
     meta, modes, calibration, held_images, labels = _checked(

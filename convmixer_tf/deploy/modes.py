@@ -54,7 +54,6 @@ INT8_MODES = tuple(m for m, mode in TFLITE_MODES.items() if mode.edge_candidate)
 EDGE_BUILD = "int8"  # `<name>_int8.tflite`: the fastest int8 build that passes the gate
 EXPORT_MODES = MODES + (EDGE_BUILD,)  # what `export(tflite_modes=...)` takes
 DEFAULT_MODES = ("float32", "float16", EDGE_BUILD)  # export's and convmixer-export's default
-REFUSED_EXIT_CODE = 3  # convmixer-export: finished, but a build was refused or failed
 
 
 def check_modes(modes, what="tflite_modes", edge_build=True):

@@ -271,7 +271,7 @@ MOVED = {
     **dict.fromkeys(("accuracy_report", "gate", "interleaved_latency_ms",
                      "choose_edge_build"), "convmixer_tf.deploy.gate"),
     **dict.fromkeys(("expand_modes", "export_all"), "convmixer_tf.deploy.tflite_set"),
-    **dict.fromkeys(("EDGE_BUILD", "INT8_MODES", "REFUSED_EXIT_CODE"),
+    **dict.fromkeys(("EDGE_BUILD", "INT8_MODES"),
                     "convmixer_tf.deploy.modes"),
 }
 FLOAT_OPS = TFLITE_MODES["int8_float_gelu"].float_ops  # ops int8_float_gelu keeps in float32

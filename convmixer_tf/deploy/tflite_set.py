@@ -62,7 +62,7 @@ def export_all(model, out_dir, name, representative_images, eval_images, input_s
     XNNPACK, interleaved), and the fastest that passes `gate.gate` is also written as
     `<name>_int8.tflite` (+ `_dynamic`): the default edge build. A build the gate refuses is
     not written; the report lists it under "refused" with the reason, and the caller decides
-    the exit status (`REFUSED_EXIT_CODE`). A build the converter cannot make is left out the
+    the exit status (the CLI's 3). A build the converter cannot make is left out the
     same way, under "failed" with a one-line reason (`tflite.conversion_failure`); the rest is still
     converted, gated and written. `int8_io` is the I/O type of the modes that take one
     (`Mode.io_types`: the calibrated ones); the others keep float32 I/O.
