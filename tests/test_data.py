@@ -131,16 +131,19 @@ def test_tfds_not_available_offline_fails_fast_and_clearly(tmp_path):
     assert not any(tmp_path.iterdir())  # nothing downloaded or created
 
 
-@pytest.mark.parametrize("cache", ["off", "memory"])
-def test_unreadable_images_are_skipped_and_named(tmp_path, cache, capsys):
+@pytest.mark.parametrize("cache,crop", [("off", 0.0), ("off", 0.5), ("memory", 0.0)])
+def test_unreadable_images_are_skipped_and_named(tmp_path, cache, crop, capsys):
     """Without --strict-images a broken file costs nothing up front: the stream skips it and
-    names it after the epoch (SkippedImages), the decode-once cache names it when decoding."""
+    names it after the epoch (SkippedImages), the decode-once cache names it when decoding.
+    With a random-resized crop the stream decodes a JPEG's crop window only, inside the same
+    validity check."""
     _write_folder(tmp_path / "train", per_class=4)
     _write_folder(tmp_path / "val", per_class=1)
     (tmp_path / "train" / "dog" / "bad.jpg").write_bytes(b"this is not a jpeg")
     (tmp_path / "train" / "emu" / "cut.png").write_bytes(
         (tmp_path / "train" / "emu" / "0.png").read_bytes()[:40])  # truncated
-    ds = data.build_datasets(str(tmp_path), image_size=8, global_batch_size=2, cache=cache)
+    ds = data.build_datasets(str(tmp_path), image_size=8, global_batch_size=2, cache=cache,
+                             augment=AugmentConfig(crop_scale=crop))
     assert ds.train_size == 14
     seen = sum(len(x) for x, _ in ds.train.take(6))
     assert seen == 12
