@@ -202,17 +202,24 @@ def _spawn(python, side, args, pythonpath=None):
          "--batch", str(args.batch)],
         cwd=pythonpath or None,
         stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
-    line = proc.stdout.readline()
-    if line.strip() != "ready":
-        proc.kill()
-        raise SystemExit(f"the {side} side did not start (said {line!r}); see its stderr above")
-    return proc
+    said = []
+    for line in proc.stdout:  # the pipeline's own log lines (the cache decision) come first
+        if line.strip() == "ready":
+            return proc
+        said.append(line)
+    proc.kill()
+    raise SystemExit(f"the {side} side did not start (said {''.join(said)!r}); see its stderr")
 
 
 def _round(proc, batches):
     proc.stdin.write(f"round {batches}\n")
     proc.stdin.flush()
-    return json.loads(proc.stdout.readline())
+    line = proc.stdout.readline()
+    while not line.startswith("{"):  # a log line of the pipeline
+        if not line:
+            raise SystemExit("a side stopped mid-run; see its stderr")
+        line = proc.stdout.readline()
+    return json.loads(line)
 
 
 def main(argv=None):
