@@ -145,11 +145,11 @@ class _Pipeline:
             ds = (skipped or cache_lib.Skipped(())).filter(cache_lib.decode_flagged(ds))
         return ds.map(_plain(lambda image, meta: (image, *meta[1:])))
 
-    def _train_image(self, image, seed_pair, encoded=False):
+    def _train_image(self, image, seed_pair, cropped=False):
         augment = self.augment
         if augment.crop_scale:
             return augment_lib.augment_image(image, seed_pair, augment, self.image_size,
-                                             encoded=encoded)
+                                             cropped=cropped)
         image = preprocessing.resize_centre_crop(image, self.image_size, 1.0)
         if augment.per_image:
             image = augment_lib.augment_image(image, seed_pair, augment, self.image_size)
@@ -185,9 +185,10 @@ class _Pipeline:
     def _augmented(self, indices, split, skipped):
         """(augmented image, label, g, *counts) of each (index, g), seeded by (seed, g).
         Unreadable files are dropped (`skipped`: a `cache.Skipped` names them, a
-        `cache.CountSkipped` appends counts). Encoded files under a random-resized crop run
-        the whole transform inside the validity check, so a JPEG decodes only its crop's
-        window (`augment.decode_random_resized_crop`: ~half the decode work on average)."""
+        `cache.CountSkipped` appends counts). Encoded files under a random-resized crop are
+        decoded and cropped inside the validity check (`augment.decode_crop`), so a JPEG
+        decodes only its crop's window (~half the decode work on average); the rest of the
+        transform is a plain parallel map (inside the check it would be instantiated per file)."""
         def seed_pair(g):
             return tf.stack([tf.cast(self.seed, tf.int64), g])
 
@@ -199,12 +200,15 @@ class _Pipeline:
             size = self.image_size
             flagged = cache_lib.decode_flagged(
                 indices.map(_plain(read), num_parallel_calls=AUTOTUNE),
-                decode=lambda x, meta: self._train_image(x, seed_pair(meta[2]), encoded=True),
+                decode=lambda x, meta: augment_lib.decode_crop(x, seed_pair(meta[2]),
+                                                               self.augment, size),
                 placeholder=np.zeros((size, size, 3), np.float32))
-            return skipped.filter(flagged).map(_plain(lambda image, meta: (image, *meta[1:])))
-        images = self._decoded(indices, split, skipped)
+            images = skipped.filter(flagged).map(_plain(lambda image, meta: (image, *meta[1:])))
+            cropped = True
+        else:
+            images, cropped = self._decoded(indices, split, skipped), False
         return images.map(_plain(lambda image, label, g, *counts: (
-            self._train_image(image, seed_pair(g)), label, g, *counts)),
+            self._train_image(image, seed_pair(g), cropped), label, g, *counts)),
             num_parallel_calls=AUTOTUNE)
 
     def service_stream(self, steps_per_epoch, epochs, start_epoch, send):
