@@ -95,7 +95,6 @@ class Datasets:
 
     @functools.cached_property
     def calibration(self):
-        """Training images in another seeded permutation, eval-preprocessed."""
         """Training images in a seeded uniform random order, eval-preprocessed (int8
         calibration takes the first few hundred)."""
         return self._pipeline.calibration() if self.streams else self._pipeline("calibration")
