@@ -197,3 +197,11 @@ def test_crop_before_decode_is_the_crop_of_the_decoded_image(fmt, tmp_path):
         # upsampling at the window's edge); a PNG is decoded whole: exact.
         tolerance = 3.0 if fmt == "JPEG" else 0.0
         assert float(tf.reduce_max(tf.abs(ours - whole))) <= tolerance, seed
+    # The pipeline's split (decode_crop inside its validity check, then the rest) is the
+    # one-call transform, pixel for pixel.
+    recipe = AugmentConfig(crop_scale=0.08, hflip=0.5, randaug_n=2, erase_prob=0.25)
+    for seed in SEEDS[:3]:
+        split = A.augment_image(A.decode_crop(encoded, seed, recipe, 32), seed, recipe, 32,
+                                cropped=True)
+        whole = A.augment_image(encoded, seed, recipe, 32, encoded=True)
+        np.testing.assert_array_equal(split.numpy(), whole.numpy())

@@ -210,10 +210,11 @@ def _jpeg_folder(root, classes=2, per_class=6):
 
 
 def test_benchmark_input_our_side_and_stages(tmp_path):
-    """scripts/benchmark_input.py: our side answers a round with its CPU time for the images
-    it made (the protocol the parent interleaves), and --stages prints every stage's row."""
+    """python -m benchmarks.input: our side (the data package's training stream, run as the
+    parent runs it: this file as a script) answers a round with its CPU time for the images it
+    made (the protocol the parent interleaves), and --stages prints every stage's row."""
     folder = _jpeg_folder(tmp_path / "jpegs")
-    script = os.path.join(ROOT, "scripts", "benchmark_input.py")
+    script = os.path.join(ROOT, "benchmarks", "input.py")
     env = subprocess_env()
     side = subprocess.run(
         [sys.executable, script, "--side", "tf", "--folder", str(folder), "--batch", "4"],
@@ -222,8 +223,9 @@ def test_benchmark_input_our_side_and_stages(tmp_path):
     ready, answer = side.stdout.strip().splitlines()[-2:]
     result = json.loads(answer)
     assert ready == "ready" and result["images"] == 8 and result["cpu_s"] > 0
-    stages = subprocess.run([sys.executable, script, "--folder", str(folder), "--stages"],
-                            env=env, capture_output=True, text=True, timeout=300)
+    stages = subprocess.run([sys.executable, "-m", "benchmarks.input", "--folder", str(folder),
+                             "--stages"], cwd=ROOT, env=env, capture_output=True, text=True,
+                            timeout=300)
     assert stages.returncode == 0, stages.stderr[-2000:]
     rows = [line for line in stages.stdout.splitlines() if line.startswith("| ")][1:]
     assert len(rows) == 7 and all(float(r.split("|")[2]) > 0 for r in rows), stages.stdout

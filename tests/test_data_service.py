@@ -16,8 +16,9 @@ import tensorflow as tf
 from PIL import Image
 
 from convmixer_tf import cli
-from convmixer_tf.training import data_service
-from convmixer_tf.training.config import TrainConfig
+from convmixer_tf.training import data, data_service
+from convmixer_tf.training.config import AugmentConfig, TrainConfig
+from convmixer_tf.training.data import pipeline, sources
 
 from helpers import subprocess_env
 ENV = subprocess_env()
@@ -102,43 +103,99 @@ def test_worker_without_dispatcher_is_one_line(capsys):
     assert len(err) == 1 and "Cannot reach the tf.data service dispatcher" in err[0], err
 
 
-def test_stream_reads_each_example_once_per_epoch_across_two_workers():
-    """distributed_epoch over 2 workers: each epoch is a permutation of every index (keyed by
-    (seed, epoch): the same for the same seed, new each epoch), nothing read twice."""
+def _index_pipeline(size=12, batch=3, seed=5):
+    """Datasets over `size` 1x1 images whose pixel is their index (image_size 1, no
+    augmentation): what a stream yields names the examples it read."""
+    split = sources.Split(size=size, examples=None, read=lambda i: (
+        tf.fill([1, 1, 3], tf.cast(i, tf.uint8)), tf.cast(i % 2, tf.int32)))
+    source = sources.Source(train=split, test=split, class_names=("even", "odd"))
+    return data.Datasets(
+        pipeline._Pipeline(source, 1, batch, AugmentConfig(), seed, 1.0, "off", 0, 0, None),
+        num_classes=2, class_names=source.class_names, train_size=size, test_size=size,
+        steps_per_epoch=size // batch, image_size=1)
+
+
+def _indices(ds):
+    return np.concatenate([x.numpy()[:, 0, 0, 0] for x, _ in ds]).astype(int)
+
+
+def test_service_stream_is_the_local_stream_and_reads_each_example_once_across_two_workers():
+    """The service's stream (no service in between) yields the local stream's batches: the
+    same (seed, epoch)-keyed permutations, one spare epoch; a resumed run's starts at its
+    epoch. Through a dispatcher and 2 workers (distributed_epoch) nothing is read twice."""
     size, epochs, batch = 12, 3, 3
-    parts = dict(size=size, batch_size=batch, encoded=False,
-                 read=lambda i: (tf.cast(i, tf.int64), tf.cast(i % 2, tf.int32)),
-                 image_map=lambda x, y, seed, encoded: (x, y),
-                 batch_map=lambda x, y, seed: (x, y))
-    local = [x.numpy() for x, _ in data_service.training_stream(parts, epochs, seed=5)]
-    order = np.concatenate(local)
-    epochs_read = order.reshape(epochs + 1, size)
+    ds = _index_pipeline(size, batch)
+    steps = size // batch
+    local = _indices(ds.service_stream(steps, epochs, 0, send=lambda d: d))
+    streamed = _indices(ds.train_stream().take((epochs + 1) * steps))
+    np.testing.assert_array_equal(local, streamed)
+    epochs_read = local.reshape(epochs + 1, size)
     for e in epochs_read:
         assert sorted(e) == list(range(size))
     assert len({tuple(e) for e in epochs_read}) == epochs + 1  # a new order each epoch
-    again = np.concatenate([x.numpy() for x, _ in data_service.training_stream(parts, epochs, 5)])
-    np.testing.assert_array_equal(order, again)
-    # A resumed run (start = its first epoch x steps x batch) reads on from there.
-    resumed = data_service.training_stream(parts, epochs, 5, start=2 * size)
-    np.testing.assert_array_equal(np.concatenate([x.numpy() for x, _ in resumed]),
-                                  order[2 * size:])
+    resumed = _indices(ds.service_stream(steps, epochs, 2, send=lambda d: d))
+    np.testing.assert_array_equal(resumed, local[2 * size:])
+    # Fewer steps per epoch: each epoch reads the first steps x batch of its permutation.
+    short = _indices(ds.service_stream(2, epochs, 0, send=lambda d: d))
+    np.testing.assert_array_equal(short, _indices(ds.train_stream(steps_per_epoch=2).take(
+        (epochs + 1) * 2)))
 
     dispatcher = data_service.start_dispatcher(_free_port())
     address = f"localhost:{dispatcher.target.rsplit(':', 1)[1]}"
     workers = [data_service.start_worker(address) for _ in range(2)]
     try:
-        # The image becomes its stream position j (the per-image seed's second half).
-        parts["image_map"] = lambda x, y, seed, encoded: (seed[1], y)
-        served = data_service.distribute(data_service.training_stream(parts, epochs, seed=5),
-                                         "grpc://" + address, job_name="test-once")
-        got = np.concatenate([x.numpy() for x, _ in served]).tolist()
-        assert len(got) == len(set(got)) and set(got) <= set(range((epochs + 1) * size))
+        served = ds.service_stream(steps, epochs, 0, send=lambda d: data_service.distribute(
+            d, "grpc://" + address, job_name="test-once"))
+        got = _indices(served)
+        counts = np.bincount(got, minlength=size)
+        assert counts.max() <= epochs + 1, counts  # no example more often than its epochs
         # Each worker drops at most its last partial batch; everything else came once.
         assert len(got) >= (epochs + 1) * size - 2 * (batch - 1), sorted(got)
     finally:
         for w in workers:
             w.stop()
         dispatcher.stop()
+
+
+def test_service_stream_skips_unreadable_files_graph_only_and_counts_them(tmp_path, capsys):
+    """A folder with a broken JPEG under the ImageNet-style crop (each JPEG decodes only its
+    crop window): the stream serializes (graph ops only), drops the broken file, and the
+    trainer's side counts it (unnamed) for the epoch's log line."""
+    for split, count in (("train", 4), ("val", 1)):
+        for name in ("cat", "dog"):
+            os.makedirs(tmp_path / split / name)
+            for i in range(count):
+                Image.fromarray(np.full((20, 24, 3), 40 * i, np.uint8)).save(
+                    tmp_path / split / name / f"{i}.jpg")
+    (tmp_path / "train" / "dog" / "bad.jpg").write_bytes(b"this is not a jpeg")
+    ds = data.build_datasets(f"folder:{tmp_path}", image_size=8, global_batch_size=3,
+                             cache="off", augment=AugmentConfig(crop_scale=0.5, hflip=0.5))
+    assert (ds.train_size, ds.steps_per_epoch) == (9, 3)  # every file read each epoch
+    sent = []
+
+    def send(stream):  # what the dispatcher receives: it must serialize without py_function
+        graph = stream._as_serialized_graph().numpy()
+        assert b"PyFunc" not in graph, "the service's workers cannot run py_function"
+        sent.append(stream)
+        return stream
+
+    served = ds.service_stream(ds.steps_per_epoch, 1, 0, send)
+    images = np.concatenate([x.numpy() for x, _ in served])
+    # 2 epochs (one spare) of 8 readable files = 16, in full batches of 3.
+    assert sent and images.shape == (15, 8, 8, 3)
+    data.SkippedImages(ds).on_epoch_end(0)
+    line = capsys.readouterr().out  # the last epoch's may sit after its last kept image
+    assert re.search(r"skipped [12] unreadable image\(s\)", line) and "names unknown" in line, line
+
+
+def test_a_tfds_stream_is_refused_with_one_line():
+    split = sources.Split(size=10, examples=None, read=None, encoded=True)
+    ds = data.Datasets(pipeline._Pipeline(
+        sources.Source(train=split, test=split, class_names=("a", "b")), 8, 2, AugmentConfig(),
+        0, 1.0, "off", 0, 0, None), num_classes=2, class_names=("a", "b"), train_size=10,
+        test_size=10, steps_per_epoch=5, image_size=8)
+    with pytest.raises(ValueError, match="--data-service needs a source with random access"):
+        ds.service_stream(5, 1, 0, send=lambda d: d)
 
 
 def _write_patterns(root, per_class=40, size=32):

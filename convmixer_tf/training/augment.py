@@ -285,17 +285,30 @@ def random_erasing(image, seed, prob=0.25, mode="pixel", area=(0.02, 1 / 3),
     return tf.ensure_shape(out, image.shape)
 
 
-def augment_image(image, seed, config, image_size, encoded=False):
+def _crop_args(config):
+    return (config.crop_scale, 1.0), (1.0 / config.crop_ratio, config.crop_ratio)
+
+
+def decode_crop(encoded, seed, config, image_size):
+    """The first stage of `augment_image(encoded, seed, config, image_size, encoded=True)`
+    alone (`config.crop_scale` on): the decoded random-resized crop (a JPEG's window only);
+    `augment_image(..., cropped=True)` does the rest. A small graph, so the pipeline can run
+    it inside its per-file validity check."""
+    return decode_random_resized_crop(encoded, image_size, _seeds(seed, 5)[0],
+                                      *_crop_args(config))
+
+
+def augment_image(image, seed, config, image_size, encoded=False, cropped=False):
     """The per-image train transform: crop/resize, flip, RandAugment, jitter, erasing.
     `encoded=True`: `image` is file bytes, decoded here (only the crop's window of a JPEG
-    when `config.crop_scale` is on)."""
+    when `config.crop_scale` is on). `cropped=True`: `image` is `decode_crop`'s output."""
     s_crop, s_flip, s_ra, s_jit, s_erase = _seeds(seed, 5)
-    crop_args = ((config.crop_scale, 1.0), (1.0 / config.crop_ratio, config.crop_ratio))
+    crop_args = _crop_args(config)
     if encoded and config.crop_scale:
         image = decode_random_resized_crop(image, image_size, s_crop, *crop_args)
     elif encoded:
         image = preprocessing.decode_image(image)
-    if config.crop_scale and not encoded:
+    if config.crop_scale and not (encoded or cropped):
         image = random_resized_crop(image, image_size, s_crop, *crop_args)
     if config.hflip:
         image = random_flip(image, s_flip, config.hflip)

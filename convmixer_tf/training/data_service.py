@@ -14,18 +14,22 @@ Processing mode: `distributed_epoch` (`ShardingPolicy.DYNAMIC`): the dispatcher 
 source's elements out one at a time to whichever worker asks, so every example is processed by
 one worker once. `parallel_epochs` (`ShardingPolicy.OFF`) would make every worker produce a
 whole epoch (N workers: each example N times per epoch). A DYNAMIC source must be splittable
-(`Dataset.range`, not `Dataset.random` / `flat_map`), so the service pipeline is one stream over
-`range((epochs + 1) * size)`: element j is example `index_shuffle(j % size, (seed, j // size))`
--- epoch e's permutation keyed by (seed, e) -- augmented with the stateless seed (seed, j).
-Keras `fit` reads it with `steps_per_epoch`, keeping one iterator across epochs, so epoch
-boundaries are step counts; each worker batches what it was handed, so a batch near an epoch
-boundary can hold examples of both epochs (one spare epoch covers what workers drop at the end).
+(`Dataset.range`, not `Dataset.random` / `flat_map`), so the service pipeline
+(`data.Datasets.service_stream`, in training/data/pipeline.py beside the local stream) is one
+`Dataset.range` over the epochs' global positions: position g of epoch e is example
+`index_shuffle(g % used, (seed, e))` -- the local pipeline's permutation -- augmented with the
+stateless seed (seed, g), batches mixed with (seed + 1, first g). Keras `fit` reads it with
+`steps_per_epoch`, keeping one iterator across epochs, so epoch boundaries are step counts;
+each worker batches what it was handed, so a batch near an epoch boundary can hold examples of
+both epochs (one spare epoch covers what workers drop at the end).
 
 What the workers run must serialize (no `py_function` / `numpy_function`): the sources' own
 readers do (folders: `read_file` of constant paths; digits / keras: the arrays as constants in
 the graph), the decoded-image cache does not (its disk mode maps a file), so the trainer turns
-the cache off and the workers decode. tfds sets (no random access) are refused. A resumed run
-starts the stream where the interrupted one stood at its last finished epoch (`start`).
+the cache off and the workers decode. Unreadable files are skipped on the workers by a
+graph-only filter and counted (each batch carries its count to the trainer's run log), without
+names. tfds sets (no random access) are refused. A resumed run starts the stream at its first
+epoch (the last finished one).
 """
 
 import signal
@@ -37,7 +41,6 @@ import tensorflow as tf
 
 from convmixer_tf.training import config
 
-AUTOTUNE = tf.data.AUTOTUNE
 PROCESSING_MODE = tf.data.experimental.service.ShardingPolicy.DYNAMIC  # "distributed_epoch"
 CONNECT_TIMEOUT = 10.0  # seconds to wait for a dispatcher that is still starting
 
@@ -63,33 +66,6 @@ def check_reachable(address, timeout=CONNECT_TIMEOUT):
                     f"`convmixer-data-service dispatcher --port {port}` on {host}, or fix "
                     f"--data-service.") from None
             time.sleep(0.25)
-
-
-def training_stream(parts, epochs, seed, start=0):
-    """The training pipeline as the service's workers run it: `epochs + 1` epochs of
-    (seed, epoch)-keyed permutations over a splittable `Dataset.range`, read + decoded +
-    augmented per image, batched by the global batch, mixed per batch. `parts` is
-    `data.Datasets.service_parts()`; every op is a graph op (no py_function), so the
-    dataset serializes to the dispatcher. `start`: the stream position to begin at (a resumed
-    run: its first epoch x steps x batch), so it reads on where the interrupted run stopped."""
-    size, batch = parts["size"], parts["batch_size"]
-    read, image_map, batch_map = parts["read"], parts["image_map"], parts["batch_map"]
-    seed_t = tf.constant(seed, tf.int64)
-
-    def example(j):
-        key = tf.stack([seed_t, j // size])
-        index = tf.random.experimental.index_shuffle(j % size, key, size - 1)
-        image, label = read(index)
-        image, label = image_map(image, label, tf.stack([seed_t, j]), parts["encoded"])
-        return image, label, j
-
-    def mix(images, labels, js):
-        return batch_map(images, labels, tf.stack([seed_t + 1, js[0]]))
-
-    ds = tf.data.Dataset.range(start, (epochs + 1) * size).map(example,
-                                                               num_parallel_calls=AUTOTUNE)
-    ds = ds.batch(batch, drop_remainder=True).map(mix, num_parallel_calls=AUTOTUNE)
-    return ds.prefetch(AUTOTUNE)
 
 
 def distribute(dataset, address, job_name, timeout=CONNECT_TIMEOUT):

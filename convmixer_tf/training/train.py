@@ -117,12 +117,22 @@ def sample_images(datasets, calibration_count=256, held_out_count=1000, budget_m
     return calibration, held_out, labels
 
 
-def training_input(datasets, strategy, steps_per_epoch, batch_size):
+def training_input(datasets, strategy, steps_per_epoch, batch_size, service=None):
     """(train input, test input, fit's steps_per_epoch, this process's training dataset): the
     one place the training dataset is finished. Our `data.Datasets`: an endless epoch-keyed
     stream (`train_stream`) of `steps_per_epoch` batches per epoch; under several workers each
-    reads only its share (`distribute_datasets_from_function`), the test split too. Any other
+    reads only its share (`distribute_datasets_from_function`), the test split too; with
+    `service` (dict(address, epochs, start_epoch, job)) the tf.data service's workers run the
+    same stream (`service_stream`) and no local training dataset exists. Any other
     `datasets` (scripts/parity.py) is used as given, one pass per epoch."""
+    if service:
+        if not getattr(datasets, "streams", False):
+            raise ValueError("--data-service needs the pipelines convmixer-train builds "
+                             "(data.build_datasets), not fixed batches.")
+        train_ds = datasets.service_stream(
+            steps_per_epoch, service["epochs"], service["start_epoch"],
+            send=lambda ds: data_service.distribute(ds, service["address"], service["job"]))
+        return train_ds, distribute.shardable(datasets.test, batch_size), steps_per_epoch, None
     if not getattr(datasets, "streams", False):
         train_ds = datasets.train
         if steps_per_epoch < datasets.steps_per_epoch:
@@ -144,8 +154,9 @@ def training_input(datasets, strategy, steps_per_epoch, batch_size):
 
 def data_callbacks(datasets, local_train, batch_size):
     """The input pipeline's callbacks: the epoch key (resume-exact order), the skipped-image
-    line and the input-share line (timing this process's own training input)."""
-    share = [data.InputShare(local_train, batch_size)]
+    line and the input-share line (timing this process's own training input, if it has one:
+    not under the data service)."""
+    share = [data.InputShare(local_train, batch_size)] if local_train is not None else []
     if not getattr(datasets, "streams", False):
         return share
     return [data.EpochKey(datasets), data.SkippedImages(datasets)] + share
@@ -187,8 +198,20 @@ def train(config, datasets=None):
     steps_per_epoch = datasets.steps_per_epoch
     if config.steps_per_epoch:
         steps_per_epoch = min(steps_per_epoch, config.steps_per_epoch)
-    train_ds, test_ds, fit_steps, local_train = training_input(datasets, strategy, steps_per_epoch,
-                                                  config.batch_size)
+    service = None
+    if config.data_service:  # one stream over every epoch from the last finished one
+        backup = callbacks_lib.AtomicBackupAndRestore(os.path.join(run_dir, "backup"))
+        service = dict(address=config.data_service, epochs=config.epochs,
+                       start_epoch=(backup.read_metadata() or {}).get("epoch", 0),
+                       job=f"{config.name}-{uuid.uuid4().hex[:8]}")  # never a stale job
+    train_ds, test_ds, fit_steps, local_train = training_input(
+        datasets, strategy, steps_per_epoch, config.batch_size, service)
+    if service:
+        print(f"Training input from the tf.data service at {config.data_service} "
+              f"(distributed_epoch, job {service['job']}, from epoch {service['start_epoch'] + 1})"
+              f": {steps_per_epoch} steps per epoch; the first step waits for workers "
+              f"(convmixer-data-service worker --dispatcher HOST:PORT); unreadable images are "
+              f"skipped there and counted without names", flush=True)
     steps = config.epochs * steps_per_epoch
     with strategy.scope():
         model = build_model(

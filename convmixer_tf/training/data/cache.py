@@ -55,15 +55,19 @@ def decide(mode, split, memory_budget, disk_budget, seed=0):
                     f"reading and decoding every epoch")
 
 
-def decode_flagged(ds, cycle_length=None):
+def decode_flagged(ds, cycle_length=None, decode=None, placeholder=_PLACEHOLDER):
     """`ds` of (encoded bytes, meta) -> (image uint8 [H, W, 3], valid, meta), `meta` (a tuple
     whose first field is the example's index) passed through: an image that fails to decode
     comes out as a 1x1 placeholder with valid=False, so the caller can count and name it.
-    Decodes in parallel, in order."""
+    Decodes in parallel, in order. `decode(bytes, meta)` replaces the plain decode (e.g. the
+    whole train transform, a JPEG decoding only its crop window), `placeholder` its failure.
+    Graph ops only: it serializes for the tf.data service."""
+    decode = decode or (lambda x, m: preprocessing.decode_image(x))
+
     def one(encoded, meta):
         good = tf.data.Dataset.from_tensors((encoded, meta)).map(
-            _plain(lambda x, m: (preprocessing.decode_image(x), True, m))).ignore_errors()
-        bad = tf.data.Dataset.from_tensors((tf.constant(_PLACEHOLDER), False, meta))
+            _plain(lambda x, m: (decode(x, m), True, m))).ignore_errors()
+        bad = tf.data.Dataset.from_tensors((tf.constant(placeholder), False, meta))
         return good.concatenate(bad).take(1)
 
     return ds.interleave(_plain(one), cycle_length=cycle_length or AUTOTUNE, block_length=1,
@@ -76,10 +80,16 @@ class Skipped:
 
     def __init__(self, paths):
         self.paths, self.seen = paths, []
+        self.unnamed = 0  # skipped where names cannot travel (the tf.data service's workers)
 
     def note(self, index):
         self.seen.append(int(index))
         return False
+
+    def count(self, n):
+        """`n` more skipped, names unknown (from the trainer's side of the data service)."""
+        self.unnamed += int(n)
+        return True
 
     def filter(self, ds):
         """The valid elements of a `decode_flagged` dataset as (image, meta); notes others."""
@@ -91,6 +101,26 @@ class Skipped:
     def take(self):
         seen, self.seen = self.seen, []
         return [self.paths[i] if i < len(self.paths) else f"example #{i}" for i in seen]
+
+    def take_unnamed(self):
+        unnamed, self.unnamed = self.unnamed, 0
+        return unnamed
+
+
+class CountSkipped:
+    """Graph-only skipping for the tf.data service (its workers run no py_function): drops the
+    unreadable elements of a `decode_flagged` dataset and appends to each kept element's meta
+    how many were dropped just before it (per worker), so batches carry the count home."""
+
+    def filter(self, ds):
+        def step(dropped, element):
+            image, valid, meta = element
+            return (tf.where(valid, tf.constant(0, tf.int64), dropped + 1),
+                    (image, valid, (*meta, dropped)))
+
+        counted = ds.scan(tf.constant(0, tf.int64), _plain(step))
+        return counted.filter(_plain(lambda image, valid, meta: valid)).map(
+            _plain(lambda image, valid, meta: (image, meta)))
 
 
 @dataclasses.dataclass(frozen=True)

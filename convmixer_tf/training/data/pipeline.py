@@ -14,6 +14,7 @@ import functools
 import time
 
 import keras
+import numpy as np
 import tensorflow as tf
 
 from convmixer_tf import preprocessing
@@ -68,6 +69,12 @@ class Datasets:
         return self._pipeline.train(input_context or _NO_CONTEXT,
                                     steps_per_epoch or self.steps_per_epoch)
 
+    def service_stream(self, steps_per_epoch, epochs, start_epoch, send):
+        """Every epoch from `start_epoch` to `epochs` run by the tf.data service: `send`
+        (e.g. `data_service.distribute` with its address) takes the graph-only stream and
+        returns what the service serves; the trainer reads that (`_Pipeline.service_stream`)."""
+        return self._pipeline.service_stream(steps_per_epoch, epochs, start_epoch, send)
+
     def test_shard(self, input_context=None):
         """The test split for one input pipeline: alone, every image once; one of several,
         its share of each global batch padded to equal length with weight-0 examples (every
@@ -88,7 +95,6 @@ class Datasets:
 
     @functools.cached_property
     def calibration(self):
-        """Training images in another seeded permutation, eval-preprocessed."""
         """Training images in a seeded uniform random order, eval-preprocessed (int8
         calibration takes the first few hundred)."""
         return self._pipeline.calibration() if self.streams else self._pipeline("calibration")
@@ -138,10 +144,11 @@ class _Pipeline:
             ds = (skipped or cache_lib.Skipped(())).filter(cache_lib.decode_flagged(ds))
         return ds.map(_plain(lambda image, meta: (image, *meta[1:])))
 
-    def _train_image(self, image, seed_pair):
+    def _train_image(self, image, seed_pair, cropped=False):
         augment = self.augment
         if augment.crop_scale:
-            return augment_lib.augment_image(image, seed_pair, augment, self.image_size)
+            return augment_lib.augment_image(image, seed_pair, augment, self.image_size,
+                                             cropped=cropped)
         image = preprocessing.resize_centre_crop(image, self.image_size, 1.0)
         if augment.per_image:
             image = augment_lib.augment_image(image, seed_pair, augment, self.image_size)
@@ -171,15 +178,71 @@ class _Pipeline:
         positions = local.map(_plain(position))
         indices = positions.map(
             _plain(lambda g: (epoch_permutation(g, train.size, seed, used), g)))
-        images = self._decoded(indices, train, self.skipped)
-
-        def augment(image, label, g):  # seeded by (seed, global position)
-            seed_pair = tf.stack([tf.cast(seed, tf.int64), g])
-            return self._train_image(image, seed_pair), label, g
-
-        ds = images.map(_plain(augment), num_parallel_calls=AUTOTUNE)
-        ds = ds.batch(batch, drop_remainder=True)
+        ds = self._augmented(indices, train, self.skipped).batch(batch, drop_remainder=True)
         return ds.map(_plain(self._mix), num_parallel_calls=AUTOTUNE).prefetch(AUTOTUNE)
+
+    def _augmented(self, indices, split, skipped):
+        """(augmented image, label, g, *counts) of each (index, g), seeded by (seed, g).
+        Unreadable files are dropped (`skipped`: a `cache.Skipped` names them, a
+        `cache.CountSkipped` appends counts). Encoded files under a random-resized crop are
+        decoded and cropped inside the validity check (`augment.decode_crop`), so a JPEG
+        decodes only its crop's window (~half the decode work on average); the rest of the
+        transform is a plain parallel map (inside the check it would be instantiated per file)."""
+        def seed_pair(g):
+            return tf.stack([tf.cast(self.seed, tf.int64), g])
+
+        if split.encoded and self.augment.crop_scale:
+            def read(index, g):
+                image, label = split.read(index)
+                return image, (index, label, g)
+
+            size = self.image_size
+            flagged = cache_lib.decode_flagged(
+                indices.map(_plain(read), num_parallel_calls=AUTOTUNE),
+                decode=lambda x, meta: augment_lib.decode_crop(x, seed_pair(meta[2]),
+                                                               self.augment, size),
+                placeholder=np.zeros((size, size, 3), np.float32))
+            images = skipped.filter(flagged).map(_plain(lambda image, meta: (image, *meta[1:])))
+            cropped = True
+        else:
+            images, cropped = self._decoded(indices, split, skipped), False
+        return images.map(_plain(lambda image, label, g, *counts: (
+            self._train_image(image, seed_pair(g), cropped), label, g, *counts)),
+            num_parallel_calls=AUTOTUNE)
+
+    def service_stream(self, steps_per_epoch, epochs, start_epoch, send):
+        """The training stream for the tf.data service (`data_service` module docstring):
+        the local stream's positions, order, augmentation and mixing, from one splittable
+        `Dataset.range` over epochs `start_epoch`..`epochs` plus a spare one (what workers
+        drop at the end), read by the source's own reader (the decoded cache does not
+        serialize), graph ops only. `send(dataset)` hands it to the service; what comes back
+        is fit's input. Unreadable files are skipped on the workers and counted, unnamed."""
+        train = self.source.train
+        if train.read is None:
+            raise ValueError("--data-service needs a source with random access (an image "
+                             "folder, digits or keras:NAME); a tfds set is read as a stream: "
+                             "drop --data-service or use the folder of its images.")
+        used, seed = steps_per_epoch * self.batch_size, self.seed
+        positions = tf.data.Dataset.range(start_epoch * used, (epochs + 1) * used)
+        indices = positions.map(
+            _plain(lambda g: (epoch_permutation(g, train.size, seed, used), g)))
+        ds = self._augmented(indices, train, cache_lib.CountSkipped())
+        if not train.encoded:  # arrays: nothing to skip
+            ds = ds.map(_plain(lambda x, y, g: (x, y, g, tf.constant(0, tf.int64))))
+        ds = ds.batch(self.batch_size, drop_remainder=True)
+        ds = ds.map(_plain(lambda x, y, g, dropped: (*self._mix(x, y, g),
+                                                     tf.reduce_sum(dropped))),
+                    num_parallel_calls=AUTOTUNE)
+        served = send(ds.prefetch(AUTOTUNE))
+
+        def note(x, y, dropped):  # on the trainer: tell SkippedImages
+            counted = tf.cond(dropped > 0, lambda: tf.py_function(self.skipped.count,
+                                                                  [dropped], tf.bool),
+                              lambda: tf.constant(True))
+            with tf.control_dependencies([counted]):
+                return tf.identity(x), y
+
+        return served.map(_plain(note))
 
     def _mix(self, images, labels, positions):
         labels = tf.one_hot(labels, self.num_classes)
@@ -325,7 +388,11 @@ class SkippedImages(keras.callbacks.Callback):
         self.skipped = datasets.skipped
 
     def on_epoch_end(self, epoch, logs=None):
-        names = self.skipped.take()
+        names, unnamed = self.skipped.take(), self.skipped.take_unnamed()
+        if unnamed:
+            log(f"Epoch {epoch + 1}: the data service's workers skipped {unnamed:,} unreadable "
+                "image(s) (graph-only filter: counted, names unknown; --strict-images "
+                "checks every file before training)")
         if names:
             log(f"Epoch {epoch + 1}: skipped {len(names):,} unreadable image(s): "
                 f"{', '.join(sorted(set(names))[:10])}"

@@ -6,15 +6,22 @@ auto_augment="rand-m9-mstd0.5-inc1", re_prob=0.25, interpolation="bicubic")`, th
 
 Each side runs in its own process (timm in a separate virtualenv: torchvision does not pair
 with this project's torch build) and reports its process CPU time for a round of batches; the
-parent alternates the sides round by round and reports medians. One thread of compute each
+parent alternates the sides round by round (the rotation of `convmixer_tf.timing.interleaved`,
+done here over processes, whose CPU time the parent's clocks cannot see) and reports medians.
+Ours is the data package's own training stream (`Datasets.train_stream`, cache off: what
+`convmixer-train --preset imagenet` streams at ImageNet size). One thread of compute each
 (tf.data private thread pool 1 + intra/inter-op 1; torch.set_num_threads(1), no DataLoader
 workers), so CPU ms per image is the cost whatever the machine is doing.
 
     python scripts/make_synthetic_imagenet.py /tmp/synth_in --classes 10 --images 1000
-    PYTHONPATH=. python scripts/benchmark_input.py --folder /tmp/synth_in \
+    python -m benchmarks.input --folder /tmp/synth_in \
         --timm-python /work/venv-timm/bin/python --rounds 10 --batches 4 --batch 32 \
         --before /tmp/before   # optional: git archive OLD | tar -x -C /tmp/before
-    PYTHONPATH=. python scripts/benchmark_input.py --folder /tmp/synth_in --stages
+    python -m benchmarks.input --folder /tmp/synth_in --stages
+
+The children run this file as a script (no package imports at the top: the timm side's
+Python has no TensorFlow; `--before`'s side imports the older checkout's convmixer_tf).
+Logs: benchmarks/results/input-imagenet-vs-timm.log.
 """
 
 import argparse
@@ -56,7 +63,9 @@ def tf_side(args):
     options.threading.private_threadpool_size = 1
     options.threading.max_intra_op_parallelism = 1
     options.autotune.enabled = False  # no background tuning thread
-    ds = datasets.train.repeat().with_options(options)
+    # The endless epoch-keyed stream fit reads (an older checkout: its one-epoch `train`).
+    stream = getattr(datasets, "train_stream", None)
+    ds = (stream() if stream else datasets.train.repeat()).with_options(options)
     iterator = iter(ds)
 
     def batch():
@@ -176,7 +185,7 @@ def stages(args, images=200, repeats=2):
         print(f"| {name} | {1000 * (time.process_time() - cpu) / (repeats * len(files)):.2f} |",
               flush=True)
     cpu = time.process_time()
-    data._check_images(files, workers=1)
+    data.check_images(files, workers=1)
     print(f"| header check per file (PIL verify, before training) | "
           f"{1000 * (time.process_time() - cpu) / len(files):.2f} |")
 
@@ -193,17 +202,24 @@ def _spawn(python, side, args, pythonpath=None):
          "--batch", str(args.batch)],
         cwd=pythonpath or None,
         stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
-    line = proc.stdout.readline()
-    if line.strip() != "ready":
-        proc.kill()
-        raise SystemExit(f"the {side} side did not start (said {line!r}); see its stderr above")
-    return proc
+    said = []
+    for line in proc.stdout:  # the pipeline's own log lines (the cache decision) come first
+        if line.strip() == "ready":
+            return proc
+        said.append(line)
+    proc.kill()
+    raise SystemExit(f"the {side} side did not start (said {''.join(said)!r}); see its stderr")
 
 
 def _round(proc, batches):
     proc.stdin.write(f"round {batches}\n")
     proc.stdin.flush()
-    return json.loads(proc.stdout.readline())
+    line = proc.stdout.readline()
+    while not line.startswith("{"):  # a log line of the pipeline
+        if not line:
+            raise SystemExit("a side stopped mid-run; see its stderr")
+        line = proc.stdout.readline()
+    return json.loads(line)
 
 
 def main(argv=None):
