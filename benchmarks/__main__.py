@@ -100,9 +100,9 @@ def setup(args):
     warnings.filterwarnings("ignore")
     os.environ["KERAS_BACKEND"] = args.backend
     if args.backend == "tensorflow":
-        from convmixer_tf import layers  # after KERAS_BACKEND is set
+        from convmixer_tf import fast_layers  # after KERAS_BACKEND is set
 
-        layers.configure_threads(args.threads, args.inter_op)
+        fast_layers.configure_threads(args.threads, args.inter_op)
         import tensorflow as tf
 
         tf.get_logger().setLevel("ERROR")

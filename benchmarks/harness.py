@@ -97,9 +97,9 @@ def machine_info(args):
                                if line.startswith("model name"))
     except (OSError, StopIteration):
         pass
-    from convmixer_tf import layers
+    from convmixer_tf import fast_layers
 
-    info["cpu_flags"] = sorted(layers.cpu_flags() & {"avx2", "avx512f", "avx512_bf16",
+    info["cpu_flags"] = sorted(fast_layers.cpu_flags() & {"avx2", "avx512f", "avx512_bf16",
                                                      "avx512_vnni", "amx_bf16"})
     info["cores"] = os.cpu_count()
     if args.backend == "jax":
@@ -134,11 +134,11 @@ def table(title, header, rows):
 
 
 def keras_model(cfg, precision="float32", fast=False):
-    """Our ConvMixer for `cfg`; `fast` is False, True (every `layers.accelerate` swap) or
+    """Our ConvMixer for `cfg`; `fast` is False, True (every `fast_layers.accelerate` swap) or
     a dict of `accelerate` switches."""
     import keras
 
-    from convmixer_tf import layers, model as model_lib
+    from convmixer_tf import fast_layers, model as model_lib
 
     keras.mixed_precision.set_global_policy(precision)
     try:
@@ -149,7 +149,7 @@ def keras_model(cfg, precision="float32", fast=False):
         )
         if not fast:
             return model
-        return layers.accelerate(model, **(fast if isinstance(fast, dict) else {}))
+        return fast_layers.accelerate(model, **(fast if isinstance(fast, dict) else {}))
     finally:
         keras.mixed_precision.set_global_policy("float32")
 

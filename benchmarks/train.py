@@ -214,7 +214,7 @@ def _keras_layers(cfg, precision, fast):
     """One block's layer types, as `accelerate` (fast) or Keras (stock) builds them."""
     import keras
 
-    from convmixer_tf import layers
+    from convmixer_tf import fast_layers
 
     keras.mixed_precision.set_global_policy(precision)
     try:
@@ -226,12 +226,12 @@ def _keras_layers(cfg, precision, fast):
         }
         if fast:
             clone = {  # the same swaps `accelerate` makes
-                "depthwise conv": layers.FastDepthwiseConv2D,
-                "BatchNorm": layers.FusedBatchNormalization,
+                "depthwise conv": fast_layers.FastDepthwiseConv2D,
+                "BatchNorm": fast_layers.FusedBatchNormalization,
             }
             made = {k: clone[k].from_config(v.get_config()) if k in clone else v
                     for k, v in stock.items()}
-            made["GELU"] = layers.GELU()
+            made["GELU"] = fast_layers.GELU()
             return made
         return stock
     finally:

@@ -35,7 +35,7 @@ def test_calibration_folder_skips_non_images(tmp_path):
     (folder / "nested").mkdir()
     images = export.folder_images(str(folder), (16, 16))
     assert images.shape == (2, 16, 16, 3) and images.dtype == np.uint8
-    calibration, held_out, labels = export.sample_images(
+    calibration, held_out, labels = export.stored_samples(
         None, dict(image_size=[16, 16], crop_pct=1.0), str(folder))
     assert calibration.shape == held_out.shape == (2, 16, 16, 3) and labels is None
 

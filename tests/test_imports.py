@@ -8,8 +8,8 @@ import os
 import pytest
 
 ROOT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "convmixer_tf")
-CORE = {"model", "presets", "imagenet", "layers", "checkpoints", "artifacts", "preprocessing",
-        "compat", "timing"}
+CORE = {"model", "presets", "imagenet", "layers", "fast_layers", "checkpoints", "artifacts",
+        "preprocessing", "compat", "timing"}
 
 
 def module_names():

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 import convmixer_tf
-from convmixer_tf import artifacts, layers
+from convmixer_tf import artifacts, fast_layers
 from convmixer_tf.deploy import logits as logits_lib
 
 from helpers import ROOT, subprocess_env, worker
@@ -47,21 +47,21 @@ def _command(name, *args, timeout=600):
     (["CPU", "TPU"], "float32", set()),
 ])
 def test_fast_layers_follow_the_device_table(devices, precision, expected):
-    options = layers.fast_layers_for(precision, devices)
+    options = fast_layers.fast_layers_for(precision, devices)
     assert {swap for swap, on in options.items() if on} == expected
-    line = layers.describe_fast_layers(options, precision, devices)
-    assert precision in line and layers.device_kind(devices) in line
+    line = fast_layers.describe_fast_layers(options, precision, devices)
+    assert precision in line and fast_layers.device_kind(devices) in line
     assert ("none" in line) == (not expected)
 
 
 def test_grouped_depthwise_gradient_dtypes_follow_the_cpu():
-    assert layers._grouped_gradient_dtypes(["avx2"]) == ("float32",)
-    assert layers._grouped_gradient_dtypes(["avx512_bf16"]) == ("float32", "bfloat16")
+    assert fast_layers._grouped_gradient_dtypes(["avx2"]) == ("float32",)
+    assert fast_layers._grouped_gradient_dtypes(["avx512_bf16"]) == ("float32", "bfloat16")
 
 
 GRADIENT_SCRIPT = r"""
 import json, numpy as np, tensorflow as tf
-from convmixer_tf import compat, layers
+from convmixer_tf import compat, fast_layers
 assert compat.onednn_enabled()
 rng = np.random.default_rng(0)
 x = tf.constant(rng.normal(size=(4, 8, 8, 32)), tf.float32)
@@ -71,7 +71,7 @@ for dtype in ("float16", "bfloat16", "float32"):
     xs, ks = tf.cast(x, dtype), tf.cast(k, dtype)
     with tf.GradientTape(persistent=True) as tape:
         tape.watch([xs, ks])
-        fast = layers._depthwise_same_tf(xs, ks)
+        fast = fast_layers._depthwise_same_tf(xs, ks)
         stock = tf.nn.depthwise_conv2d(xs, ks, [1, 1, 1, 1], "SAME")
     g_fast, g_stock = (tape.gradient(y, ks, output_gradients=tf.ones_like(y))
                        for y in (fast, stock))
@@ -124,7 +124,7 @@ def test_train_and_export_every_precision(tmp_path, precision, fast, strategy, x
     assert ("fast layers" in proc.stdout) == fast
     meta = json.loads((tmp_path / "t.json").read_text())
     assert meta["training_precision"] == precision
-    expected = layers.fast_layers_for(precision) if fast else {}
+    expected = fast_layers.fast_layers_for(precision) if fast else {}
     assert meta["fast_layers_applied"] == [s for s, on in expected.items() if on]
     saved = artifacts.load_model(str(tmp_path / "t.keras"))
     assert {layer.compute_dtype for layer in saved.layers} == {"float32"}
@@ -166,7 +166,7 @@ def _source(kind, policy, path):
     if kind == "functional":
         model = _trained(_functional(policy))
     elif kind == "accelerated":
-        model = _trained(layers.accelerate(_functional(policy)))
+        model = _trained(fast_layers.accelerate(_functional(policy)))
     else:  # "trainer": a ReplicaTrainer under a strategy, its inner model saved in its scope
         strategy = tf.distribute.MirroredStrategy(["/cpu:0"])
         with strategy.scope():
@@ -247,8 +247,8 @@ def test_float32_rebuild_of_mixed_models():
     `standardize(float32=True)` (what training saves) computes in float32."""
     images = np.random.default_rng(0).integers(0, 256, (4, 16, 16, 3)).astype("float32")
     for policy in PRECISIONS:
-        model = layers.accelerate(_functional(policy))
-        for copy in (logits_lib.logits_model(model), layers.standardize(model, float32=True)):
+        model = fast_layers.accelerate(_functional(policy))
+        for copy in (logits_lib.logits_model(model), fast_layers.standardize(model, float32=True)):
             assert {layer.compute_dtype for layer in copy.layers} == {"float32"}
             assert not any(type(layer).__module__.startswith("convmixer_tf")
                            for layer in copy.layers)

@@ -47,7 +47,7 @@ def folder_images(folder, image_size, crop_pct=1.0):
     return np.stack(images).astype(np.uint8)
 
 
-def sample_images(model_path, meta, calibration_dir=None):
+def stored_samples(model_path, meta, calibration_dir=None):
     """(calibration images, held-out images, held-out labels or None): from `calibration_dir`
     when given, else the `.samples.npz` training wrote, else (None, None, None)."""
     if calibration_dir:
@@ -271,7 +271,7 @@ def export_model(model_path, export_dir=None, name=None, saved_model_export=True
     check_precision(serving_precision)  # before any long work
     model = artifacts.load_model(model_path)
     meta = artifacts.read_metadata(model, model_path)
-    calibration, held_out, labels = sample_images(model_path, meta, calibration_dir)
+    calibration, held_out, labels = stored_samples(model_path, meta, calibration_dir)
     return export(
         model, export_dir or os.path.dirname(os.path.abspath(model_path)),
         name or os.path.splitext(os.path.basename(model_path))[0],

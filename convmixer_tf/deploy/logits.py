@@ -6,7 +6,7 @@ Both exporters (`saved_model`, `tflite`) and their validations start from `logit
 
 import keras
 
-from convmixer_tf import layers
+from convmixer_tf import fast_layers
 from convmixer_tf.deploy.modes import SERVING_PRECISIONS  # noqa: F401 (named here too)
 
 # Default max abs logit error of a SavedModel against the Keras model, by the dtype it computes
@@ -61,7 +61,7 @@ def logits_model(model, fixed_shape=None, precision="float32"):
     up to its global pooling, so the weights are the same for every size. Stock layers (an
     `accelerate`d model too) in float32 (weights cast), whatever dtype policy `model` has, or
     with `precision="policy"` in the model's own policy."""
-    model = layers.standardize(model, float32=check_precision(precision) == "float32")
+    model = fast_layers.standardize(model, float32=check_precision(precision) == "float32")
     config = model.get_config()
     channels = model.input_shape[-1]
     batch_shape = [None, None, None, channels] if fixed_shape is None else [*fixed_shape, channels]

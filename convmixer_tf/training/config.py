@@ -153,7 +153,7 @@ class TrainConfig(AugmentConfig):
         "False: no weight decay on 1-D weights (BN, bias), as timm")
     precision: str = knob("float32", "or mixed_float16 / mixed_bfloat16")
     fast_layers: bool = knob(True,
-        "layers.accelerate: same function, 1.5x faster fp32 CPU training")
+        "fast_layers.accelerate: same function, 1.5x faster fp32 CPU training")
     seed: int = knob(0, "data order, augmentation and initialisation")
     output_dir: str = knob("saved_models", "<output_dir>/<name>.keras")
     name: str = knob("",

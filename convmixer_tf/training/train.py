@@ -17,7 +17,7 @@ import keras
 
 import numpy as np
 
-from convmixer_tf import artifacts, layers, model as model_lib, presets
+from convmixer_tf import artifacts, fast_layers, model as model_lib, presets
 from convmixer_tf.training import (callbacks as callbacks_lib, data, data_service, distribute,
                                    schedules)
 
@@ -89,12 +89,12 @@ def build_model(config, num_classes, input_shape):
 
 def save_trained_model(model, path):
     """Saves `model` with stock Keras layers only, in float32 whatever the training policy
-    (`layers.standardize(float32=True)`; the metadata records the policy), uncompiled and
+    (`fast_layers.standardize(float32=True)`; the metadata records the policy), uncompiled and
     atomically, so the file loads and serves anywhere without this package."""
-    return artifacts.save_model(layers.standardize(model, float32=True), path, overwrite=True)
+    return artifacts.save_model(fast_layers.standardize(model, float32=True), path, overwrite=True)
 
 
-def sample_images(datasets, calibration_count=256, held_out_count=1000, budget_mb=48):
+def export_samples(datasets, calibration_count=256, held_out_count=1000, budget_mb=48):
     """(calibration images, held-out images, held-out labels) as uint8 arrays: what the export
     needs for int8 calibration and its accuracy checks, capped at `budget_mb` in all."""
     size = datasets.image_size
@@ -124,7 +124,7 @@ def training_input(datasets, strategy, steps_per_epoch, batch_size, service=None
     reads only its share (`distribute_datasets_from_function`), the test split too; with
     `service` (dict(address, epochs, start_epoch, job)) the tf.data service's workers run the
     same stream (`service_stream`) and no local training dataset exists. Any other
-    `datasets` (scripts/parity.py) is used as given, one pass per epoch."""
+    `datasets` (benchmarks/parity.py) is used as given, one pass per epoch."""
     if service:
         if not getattr(datasets, "streams", False):
             raise ValueError("--data-service needs the pipelines convmixer-train builds "
@@ -167,7 +167,7 @@ def train(config, datasets=None):
     is_chief).
 
     `datasets` (a `data.Datasets`) replaces the pipelines `config.dataset` names, e.g. with
-    batches in a fixed order (scripts/parity.py); its `train` may be anything `fit` takes.
+    batches in a fixed order (benchmarks/parity.py); its `train` may be anything `fit` takes.
 
     Writes `<output_dir>/<name>.keras`, its metadata `.json` and `.samples.npz`. Rerunning the
     same config after a crash resumes from `<run_dir>/<name>/backup/`, which is deleted only
@@ -217,11 +217,11 @@ def train(config, datasets=None):
         model = build_model(
             config, datasets.num_classes, (config.image_size, config.image_size, 3)
         )
-        fast = {swap: False for swap in layers.SWAPS}
+        fast = {swap: False for swap in fast_layers.SWAPS}
         if config.fast_layers:  # only the swaps measured faster on this device and precision
-            fast = layers.fast_layers_for(config.precision)
-            model = layers.accelerate(model, **fast)
-            print(layers.describe_fast_layers(fast, config.precision), flush=True)
+            fast = fast_layers.fast_layers_for(config.precision)
+            model = fast_layers.accelerate(model, **fast)
+            print(fast_layers.describe_fast_layers(fast, config.precision), flush=True)
         trainer = distribute.make_trainer(model)
         optimizer = keras.optimizers.AdamW(
             schedules.OneCycle(config.max_lr, steps),
@@ -266,7 +266,7 @@ def train(config, datasets=None):
             training_precision=config.precision, serving_precision="float32",
             fast_layers_applied=[swap for swap, on in fast.items() if on],
         )
-        artifacts.write_samples(model_path, *sample_images(datasets))
+        artifacts.write_samples(model_path, *export_samples(datasets))
     except OSError as error:
         raise FinalSaveError(
             f"Training finished, but saving {model_path} failed ({error}). The trained model "

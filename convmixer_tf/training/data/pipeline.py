@@ -47,7 +47,7 @@ class Datasets:
     use, so a caller that only evaluates never decodes the training set. `train_stream` and
     `test_shard` are the per-input-pipeline versions for `distribute_datasets_from_function`.
     `pipeline` may also be a function `make(which)` returning each split's dataset as given
-    (scripts/parity.py: fixed batches; then `streams` is False and fit reads `train` per epoch)."""
+    (benchmarks/parity.py: fixed batches; then `streams` is False and fit reads `train` per epoch)."""
 
     def __init__(self, pipeline, num_classes, class_names, train_size, test_size,
                  steps_per_epoch, image_size):

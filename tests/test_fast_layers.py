@@ -5,7 +5,7 @@ import pytest
 import tensorflow as tf
 import keras
 
-from convmixer_tf import compat, layers, model as model_lib
+from convmixer_tf import compat, fast_layers, model as model_lib
 
 
 def _tiny(activation="gelu"):
@@ -27,7 +27,7 @@ def _grads(model, x):
 
 def test_accelerate_swaps_layers_keeps_names_and_weights():
     model = _tiny()
-    fast = layers.accelerate(model)
+    fast = fast_layers.accelerate(model)
     kinds = {type(l).__name__ for l in fast.layers}
     assert {"FusedBatchNormalization", "GELU", "FastDepthwiseConv2D"} <= kinds
     assert not kinds & {"BatchNormalization", "Activation", "DepthwiseConv2D"}
@@ -38,7 +38,7 @@ def test_accelerate_swaps_layers_keeps_names_and_weights():
 
 def test_accelerate_same_outputs_gradients_and_moving_stats():
     model, x = _tiny(), _images()
-    fast = layers.accelerate(model)
+    fast = fast_layers.accelerate(model)
     out_a, grads_a = _grads(model, x)
     out_b, grads_b = _grads(fast, x)
     np.testing.assert_allclose(out_a, out_b, atol=1e-4, rtol=1e-4)
@@ -53,14 +53,14 @@ def test_accelerate_same_outputs_gradients_and_moving_stats():
 
 
 def test_relu_model_only_swaps_batchnorm():
-    fast = layers.accelerate(_tiny("relu"))
+    fast = fast_layers.accelerate(_tiny("relu"))
     kinds = [type(l).__name__ for l in fast.layers]
     assert "GELU" not in kinds and kinds.count("Activation") == 5
 
 
 def test_standardize_round_trip_saves_with_stock_layers(tmp_path):
     model, x = _tiny(), _images()
-    back = layers.standardize(layers.accelerate(model))
+    back = fast_layers.standardize(fast_layers.accelerate(model))
     kinds = {type(l).__name__ for l in back.layers}
     assert kinds >= {"BatchNormalization", "Activation", "DepthwiseConv2D"}
     assert not kinds & {"FusedBatchNormalization", "GELU", "FastDepthwiseConv2D"}
@@ -71,7 +71,7 @@ def test_standardize_round_trip_saves_with_stock_layers(tmp_path):
 
 
 def test_accelerated_model_saves_and_loads(tmp_path):
-    fast, x = layers.accelerate(_tiny()), _images()
+    fast, x = fast_layers.accelerate(_tiny()), _images()
     path = str(tmp_path / "fast.keras")
     fast.save(path)
     loaded = keras.models.load_model(path)
@@ -81,7 +81,7 @@ def test_accelerated_model_saves_and_loads(tmp_path):
 
 def test_mixed_bfloat16_training_step_runs():
     keras.mixed_precision.set_global_policy("mixed_bfloat16")
-    fast = layers.accelerate(_tiny())
+    fast = fast_layers.accelerate(_tiny())
     fast.compile(optimizer="adam", loss=keras.losses.CategoricalCrossentropy(from_logits=True))
     y = np.eye(5, dtype="float32")[[0, 1, 2, 3]]
     loss = fast.train_on_batch(_images(), y)
@@ -96,7 +96,7 @@ def _depthwise_pair(channels, kernel_size, **kwargs):
     stock = keras.layers.DepthwiseConv2D(kernel_size, padding="same", **kwargs)
     stock.build((None, 9, 7, channels))
     stock.bias.assign(np.random.default_rng(2).standard_normal(stock.bias.shape).astype("float32"))
-    fast = layers.FastDepthwiseConv2D.from_config(stock.get_config())
+    fast = fast_layers.FastDepthwiseConv2D.from_config(stock.get_config())
     fast.build((None, 9, 7, channels))
     fast.set_weights(stock.get_weights())
     return stock, fast
@@ -139,34 +139,34 @@ def test_fast_depthwise_other_configs_run_the_stock_code():
         assert not fast._fast(x)
         np.testing.assert_array_equal(fast(x), stock(x))
     stock = keras.layers.DepthwiseConv2D(3, padding="valid")
-    assert not layers.FastDepthwiseConv2D.from_config(stock.get_config())._fast(x)
+    assert not fast_layers.FastDepthwiseConv2D.from_config(stock.get_config())._fast(x)
 
 
 def test_gelu_gradient_matches_erf_formula():
     x = tf.constant(np.linspace(-6, 6, 101, dtype="float32"))
     with tf.GradientTape(persistent=True) as tape:
         tape.watch(x)
-        ours = layers.GELU()(x)
+        ours = fast_layers.GELU()(x)
         stock = keras.activations.gelu(x, approximate=False)
     np.testing.assert_allclose(ours, stock, atol=1e-6)
     np.testing.assert_allclose(tape.gradient(ours, x), tape.gradient(stock, x), atol=1e-5)
 
 
 def test_cpu_flags_is_a_set():
-    assert isinstance(layers.cpu_flags(), set)
+    assert isinstance(fast_layers.cpu_flags(), set)
 
 
 def test_recommended_precision_needs_native_bf16():
-    assert layers.recommended_precision({"avx2", "avx512f"}) == "float32"
-    assert layers.recommended_precision({"avx512f", "avx512_bf16"}) == "mixed_bfloat16"
-    assert layers.recommended_precision({"amx_bf16"}) == "mixed_bfloat16"
-    assert layers.recommended_precision() in ("float32", "mixed_bfloat16")
+    assert fast_layers.recommended_precision({"avx2", "avx512f"}) == "float32"
+    assert fast_layers.recommended_precision({"avx512f", "avx512_bf16"}) == "mixed_bfloat16"
+    assert fast_layers.recommended_precision({"amx_bf16"}) == "mixed_bfloat16"
+    assert fast_layers.recommended_precision() in ("float32", "mixed_bfloat16")
 
 
 def test_configure_threads_rejects_after_init():
     # TF is initialised in this process already: TF itself refuses the change; say so clearly.
     with pytest.raises(RuntimeError):
-        layers.configure_threads(1, 1)
+        fast_layers.configure_threads(1, 1)
 
 
 MIRRORED_SCRIPT = """
@@ -175,10 +175,10 @@ import tensorflow as tf
 cpu = tf.config.list_physical_devices("CPU")[0]
 tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
 import numpy as np, keras
-from convmixer_tf import compat, layers, model as model_lib
+from convmixer_tf import compat, fast_layers, model as model_lib
 strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
 with strategy.scope():
-    model = layers.accelerate(model_lib.ConvMixer(
+    model = fast_layers.accelerate(model_lib.ConvMixer(
         16, 1, 3, 2, input_shape=(8, 8, 3), classes=3, classifier_activation=None))
     model.compile(optimizer="adam", loss=keras.losses.CategoricalCrossentropy(from_logits=True))
 x = np.random.default_rng(0).random((16, 8, 8, 3)).astype("float32") * 255
@@ -201,3 +201,11 @@ def test_accelerated_model_trains_under_mirrored_strategy():
     proc = subprocess.run([sys.executable, "-c", MIRRORED_SCRIPT], capture_output=True,
                           text=True, timeout=180, env=env, cwd=root)
     assert proc.returncode == 0 and "OK" in proc.stdout, proc.stderr[-3000:]
+
+
+def test_the_old_module_name_still_resolves_with_a_warning():
+    """`convmixer_tf.layers` (the name before 0.2) forwards to `fast_layers` for one release."""
+    import convmixer_tf.layers as old
+
+    with pytest.warns(DeprecationWarning, match="fast_layers"):
+        assert old.accelerate is fast_layers.accelerate

@@ -3,9 +3,9 @@ in-memory cache and reports peak RSS against the cached bytes; `startup` times b
 to the first training batch (streaming, no per-image work before it).
 
     python scripts/make_synthetic_imagenet.py /tmp/synth --images 1500
-    PYTHONPATH=. python scripts/measure_input_scale.py rss /tmp/synth
+    python -m benchmarks.input_scale rss /tmp/synth
     python scripts/make_synthetic_imagenet.py /tmp/tiny20k --images 20000 --tiny
-    PYTHONPATH=. python scripts/measure_input_scale.py startup /tmp/tiny20k
+    python -m benchmarks.input_scale startup /tmp/tiny20k
 """
 
 import argparse
