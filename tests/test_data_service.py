@@ -67,6 +67,20 @@ def _stop(proc, timeout=20):
     return proc.returncode, out
 
 
+def _stop_cleanly(procs):
+    """SIGTERM to the servers, workers first: each exits 0 saying it stopped."""
+    for proc in procs[::-1]:
+        code, out = _stop(proc)
+        assert code == 0 and "stopped" in out, out[-2000:]
+
+
+def _kill(procs):
+    for proc in procs:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
 @pytest.mark.parametrize("address", ["localhost:5050", "grpc://", "grpc://host", "http://h:1",
                                      "grpc://h:1/path"])
 def test_bad_addresses_are_refused_before_any_work(address):
@@ -252,14 +266,9 @@ def test_dispatcher_two_workers_and_trainer_match_the_local_pipeline(tmp_path):
         assert served.returncode == 0, served.stdout[-3000:] + served.stderr[-3000:]
         assert "Training input from the tf.data service" in served.stdout
         assert "Decoded" not in served.stdout  # no local decode pass of the training set
-        for proc in procs[::-1]:
-            code, out = _stop(proc)
-            assert code == 0 and "stopped" in out, out[-2000:]
+        _stop_cleanly(procs)
     finally:
-        for proc in procs:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait()
+        _kill(procs)
     local = subprocess.run(
         _command("train_main", "--dataset", f"folder:{folder}", "--name", "local",
                  "--output-dir", tmp_path / "out", "--run-dir", tmp_path / "runs",
@@ -325,11 +334,6 @@ def test_dispatcher_with_work_dir_and_a_worker_stop_cleanly_on_sigterm(tmp_path)
         with socket.create_connection(("localhost", worker_port), timeout=5):
             pass  # the worker listens where it was told
         assert os.listdir(tmp_path / "journal")  # the dispatcher's state, for a restart
-        for proc in procs[::-1]:
-            code, out = _stop(proc)
-            assert code == 0 and "stopped" in out, out[-2000:]
+        _stop_cleanly(procs)
     finally:
-        for proc in procs:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait()
+        _kill(procs)

@@ -121,10 +121,30 @@ def _free_ports(n):
     return ports
 
 
+def _run_workers(argvs, timeout):
+    """Starts one process per (argv, TF_CONFIG) on this machine, waits for all (killing any
+    left in the end) and asserts each exited 0; returns their outputs."""
+    procs = [subprocess.Popen(argv, env=subprocess_env(TF_CONFIG=json.dumps(tf_config)),
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                              cwd=ROOT) for argv, tf_config in argvs]
+    outputs = []
+    try:
+        for proc in procs:
+            outputs.append(proc.communicate(timeout=timeout)[0])
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    for proc, output in zip(procs, outputs):
+        assert proc.returncode == 0, output[-3000:]
+    return outputs
+
+
 def test_multi_worker_two_processes_end_identical(tmp_path):
     """Two `convmixer-train --strategy multi_worker` processes on 127.0.0.1 (XLA on)."""
     workers = [f"127.0.0.1:{port}" for port in _free_ports(2)]
-    procs = []
+    argvs = []
     for index in range(2):
         tf_config = {"cluster": {"worker": workers}, "task": {"type": "worker", "index": index}}
         argv = [
@@ -134,21 +154,8 @@ def test_multi_worker_two_processes_end_identical(tmp_path):
             "--batch-size", "32", "--verbose", "0", "--output-dir", str(tmp_path / f"w{index}"),
             "--run-dir", str(tmp_path / "runs"),
         ]
-        procs.append(subprocess.Popen(
-            argv, env=subprocess_env(TF_CONFIG=json.dumps(tf_config)), stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT, text=True, cwd=ROOT,
-        ))
-    outputs = []
-    try:
-        for proc in procs:
-            outputs.append(proc.communicate(timeout=300)[0])
-    finally:
-        for proc in procs:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait()
-    for proc, output in zip(procs, outputs):
-        assert proc.returncode == 0, output[-3000:]
+        argvs.append((argv, tf_config))
+    _run_workers(argvs, timeout=300)
     models = [keras.saving.load_model(tmp_path / f"w{i}" / "convmixer_digits.keras")
               for i in range(2)]
     for a, b in zip(models[0].get_weights(), models[1].get_weights()):
@@ -264,7 +271,7 @@ def test_multi_worker_each_worker_reads_only_its_share(tmp_path):
                 colour = (40 * i % 256, 90, 200 if label == "b" else 0)
                 Image.new("RGB", (12, 12), colour).save(root / split / label / f"{i}.jpg")
     workers = [f"127.0.0.1:{port}" for port in _free_ports(2)]
-    procs = []
+    argvs = []
     for index in range(2):
         tf_config = {"cluster": {"worker": workers}, "task": {"type": "worker", "index": index}}
         argv = [
@@ -276,21 +283,8 @@ def test_multi_worker_each_worker_reads_only_its_share(tmp_path):
             "--verbose", "0", "--output-dir", str(tmp_path / f"w{index}"),
             "--run-dir", str(tmp_path / "runs"), "--name", "shards",
         ]
-        procs.append(subprocess.Popen(
-            argv, env=subprocess_env(TF_CONFIG=json.dumps(tf_config)), stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT, text=True, cwd=ROOT,
-        ))
-    outputs = []
-    try:
-        for proc in procs:
-            outputs.append(proc.communicate(timeout=400)[0])
-    finally:
-        for proc in procs:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait()
-    for proc, output in zip(procs, outputs):
-        assert proc.returncode == 0, output[-3000:]
+        argvs.append((argv, tf_config))
+    _run_workers(argvs, timeout=400)
 
     def trained_on(index):
         """Training files worker `index` opened while training: after its "Input cache

@@ -287,6 +287,22 @@ def test_export_api_writes_the_set_from_a_model_in_memory(tmp_path, tiny_model):
     np.testing.assert_allclose(lite.predict(images), logits, atol=1e-4)
 
 
+def test_export_api_takes_the_trainer_a_user_fitted(tmp_path, tiny_model):
+    """What `distribute.make_trainer` returned under a strategy (a ReplicaTrainer) exports as
+    the network it wraps."""
+    import convmixer_tf
+    from convmixer_tf.deploy import litert
+    from convmixer_tf.training import distribute
+
+    model = tiny_model(3)
+    images = np.random.default_rng(1).integers(0, 256, (4, 16, 16, 3)).astype(np.uint8)
+    result = convmixer_tf.export(distribute.ReplicaTrainer(model), str(tmp_path), name="fitted",
+                                 saved_model_export=False, tflite_modes=["float32"],
+                                 log=lambda line: None)
+    lite = litert.LiteRTModel(os.path.join(result["tflite"]["path"], "fitted_float32.tflite"))
+    np.testing.assert_allclose(lite.predict(images), model.predict(images, verbose=0), atol=1e-4)
+
+
 def _bfloat16_graph_conversion(real):
     """`tflite.convert_uncalibrated` with float16 converting a graph whose Mul computes
     in bfloat16: the converter's real failure (ConverterError, MLIR diagnostics on fd 2)."""

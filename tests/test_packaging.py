@@ -92,6 +92,7 @@ def test_missing_optional_package_names_the_extra(monkeypatch):
     with pytest.raises(ImportError, match=r'tensorflow-datasets.*"convmixer_tf\[tfds\]"'):
         data.build_datasets("tfds:cifar10")
     monkeypatch.setitem(sys.modules, "ai_edge_litert", None)  # a core package, --no-deps
+    monkeypatch.setitem(sys.modules, "ai_edge_litert.interpreter", None)  # imported earlier
     with pytest.raises(ImportError, match="Running a .tflite.*pip install ai-edge-litert"):
         _extras.require("ai_edge_litert.interpreter", "Running a .tflite model")
 

@@ -146,7 +146,7 @@ def test_softmax_head_is_detected_and_logits_recovered(tiny_model):
     assert out["classes"].shape == (2, 3)
 
 
-def test_a_new_signature_is_one_table_entry(tmp_path, monkeypatch):
+def test_a_new_signature_is_one_table_entry(tmp_path, monkeypatch, tiny_model):
     """A `SIGNATURES` entry is served, warmed up and validated in the fresh process with no
     other edit: here 0-1 float pixels, scaled back to 0-255 by the signature itself."""
     monkeypatch.setitem(saved_model.SIGNATURES, "serving_unit_float", saved_model.Signature(

@@ -85,6 +85,7 @@ def export(model, export_dir, name=None, class_names=None, image_size=None, crop
     written, the rest is (`convmixer-export` then exits 3). Bad arguments raise
     ValueError before any work.
     """
+    model = _network(model)
     meta, modes, calibration, held_images, labels = _checked(
         model, export_dir, name, class_names, image_size, crop_pct, calibration_images,
         held_out, tflite_modes, int8_io, tolerance, max_accuracy_drop, min_int8_agreement,
@@ -133,6 +134,16 @@ def export(model, export_dir, name=None, class_names=None, image_size=None, crop
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return result
+
+
+def _network(model):
+    """The classifier a trainer wraps (`training.distribute.ReplicaTrainer` keeps it as
+    `.model`), else `model`: what `make_trainer` returned can be exported as it is."""
+    inner = getattr(model, "model", None)
+    if (isinstance(model, keras.Model) and isinstance(inner, keras.Model)
+            and "predictions" not in [layer.name for layer in model.layers]):
+        return inner
+    return model
 
 
 def _checked(model, export_dir, name, class_names, image_size, crop_pct, calibration_images,
