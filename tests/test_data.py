@@ -464,3 +464,12 @@ def test_cli_strict_images_and_cache_disk_budget(tmp_path, capsys):
     assert "Input cache (train): disk" in out and "fits the disk budget (0.5 GB)" in out
     assert "Skipped 1 unreadable train image(s)" in out and "bad.jpg" in out
     assert any(f.endswith(".u8") for f in os.listdir(tmp_path / "runs" / "pets" / "cache"))
+
+
+def test_the_source_table_and_the_parser_name_the_same_prefixes():
+    """`config.parse_dataset` (TF-free: the CLI's default run name) reads the prefixes that
+    `sources.SOURCES` serves."""
+    from convmixer_tf.training.data import sources
+
+    assert tuple(sources.SOURCES) == sources.DATASET_PREFIXES
+    assert sources.parse_dataset("keras:mnist") == ("keras:", "mnist")

@@ -34,17 +34,33 @@ def parse_service_address(address):
     return parsed.hostname, port
 
 
+DATASET_PREFIXES = ("digits", "keras:", "folder:", "tfds:")  # the keys of data.sources.SOURCES
+
+
+def parse_dataset(dataset):
+    """(`DATASET_PREFIXES` entry, name) of a `--dataset` string: "digits", a known prefix, else
+    a path (an existing folder or one containing a separator) is a folder, else a tfds name."""
+    if not isinstance(dataset, str) or not dataset.strip():
+        raise ValueError(f"dataset must be a non-empty string. Received {dataset!r}")
+    if dataset == "digits":
+        return "digits", dataset
+    for prefix in DATASET_PREFIXES:
+        if prefix.endswith(":") and dataset.startswith(prefix):
+            return prefix, dataset[len(prefix):]
+    if os.sep in dataset or dataset.startswith(".") or os.path.isdir(dataset):
+        return "folder:", dataset
+    return "tfds:", dataset
+
+
 def default_name(dataset):
     """The run name a `--dataset` string gives: convmixer_ + the data set's own name, a plain
     file name (digits -> convmixer_digits, keras:fashion_mnist -> convmixer_fashion_mnist,
     folder:/data/pets -> convmixer_pets, tfds:cifar10 or cifar10 -> convmixer_cifar10)."""
-    prefix, _, rest = dataset.partition(":") if re.match(r"^[a-z]+:", dataset) else ("", "", "")
-    if prefix == "folder" or (not prefix and (os.sep in dataset or dataset.startswith(".")
-                                               or os.path.isdir(dataset))):
-        # A folder, as `data.sources.parse_dataset` reads it: its own name.
-        stem = os.path.basename(os.path.abspath(rest if prefix else dataset))
+    prefix, name = parse_dataset(dataset)
+    if prefix == "folder:":  # its own name
+        stem = os.path.basename(os.path.abspath(name))
     else:  # keras:NAME, tfds:NAME[/CONFIG][:VERSION], a bare tfds name, digits
-        stem = (rest if prefix else dataset).split(":")[0].replace("/", "_")
+        stem = name.split(":")[0].replace("/", "_")
     stem = re.sub(r"[^A-Za-z0-9_-]+", "_", stem).strip("_-")
     return "convmixer_" + (stem or "data")
 

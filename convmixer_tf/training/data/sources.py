@@ -15,6 +15,7 @@ import numpy as np
 import tensorflow as tf
 
 from convmixer_tf import _extras, compat, preprocessing
+from convmixer_tf.training.config import DATASET_PREFIXES, parse_dataset
 
 DIGITS_CLASS_NAMES = tuple(str(i) for i in range(10))
 IMAGE_EXTENSIONS = preprocessing.IMAGE_EXTENSIONS
@@ -411,27 +412,12 @@ def tfds_stream_shuffled(split, seed, buffer=16384):
 
 # `--dataset` prefix -> factory(name, options) returning a `Source`; `options` holds
 # image_size, seed, validation_split and data_dir. A new source is one entry here.
-SOURCES = {
+SOURCES = {  # its keys are config.DATASET_PREFIXES (parse_dataset, TF-free, reads them)
     "digits": lambda name, o: _digits_source(o["image_size"], o["seed"]),
     "keras:": lambda name, o: _keras_source(name),
     "folder:": lambda name, o: _folder_source(name, o["validation_split"], o["seed"]),
     "tfds:": lambda name, o: _tfds_source(name, o["data_dir"], o["validation_split"], o["seed"]),
 }
-
-
-def parse_dataset(dataset):
-    """(`SOURCES` key, name) of a `--dataset` string: "digits", a known prefix, else a path
-    (an existing folder or one containing a separator) is a folder, else a tfds name."""
-    if not isinstance(dataset, str) or not dataset.strip():
-        raise ValueError(f"dataset must be a non-empty string. Received {dataset!r}")
-    if dataset == "digits":
-        return "digits", dataset
-    for prefix in SOURCES:
-        if prefix.endswith(":") and dataset.startswith(prefix):
-            return prefix, dataset[len(prefix):]
-    if os.sep in dataset or dataset.startswith(".") or os.path.isdir(dataset):
-        return "folder:", dataset
-    return "tfds:", dataset
 
 
 def load_source(dataset, **options):
