@@ -76,7 +76,7 @@ def start_tensorflow():
 
 def add_config_flags(parser, config_cls, groups=(), only_given=False):
     """One `--flag` per dataclass field, typed by its default, described by its
-    `metadata["help"]` (config.knob); fields of a class in `groups` ((title, dataclass) pairs)
+    `metadata["help"]` (knobs.knob); fields of a class in `groups` ((title, dataclass) pairs)
     go under that title. `only_given=True`: the parsed namespace holds only the flags given."""
     choices = getattr(config_cls, "CHOICES", {})
     sections = {}

@@ -64,7 +64,7 @@ def test_every_flag_has_a_description_and_shows_its_default(command, capsys):
 
 
 def test_every_config_field_has_help_text_and_help_needs_no_source(monkeypatch, capsys):
-    """`--help` reads each field's metadata["help"] (config.knob), not the source file."""
+    """`--help` reads each field's metadata["help"] (knobs.knob), not the source file."""
     import dataclasses
     import inspect
 

@@ -8,7 +8,7 @@ import os
 import pytest
 
 ROOT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "convmixer_tf")
-CORE = {"model", "presets", "imagenet", "layers", "fast_layers", "checkpoints", "artifacts",
+CORE = {"model", "presets", "imagenet", "layers", "fast_layers", "checkpoints", "artifacts", "knobs",
         "preprocessing", "compat", "timing"}
 
 

@@ -10,6 +10,7 @@ import os
 import re
 
 from convmixer_tf import presets
+from convmixer_tf.knobs import knob
 
 ERASE_MODES = ("pixel", "mean")
 PRECISIONS = ("float32", "mixed_float16", "mixed_bfloat16")
@@ -63,11 +64,6 @@ def default_name(dataset):
         stem = name.split(":")[0].replace("/", "_")
     stem = re.sub(r"[^A-Za-z0-9_-]+", "_", stem).strip("_-")
     return "convmixer_" + (stem or "data")
-
-
-def knob(default, help):
-    """A config field: its default and its `--help` line (the CLI reads `metadata["help"]`)."""
-    return dataclasses.field(default=default, metadata={"help": help})
 
 
 @dataclasses.dataclass(frozen=True)
