@@ -30,17 +30,19 @@ from convmixer_tf.knobs import knob
 log = logging.getLogger(__name__)
 
 KINDS = ("keras", "saved_model", "tflite")
-# The SavedModel signatures that take the pixels evaluation prepares (deploy.saved_model's
-# SIGNATURE_FLOAT and SIGNATURE_UINT8; a test keeps them equal). Preprocessed pixels are whole
-# numbers 0-255, so both give the same answer; the image-bytes signature is not offered here.
-PIXEL_SIGNATURES = ("serving_default", "serving_uint8")
+# deploy.saved_model.SIGNATURES' names (a test keeps them equal; named here so that --help
+# answers before TensorFlow loads). The tensor signatures get the pixels evaluation prepares
+# (whole numbers 0-255: both give the same answer); the bytes one gets the test images
+# PNG-encoded (folders and tfds: their own JPEG/PNG files) and preprocesses them itself.
+SIGNATURE_NAMES = ("serving_default", "serving_uint8", "serving_image_bytes")
+BYTES_SIGNATURE = "serving_image_bytes"
 
 
 @dataclasses.dataclass(frozen=True)
 class EvaluateConfig:
     """The evaluation job's settings; each field is a `convmixer-evaluate` flag."""
 
-    CHOICES = {"signature": PIXEL_SIGNATURES}
+    CHOICES = {"signature": SIGNATURE_NAMES}
 
     dataset: str = knob("digits", "the test split of: digits, keras:NAME, folder:PATH (or a "
                                   "path), tfds:NAME (or a prepared tfds name)")
@@ -61,8 +63,8 @@ class EvaluateConfig:
             raise ValueError(f"--batch-size must be >= 1, --image-size and --threads >= 0. "
                              f"Received batch_size={self.batch_size}, image_size="
                              f"{self.image_size}, threads={self.threads}")
-        if self.signature not in PIXEL_SIGNATURES:
-            raise ValueError(f"--signature must be one of {', '.join(PIXEL_SIGNATURES)}. "
+        if self.signature not in SIGNATURE_NAMES:
+            raise ValueError(f"--signature must be one of {', '.join(SIGNATURE_NAMES)}. "
                              f"Received {self.signature!r}")
         if self.confusion and not self.confusion.lower().endswith(".png"):
             raise ValueError(f"--confusion writes a PNG picture: give a path ending in .png. "
@@ -266,17 +268,18 @@ def evaluate(path, config=None):
                          f"names but {path} has {classes} outputs: pass --metadata with the "
                          "artifact's own metadata")
     size = _image_size(config, meta, runner)
-    datasets = _test_data(config, meta, size)
-    if datasets.num_classes != classes:
+    encoded = kind == "saved_model" and config.signature == BYTES_SIGNATURE
+    test, class_names = (_encoded_test_data if encoded else _test_data)(config, meta, size)
+    if len(class_names) != classes:
         raise ValueError(f"{path} has {classes} classes but {config.dataset} has "
-                         f"{datasets.num_classes}: evaluate on the data set it was trained on "
+                         f"{len(class_names)}: evaluate on the data set it was trained on "
                          "(--dataset)")
     if not named:
-        meta = dict(meta, class_names=[str(c) for c in datasets.class_names])
-    elif tuple(datasets.class_names) != tuple(meta["class_names"]):
+        meta = dict(meta, class_names=[str(c) for c in class_names])
+    elif tuple(class_names) != tuple(meta["class_names"]):
         log.warning("the data set's class names %s differ from the artifact's %s; labels are "
-                    "matched by index", list(datasets.class_names)[:5], meta["class_names"][:5])
-    logits, labels, seconds = _run(runner, datasets.test.unbatch().batch(config.batch_size))
+                    "matched by index", list(class_names)[:5], meta["class_names"][:5])
+    logits, labels, seconds = _run(runner, test)
     result = _metrics(logits, labels, meta["class_names"], seconds)
     result.update(artifact=path, kind=kind, dataset=config.dataset, image_size=list(size),
                   crop_pct=meta["crop_pct"], batch_size=config.batch_size,
@@ -309,35 +312,68 @@ def _image_size(config, meta, runner):
     return tuple(meta["image_size"])
 
 
-def _test_data(config, meta, size):
-    """The training wing's test pipeline (`data.build_datasets`, the one preprocessing: short
-    side to size / crop_pct, centre crop), with the seed and held-out fraction the artifact was
-    trained with when its metadata records them (a folder without test/ holds out the same
-    images). Builds nothing yet: `.test` decodes on first use."""
-    from convmixer_tf.training import data
-
+def _split_options(config, meta, size):
+    """The data source options: the seed and held-out fraction the artifact was trained with
+    when its metadata records them (a folder without test/ then holds out the same images)."""
     trained = meta.get("config") or {}
     if size[0] != size[1]:
         raise ValueError(f"evaluation takes square images; the metadata says {size}: pass "
                          "--image-size")
-    # Batches of 1 here, rebatched by the caller: build_datasets wants a full training batch,
-    # which evaluation never uses (a small folder's train split may hold fewer than a batch).
-    return data.build_datasets(
-        config.dataset, image_size=int(size[0]), global_batch_size=1,
-        data_dir=config.data_dir or None, eval_crop_pct=meta["crop_pct"],
-        seed=int(trained.get("seed", 0)),
-        validation_split=float(trained.get("validation_split", 0.1)))
+    return dict(image_size=int(size[0]), data_dir=config.data_dir or None,
+                seed=int(trained.get("seed", 0)),
+                validation_split=float(trained.get("validation_split", 0.1)))
+
+
+def _test_data(config, meta, size):
+    """(batches of (pixels, int labels), class names): the training wing's test pipeline
+    (`data.build_datasets`, the one preprocessing: short side to size / crop_pct, centre crop).
+    Decodes nothing yet."""
+    import tensorflow as tf
+
+    from convmixer_tf.training import data
+
+    # Batches of 1 here, rebatched below: build_datasets wants a full training batch, which
+    # evaluation never uses (a small folder's train split may hold fewer than a batch).
+    datasets = data.build_datasets(config.dataset, global_batch_size=1,
+                                   eval_crop_pct=meta["crop_pct"],
+                                   **_split_options(config, meta, size))
+    test = datasets.test.unbatch().batch(config.batch_size)
+    return test.map(lambda x, y: (x, tf.argmax(y, -1))), datasets.class_names
+
+
+def _encoded_test_data(config, meta, size):
+    """(batches of (encoded JPEG/PNG images, int labels), class names): the same test split
+    (`data.sources`, in stored order) as a TF Serving client sends it to the bytes signature:
+    a JPEG or PNG file as it is, any other image decoded (`preprocessing`) and PNG-encoded."""
+    import tensorflow as tf
+
+    from convmixer_tf import preprocessing
+    from convmixer_tf.training.data import sources
+
+    source = sources.load_source(config.dataset, **_split_options(config, meta, size))
+    split = source.test
+
+    def encode(image, label):
+        if not split.encoded:
+            return tf.io.encode_png(tf.cast(image, tf.uint8)), label
+        head = tf.strings.substr(image, 0, 8)
+        known = tf.logical_or(tf.equal(tf.strings.substr(head, 0, 3), b"\xff\xd8\xff"),
+                              tf.equal(head, b"\x89PNG\r\n\x1a\n"))
+        return tf.cond(known, lambda: image,
+                       lambda: tf.io.encode_png(preprocessing.decode_image(image))), label
+
+    return split.examples().map(encode).batch(config.batch_size), source.class_names
 
 
 def _run(runner, test):
     """(logits, int labels, seconds spent in the artifact's predict calls)."""
     logits, labels, seconds = [], [], 0.0
-    for images, one_hot in test:
+    for images, batch_labels in test:
         images = images.numpy()
         start = time.perf_counter()
         logits.append(np.asarray(runner.predict(images), np.float32))
         seconds += time.perf_counter() - start
-        labels.append(np.argmax(one_hot.numpy(), axis=-1))
+        labels.append(batch_labels.numpy())
     return np.concatenate(logits), np.concatenate(labels), seconds
 
 
@@ -372,7 +408,7 @@ def draw_confusion(matrix, class_names, path, cell=None):
     font = ImageFont.load_default()
     names = [str(c) for c in class_names] if cell >= 12 else [str(i) for i in range(n)]
     if cell < 12:
-        names = [str(i) if i % max(1, 12 // cell) == 0 else "" for i in range(n)]
+        names = [str(i) if i % -(-12 // cell) == 0 else "" for i in range(n)]  # every k-th
     label_w = min(160, 8 + 7 * max((len(s) for s in names), default=1))
     margin = label_w + 20
     width = margin + n * cell + 10

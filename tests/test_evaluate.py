@@ -85,8 +85,8 @@ def test_bad_flags_and_missing_metadata_are_one_line_before_any_data(tmp_path, c
     with pytest.raises(SystemExit):
         cli.evaluate_main([str(lone), "--confusion", "out.jpg"])
     assert "ending in .png" in capsys.readouterr().err
-    assert set(evaluate.PIXEL_SIGNATURES) == {saved_model.SIGNATURE_FLOAT,
-                                              saved_model.SIGNATURE_UINT8}
+    assert evaluate.SIGNATURE_NAMES == tuple(saved_model.SIGNATURES)
+    assert evaluate.BYTES_SIGNATURE == saved_model.SIGNATURE_BYTES
 
 
 @pytest.fixture(scope="module")
@@ -119,18 +119,19 @@ def test_tflite_accuracy_equals_the_export_gates_on_the_same_images(digits_expor
 
 
 def test_saved_model_through_its_signatures_agrees_with_keras(digits_export, capsys):
-    """Base folder (its latest version) and version folder, float and uint8 signatures: the
-    SavedModel's metadata comes from the trained model's <name>.json beside the base folder."""
+    """Base folder (its latest version) and version folder, every signature (the bytes one
+    gets the test images PNG-encoded and preprocesses them itself): the SavedModel's metadata
+    comes from the trained model's <name>.json beside the base folder."""
     keras_result = evaluate.evaluate(digits_export["model_path"])
     base = str(digits_export["root"] / "tiny")
-    for path, signature in ((base, "serving_default"),
-                            (os.path.join(base, "1"), "serving_uint8")):
+    for path, signature in ((base, "serving_default"), (os.path.join(base, "1"), "serving_uint8"),
+                            (base, "serving_image_bytes")):
         result = evaluate.evaluate(path, CONFIG(signature=signature))
         assert result["kind"] == "saved_model" and result["signature"] == signature
         assert result["count"] == keras_result["count"]
         assert abs(result["top1"] - keras_result["top1"]) <= 1 / result["count"]
     with pytest.raises(SystemExit):  # argparse: a usage error
-        cli.evaluate_main([base, "--signature", "serving_image_bytes"])
+        cli.evaluate_main([base, "--signature", "serving_float"])
     assert "invalid choice" in capsys.readouterr().err
 
 
