@@ -248,7 +248,8 @@ def confusion_matrix(labels, predicted, classes):
 def evaluate(path, config=None):
     """Evaluates the artifact at `path` on `config.dataset`'s test split (an `EvaluateConfig`;
     default digits). Returns dict(artifact, kind, signature, dataset, count, top1, top5,
-    per_class {name: {accuracy, count}}, images_per_second, confusion (lists), class_names,
+    per_class {name: {accuracy, count}}, images_per_second (after the first, warm-up batch),
+    confusion (lists), class_names,
     image_size, crop_pct); writes `config.json` / `config.confusion` when set. Every input
     problem is a one-line error raised before any image is read."""
     config = config or EvaluateConfig()
@@ -279,8 +280,8 @@ def evaluate(path, config=None):
     elif tuple(class_names) != tuple(meta["class_names"]):
         log.warning("the data set's class names %s differ from the artifact's %s; labels are "
                     "matched by index", list(class_names)[:5], meta["class_names"][:5])
-    logits, labels, seconds = _run(runner, test)
-    result = _metrics(logits, labels, meta["class_names"], seconds)
+    logits, labels, speed = _run(runner, test)
+    result = dict(_metrics(logits, labels, meta["class_names"]), images_per_second=speed)
     result.update(artifact=path, kind=kind, dataset=config.dataset, image_size=list(size),
                   crop_pct=meta["crop_pct"], batch_size=config.batch_size,
                   signature=config.signature if kind == "saved_model" else None)
@@ -366,18 +367,22 @@ def _encoded_test_data(config, meta, size):
 
 
 def _run(runner, test):
-    """(logits, int labels, seconds spent in the artifact's predict calls)."""
-    logits, labels, seconds = [], [], 0.0
+    """(logits, int labels, images/s): the speed is the images after the first batch over the
+    seconds spent in the artifact's predict calls for them (the first call traces, allocates
+    or warms up; with one batch only, that batch's own speed)."""
+    logits, labels, timed = [], [], []
     for images, batch_labels in test:
         images = images.numpy()
         start = time.perf_counter()
         logits.append(np.asarray(runner.predict(images), np.float32))
-        seconds += time.perf_counter() - start
+        timed.append((len(images), time.perf_counter() - start))
         labels.append(batch_labels.numpy())
-    return np.concatenate(logits), np.concatenate(labels), seconds
+    count, seconds = np.sum(timed[1:] or timed, axis=0)
+    return np.concatenate(logits), np.concatenate(labels), \
+        float(count / seconds) if seconds > 0 else None
 
 
-def _metrics(logits, labels, class_names, seconds):
+def _metrics(logits, labels, class_names):
     predicted = logits.argmax(-1)
     matrix = confusion_matrix(labels, predicted, len(class_names))
     per_class = {}
@@ -387,7 +392,6 @@ def _metrics(logits, labels, class_names, seconds):
                                count=count)
     return dict(count=int(len(labels)), top1=float(np.mean(predicted == labels)),
                 top5=top_k_accuracy(logits, labels, 5), per_class=per_class,
-                images_per_second=float(len(labels) / seconds) if seconds > 0 else None,
                 class_names=list(class_names), confusion=matrix.tolist())
 
 
