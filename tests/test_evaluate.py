@@ -91,7 +91,7 @@ def test_bad_flags_and_missing_metadata_are_one_line_before_any_data(tmp_path, c
 
 @pytest.fixture(scope="module")
 def digits_export(tmp_path_factory, tiny_model):
-    """A tiny 10-class model exported (SavedModel + float32 and full-int8 TFLite builds) with
+    """A tiny 10-class model exported (SavedModel, float32 and full-int8 with uint8 I/O) with
     digits' test split (at 16 px) as the gate's held-out images, and its .keras + metadata."""
     root = tmp_path_factory.mktemp("export")
     model = tiny_model(bn_stats=True)
@@ -99,7 +99,7 @@ def digits_export(tmp_path_factory, tiny_model):
     result = convmixer_tf.export(model, str(root), name="tiny", class_names=data.DIGITS_CLASS_NAMES,
                                  calibration_images=x_train[:64], held_out=(x_test, y_test),
                                  tflite_modes=["float32", "full_int8"], max_accuracy_drop=1.0,
-                                 log=lambda line: None)
+                                 int8_io="uint8", log=lambda line: None)
     model_path = str(root / "tiny.keras")
     artifacts.save_model(model, model_path)
     artifacts.write_metadata(model_path, data.DIGITS_CLASS_NAMES, (16, 16))
@@ -109,8 +109,12 @@ def digits_export(tmp_path_factory, tiny_model):
 def test_tflite_accuracy_equals_the_export_gates_on_the_same_images(digits_export):
     """The gate (deploy/gate.py accuracy_report, as tflite_set runs it) measured every build on
     digits' test split; evaluate on --dataset digits gets the same top-1, build by build."""
+    from convmixer_tf.deploy import litert
+
     report = digits_export["result"]["tflite"]
     assert not report["refused"] and not report["failed"]
+    int8 = litert.LiteRTModel(os.path.join(report["path"], "tiny_full_int8.tflite"))
+    assert int8.input["dtype"] == np.uint8  # quantized I/O: the runner (de)quantizes
     for label, entry in report["builds"].items():
         path = os.path.join(report["path"], entry["files"][0])
         result = evaluate.evaluate(path, CONFIG(dataset="digits"))
@@ -151,3 +155,15 @@ def test_json_and_confusion_picture(digits_export, tmp_path, capsys):
     assert written["top1"] == report["builds"]["full_int8"]["accuracy"]
     with Image.open(out_png) as picture:
         assert picture.format == "PNG" and min(picture.size) > 10 * 12
+
+
+def test_the_bytes_signature_gets_a_folders_own_files(tmp_path, image_folder):
+    """What a TF Serving client sends for an image folder: each PNG file's bytes as they are."""
+    root = image_folder(tmp_path / "data", ("cat", "dog"), per_class=3)
+    meta = dict(class_names=["cat", "dog"], image_size=[16, 16], crop_pct=1.0)
+    batches, names = evaluate._encoded_test_data(CONFIG(dataset=root), meta, (16, 16))
+    encoded, labels = next(iter(batches))
+    assert tuple(names) == ("cat", "dog") and len(encoded) == len(labels) == 2
+    files = {open(os.path.join(root, c, f), "rb").read() for c in names
+             for f in os.listdir(os.path.join(root, c))}
+    assert set(encoded.numpy()) <= files
