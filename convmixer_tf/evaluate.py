@@ -249,9 +249,9 @@ def evaluate(path, config=None):
     """Evaluates the artifact at `path` on `config.dataset`'s test split (an `EvaluateConfig`;
     default digits). Returns dict(artifact, kind, signature, dataset, count, top1, top5,
     per_class {name: {accuracy, count}}, images_per_second (after the first, warm-up batch),
-    confusion (lists), class_names,
-    image_size, crop_pct); writes `config.json` / `config.confusion` when set. Every input
-    problem is a one-line error raised before any image is read."""
+    confusion (lists), class_names, image_size, crop_pct, batch_size); writes `config.json` /
+    `config.confusion` when set. Every input problem is a one-line error raised before any
+    image is read."""
     config = config or EvaluateConfig()
     path = os.fspath(path)
     kind = artifact_kind(path)
@@ -280,14 +280,14 @@ def evaluate(path, config=None):
     elif tuple(class_names) != tuple(meta["class_names"]):
         log.warning("the data set's class names %s differ from the artifact's %s; labels are "
                     "matched by index", list(class_names)[:5], meta["class_names"][:5])
+    log.info("evaluating %s (%s) on %s's test split: %dx%d images, crop_pct %g", path,
+             kind if kind != "saved_model" else f"SavedModel, {config.signature}",
+             config.dataset, size[0], size[1], meta["crop_pct"])
     logits, labels, speed = _run(runner, test)
     result = dict(_metrics(logits, labels, meta["class_names"]), images_per_second=speed)
     result.update(artifact=path, kind=kind, dataset=config.dataset, image_size=list(size),
                   crop_pct=meta["crop_pct"], batch_size=config.batch_size,
                   signature=config.signature if kind == "saved_model" else None)
-    log.info("%s (%s) on %s: %d test images, top-1 %.2f%%, top-5 %.2f%%, %.0f images/s",
-             path, kind, config.dataset, result["count"], 100 * result["top1"],
-             100 * result["top5"], result["images_per_second"])
     if config.json:
         from convmixer_tf import artifacts
 
