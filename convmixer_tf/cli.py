@@ -361,33 +361,45 @@ def _convert(argv):
 
 
 def evaluate_main(argv=None):
-    """`convmixer-evaluate`: top-1 / top-5 accuracy of a saved .keras model on a test split."""
+    """`convmixer-evaluate`: top-1, top-5 and per-class accuracy and images/s of any artifact
+    (a .keras model, a TF Serving SavedModel folder, a .tflite file) on a data set's test
+    split, preprocessed as the artifact's metadata says."""
     return run("convmixer-evaluate", _evaluate, argv)
 
 
 def _evaluate(argv):
+    from convmixer_tf.evaluate import EvaluateConfig
+
     parser = argparse.ArgumentParser(
         prog="convmixer-evaluate", description=evaluate_main.__doc__,
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    parser.add_argument("model", help="a .keras file saved by convmixer-train")
-    parser.add_argument("--dataset", default="digits",
-                        help="digits, a prepared tfds name or an image folder")
-    parser.add_argument("--data-dir", default=None, help="where tfds data sets are prepared")
-    parser.add_argument("--image-size", type=int, default=0, help="0 = the model's input size")
-    parser.add_argument("--batch-size", type=int, default=64, help="images per predict call")
-    args = parser.parse_args(argv)
-    if args.batch_size < 1 or args.image_size < 0:
-        parser.error("--batch-size must be >= 1 and --image-size >= 0")
+    parser.add_argument("model", help="a .keras file, a SavedModel folder (<name>/: its latest "
+                                      "version, or <name>/<version>/) or a .tflite file")
+    add_config_flags(parser, EvaluateConfig)
+    args = vars(parser.parse_args(argv))
+    path = args.pop("model")
+    try:
+        config = EvaluateConfig(**args)
+    except ValueError as error:
+        parser.error(str(error))
 
     start_tensorflow()
-    from convmixer_tf.training.evaluate import evaluate_saved_model
+    from convmixer_tf import evaluate
 
-    result = evaluate_saved_model(
-        args.model, args.dataset, args.image_size, args.batch_size, args.data_dir
-    )
-    print(f"{result['examples']} test images of {args.dataset}: "
-          f"top-1 {result['top1']:.2%}, top-5 {result['top5']:.2%}")
+    result = evaluate.evaluate(path, config)
+    kind = result["kind"] + (f", {result['signature']}" if result["signature"] else "")
+    speed = result["images_per_second"]
+    print(f"{result['count']} test images of {config.dataset} ({kind}): "
+          f"top-1 {result['top1']:.2%}, top-5 {result['top5']:.2%}"
+          + (f", {speed:,.0f} images/s" if speed else ""))
+    width = max(len(name) for name in result["per_class"])
+    for name, row in result["per_class"].items():
+        accuracy = "   n/a" if row["accuracy"] is None else f"{row['accuracy']:7.2%}"
+        print(f"  {name:<{width}}  {accuracy}  of {row['count']}")
+    for flag, written in (("json", config.json), ("confusion", config.confusion)):
+        if written:
+            print(f"{flag}: {written}")
     return EXIT_OK
 
 

@@ -1,5 +1,4 @@
-"""Run directory: atomic writes, SIGKILL + restart resumes, NaN never overwrites a backup,
-`convmixer-evaluate`."""
+"""Run directory: atomic writes, SIGKILL + restart resumes, NaN never overwrites a backup."""
 
 import csv
 import json
@@ -14,7 +13,7 @@ import numpy as np
 import pytest
 
 from convmixer_tf import cli, model as model_lib
-from convmixer_tf.training import callbacks, data, evaluate, train
+from convmixer_tf.training import callbacks, train
 
 from helpers import subprocess_env, worker
 
@@ -178,30 +177,3 @@ def test_backup_from_another_model_is_a_clear_error(tmp_path):
             with pytest.raises(ValueError, match="different model"):
                 model.fit(x, y, epochs=2, verbose=0, callbacks=cbs)
 
-
-def test_evaluate_reports_top1_top5_and_fails_clearly(tmp_path, capsys, tiny_model):
-    keras.utils.set_random_seed(0)
-    model = tiny_model(name="convmixer")
-    path = tmp_path / "m.keras"
-    model.save(path)
-    result = evaluate.evaluate_saved_model(str(path))
-    _, (x_test, y_test) = data.load_digits(16)
-    logits = model.predict(x_test, verbose=0)
-    assert result["examples"] == len(y_test)
-    assert result["top1"] == pytest.approx(np.mean(logits.argmax(-1) == y_test))
-    top5 = np.argsort(-logits, axis=-1)[:, :5]
-    assert result["top5"] == pytest.approx(np.mean((top5 == y_test[:, None]).any(-1)))
-    assert result["top5"] >= result["top1"]
-
-    assert cli.evaluate_main([str(path)]) == 0
-    assert "top-1" in capsys.readouterr().out
-    (tmp_path / "bad.keras").write_bytes(b"not a zip")
-    truncated = tmp_path / "truncated.keras"
-    truncated.write_bytes(path.read_bytes()[:2000])
-    for bad, message in ((tmp_path / "missing.keras", "no such model file"),
-                         (tmp_path / "bad.keras", "not a .keras model file"),
-                         (truncated, "not a .keras model file|cannot load")):
-        assert cli.evaluate_main([str(bad)]) == 2
-        err = capsys.readouterr().err
-        assert "convmixer-evaluate: error:" in err
-        assert any(m in err for m in message.split("|")), err

@@ -182,7 +182,7 @@ INTERNAL_CASES = {
     "train": ("convmixer_tf.training.train", "train", ["--no-export"]),
     "export": ("convmixer_tf.deploy.export", "export_model", ["m.keras", "--tflite-modes", "none"]),
     "convert": ("convmixer_tf.model", "convert_checkpoint", ["m.pth", "m.keras"]),
-    "evaluate": ("convmixer_tf.training.evaluate", "evaluate_saved_model", ["m.keras"]),
+    "evaluate": ("convmixer_tf.evaluate", "evaluate", ["m.keras"]),
     "predict": ("convmixer_tf.deploy.predict", "predict_files", ["m.tflite", "a.png"]),
     "data_service": ("convmixer_tf.training.data_service", "start_worker",
                      ["worker", "--dispatcher", "localhost:1"]),

@@ -1,5 +1,6 @@
 """The package's shape: no import cycle, the training and deployment wings never import each
-other, the core never imports a wing, and nothing imports the CLI. Function-level imports count
+other, the core never imports a wing, a job above both wings (`JOBS`: it may import either)
+is imported by neither wing nor the core, and nothing imports the CLI. Function-level imports count
 too, so a cycle cannot hide inside a function."""
 
 import ast
@@ -10,6 +11,7 @@ import pytest
 ROOT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "convmixer_tf")
 CORE = {"model", "presets", "imagenet", "layers", "fast_layers", "checkpoints", "artifacts", "knobs",
         "preprocessing", "compat", "timing"}
+JOBS = {"evaluate"}  # convmixer_tf/evaluate.py: deploy artifacts on training data sources
 
 
 def module_names():
@@ -78,6 +80,8 @@ def test_wings_and_core_import_only_downward(graph):
                 problems.append(f"{name} (deploy) imports {target} (training)")
             if wing(name) in CORE and wing(target) in ("training", "deploy", "cli"):
                 problems.append(f"{name} (core) imports {target}")
+            if wing(target) in JOBS and wing(name) in CORE | {"training", "deploy"}:
+                problems.append(f"{name} imports the job module {target}")
     assert not problems, problems
     assert graph["convmixer_tf.cli"], "the graph is empty: the parser found no imports"
 
