@@ -68,6 +68,9 @@ TORCH = [
 BENCH = TORCH
 TEST = [
     "pytest>=7.0",  # pytest.ini's `pythonpath` (7.0+)
+    # pytest.ini's `-n auto --dist loadgroup` (two workers on two cores). 2.5.0: the first with
+    # `--dist loadgroup` and the `xdist_group` mark (CI uses requirements-lock.txt's).
+    "pytest-xdist>=2.5.0",
 ] + TFDS + SERVING  # tests prepare a tiny tfds data set and parse the TF Serving files
 
 setup(
