@@ -60,14 +60,61 @@ def cpu_flags():
     return set()
 
 
+# oneDNN's ISA cap (ONEDNN_MAX_CPU_ISA, read when TF starts; its values as oneDNN names them,
+# most specific first) -> the CPU flags oneDNN stops using under it.
+_AMX = {"amx_bf16", "amx_fp16", "amx_tile"}
+_AVX512 = {"avx512f", "avx512_bf16", "avx512_fp16"} | _AMX
+_ISA_CAPS = (
+    ("AVX512_CORE_AMX", set()),
+    ("AVX512_CORE_BF16", _AMX), ("AVX512_CORE_FP16", _AMX),
+    ("AVX512_CORE", {"avx512_bf16", "avx512_fp16"} | _AMX),
+    ("AVX2", _AVX512), ("AVX", _AVX512 | {"avx2"}), ("SSE41", _AVX512 | {"avx2"}),
+)
+# The CPU classes speed figures are measured on (BENCHMARKS.md names each figure's class),
+# from the richest: the flags that make a CPU one.
+CPU_CLASSES = (("AMX", "amx_bf16"), ("AVX512-BF16", "avx512_bf16"), ("AVX-512", "avx512f"),
+               ("AVX2", "avx2"))
+
+
+def usable_cpu_flags(flags=None, env=None):
+    """The CPU flags oneDNN (TF's CPU kernels) uses: `cpu_flags()` less what an
+    ONEDNN_MAX_CPU_ISA cap in `env` (default os.environ) turns off."""
+    flags = cpu_flags() if flags is None else set(flags)
+    cap = (os.environ if env is None else env).get("ONEDNN_MAX_CPU_ISA", "").upper()
+    removed = next((off for name, off in _ISA_CAPS if cap.startswith(name)), set())
+    return flags - removed
+
+
+def cpu_class(flags=None):
+    """This CPU's class for speed figures: "AMX", "AVX512-BF16", "AVX-512", "AVX2" or "older"."""
+    flags = usable_cpu_flags(flags)
+    return next((name for name, flag in CPU_CLASSES if flag in flags), "older")
+
+
+def native_bfloat16(flags=None):
+    """True where oneDNN has bfloat16 dot products in hardware (AVX512-BF16 or AMX)."""
+    return bool(usable_cpu_flags(flags) & {"avx512_bf16", "amx_bf16"})
+
+
 def recommended_precision(flags=None):
     """The Keras dtype policy to train with on this CPU: "mixed_bfloat16" where the CPU has
     native bfloat16 dot products (AVX512-BF16 or AMX), else "float32". Use it together with
     `accelerate` (BENCHMARKS.md: bfloat16 with the stock layers is slower than float32)."""
-    flags = cpu_flags() if flags is None else set(flags)
-    if flags & {"avx512_bf16", "amx_bf16"}:
-        return "mixed_bfloat16"
-    return "float32"
+    return "mixed_bfloat16" if native_bfloat16(flags) else "float32"
+
+
+def precision_warning(precision, flags=None):
+    """One line when training in `precision` (a Keras policy name) on this CPU is slower than
+    float32 (BENCHMARKS.md, "Precision by CPU class"), naming the faster choice; else None."""
+    if precision == "mixed_bfloat16" and not native_bfloat16(flags):
+        return (f"warning: mixed_bfloat16 has no native support on this CPU ({cpu_class(flags)}: "
+                "no AVX512-BF16/AMX), so oneDNN emulates it, measured several times slower "
+                "than float32: --precision float32 trains faster here")
+    if precision == "mixed_float16":
+        faster = recommended_precision(flags)
+        return (f"warning: mixed_float16 has no fast CPU kernels (no fast layers; measured "
+                f"slower than float32 on CPU): --precision {faster} trains faster here")
+    return None
 
 
 def _tensorflow_backend():
@@ -223,8 +270,7 @@ def _grouped_gradient_dtypes(flags=None):
     """The dtypes oneDNN computes the grouped-convolution filter gradient in: float32 always,
     bfloat16 only with native bfloat16 (AVX512-BF16/AMX, where it was measured); float16
     never (TF's CPU fallback ignores the groups)."""
-    flags = cpu_flags() if flags is None else set(flags)
-    return ("float32", "bfloat16") if flags & {"avx512_bf16", "amx_bf16"} else ("float32",)
+    return ("float32", "bfloat16") if native_bfloat16(flags) else ("float32",)
 
 
 def _depthwise_same_tf(x, kernel):
