@@ -209,3 +209,18 @@ def test_the_old_module_name_still_resolves_with_a_warning():
 
     with pytest.warns(DeprecationWarning, match="fast_layers"):
         assert old.accelerate is fast_layers.accelerate
+
+
+def test_cpu_class_and_precision_warning_follow_the_flags_and_the_onednn_cap(monkeypatch):
+    monkeypatch.delenv("ONEDNN_MAX_CPU_ISA", raising=False)
+    zen3, zen5 = {"avx2", "fma"}, {"avx2", "avx512f", "avx512_bf16"}
+    assert fast_layers.cpu_class(zen3) == "AVX2"
+    assert fast_layers.cpu_class(zen5) == "AVX512-BF16"
+    assert fast_layers.cpu_class({"avx2", "amx_bf16", "avx512f"}) == "AMX"
+    assert "float32" in fast_layers.precision_warning("mixed_bfloat16", zen3)
+    assert fast_layers.precision_warning("mixed_bfloat16", zen5) is None
+    assert fast_layers.precision_warning("float32", zen3) is None
+    assert "mixed_bfloat16" in fast_layers.precision_warning("mixed_float16", zen5)
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX2")  # oneDNN then uses no AVX-512
+    assert fast_layers.cpu_class(zen5) == "AVX2"
+    assert not fast_layers.native_bfloat16(zen5)
