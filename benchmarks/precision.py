@@ -14,6 +14,7 @@ import argparse
 import itertools
 import json
 import os
+import statistics
 import subprocess
 import sys
 import time
@@ -104,9 +105,9 @@ def main(argv=None):
             rows[f"{isa} {precision}"] = dict(failed=failed.get((isa, precision)))
             print(f"| {isa} | {precision} | fails: {failed.get((isa, precision))} | - |")
             continue
-        median = values[len(values) // 2]
-        floats = sorted(times.get((isa, "float32"), []))
-        base = floats[len(floats) // 2] if floats else None
+        median = statistics.median(values)
+        floats = times.get((isa, "float32"))
+        base = statistics.median(floats) if floats else None
         rows[f"{isa} {precision}"] = dict(median=median, values=values)
         print(f"| {isa} | {precision} | {median:.1f} ({values[0]:.1f}-{values[-1]:.1f}) | "
               + (f"{median / base:.2f}x |" if base else "- |"))

@@ -105,11 +105,12 @@ def recommended_precision(flags=None):
 
 def precision_warning(precision, flags=None):
     """One line when training in `precision` (a Keras policy name) on this CPU is slower than
-    float32 (BENCHMARKS.md, "Precision by CPU class"), naming the faster choice; else None."""
+    float32 (benchmarks/results/precision-by-cpu-class.log), naming the faster choice; else
+    None."""
     if precision == "mixed_bfloat16" and not native_bfloat16(flags):
         return (f"warning: mixed_bfloat16 has no native support on this CPU ({cpu_class(flags)}: "
-                "no AVX512-BF16/AMX), so oneDNN emulates it, measured several times slower "
-                "than float32: --precision float32 trains faster here")
+                "no AVX512-BF16/AMX), so it is emulated and slower than float32: "
+                "--precision float32 trains faster here")
     if precision == "mixed_float16":
         faster = recommended_precision(flags)
         return (f"warning: mixed_float16 has no fast CPU kernels (no fast layers; measured "

@@ -10,6 +10,7 @@ trained-model file set (`artifacts`: model, metadata, sample images) that deploy
 
 import dataclasses
 import json
+import logging
 import os
 import uuid
 
@@ -222,6 +223,10 @@ def train(config, datasets=None):
             fast = fast_layers.fast_layers_for(config.precision)
             model = fast_layers.accelerate(model, **fast)
             print(fast_layers.describe_fast_layers(fast, config.precision), flush=True)
+        warning = (fast_layers.precision_warning(config.precision)
+                   if fast_layers.device_kind() == "CPU" else None)
+        if warning:  # before the first step: a slow precision on this CPU is said at once
+            logging.getLogger(__name__).warning(warning)
         trainer = distribute.make_trainer(model)
         optimizer = keras.optimizers.AdamW(
             schedules.OneCycle(config.max_lr, steps),
