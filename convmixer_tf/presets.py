@@ -100,6 +100,28 @@ TRAIN_PRESETS = {
         eval_crop_pct=IMAGENET_CROP_PCT,  # timm default_cfg crop_pct 0.96, bicubic
         name="convmixer_imagenet",
     ),
+    # Fine-tuning pretrained weights on your own classes: `convmixer-train --weights FILE
+    # --preset finetune --dataset folder:PATH`. The architecture comes from the file; the data
+    # set, image size and name from you. The recipes it follows: BiT's HyperRule (Kolesnikov
+    # et al. 2020, "Big Transfer"; github.com/google-research/big_transfer bit_hyperrule.py and
+    # bit_pytorch/train.py: 500 steps for < 20k images, no mixup below 20k, a random crop and
+    # a flip, SGD without weight decay), Keras's transfer-learning guide
+    # (keras.io/guides/transfer_learning: the new head trained with Adam's default 1e-3, flip
+    # augmentation, a frozen BatchNorm in inference mode) and the DeiT / ConvNeXt fine-tuning
+    # commands (--weight-decay 1e-8, --smoothing 0.1). Checked on digits 0-4 -> 5-9
+    # (BENCHMARKS.md, "Fine-tuning", benchmarks/results/finetune-digits.log).
+    "finetune": dict(
+        epochs=5,  # a few hundred steps for a few thousand images (BiT: 500 below 20k)
+        max_lr=0.001,  # one-cycle peak: Adam's default, which the Keras guide trains heads with
+        weight_decay=1e-8,  # DeiT / ConvNeXt fine-tune, BiT none: decay pulls the weights to 0
+        decay_all_weights=False,  # timm: no decay on BN / bias (1-D) weights
+        label_smoothing=0.1,  # timm default, kept by the DeiT fine-tune command
+        clip_norm=1.0,  # the paper's recipes clip at 1
+        crop_scale=0.64, crop_ratio=4 / 3,  # BiT: a random 128 crop of a 160 resize, 64% of it
+        hflip=0.5,  # BiT, Keras guide (pass --hflip 0 for data that mirroring changes: digits)
+        randaug_n=0, color_jitter=0.0, erase_prob=0.0,  # BiT: crop + flip only
+        mixup=0.0, cutmix=0.0,  # BiT: no mixup below 20k images
+    ),
 }
 
 
