@@ -224,8 +224,10 @@ def test_head_first_then_everything(source):
     assert all(layer.trainable for layer in model.layers)
 
 
-@pytest.mark.parametrize("stop_after", [1, 3], ids=["resume-in-head-phase",
-                                                    "resume-after-unfreezing"])
+@pytest.mark.parametrize("stop_after", [
+    pytest.param(1, id="resume-in-head-phase", marks=pytest.mark.large),  # the simpler phase
+    pytest.param(3, id="resume-after-unfreezing"),
+])
 def test_resume_is_exact_in_either_phase(source, tmp_path, stop_after):
     """Head alone for 2 epochs, then everything, 4 in all: stopped after `stop_after` epochs
     and resumed from the backup by new objects (as a rerun would), the weights and the

@@ -10,9 +10,11 @@
 
 The architecture comes from the weights file (`source_architecture` reads it without building
 a model, so a wrong flag fails in a second); the head (`predictions`) is replaced when the
-classes differ; the normalisation the weights were trained with is kept. `freeze_backbone`
-makes a linear probe (every layer but the head frozen, BatchNorm in inference mode) and
-`UnfreezeBackbone` ends such a phase at an epoch (head first, then everything).
+classes differ; the normalisation the weights were trained with is kept. `freeze` (after
+`compile`) builds the optimizer on every weight and freezes every layer but the head
+(BatchNorm then in inference mode): a linear probe, or with `UnfreezeBackbone` (`callbacks`)
+the head first, then everything. In train(): `resolve` before preflight, `load_pretrained`
+after building the model, `freeze` after compiling, `callbacks` before the run folder's.
 """
 
 import dataclasses
@@ -364,10 +366,10 @@ class UnfreezeBackbone(keras.callbacks.Callback):
                         "for %d epochs).", epoch + 1, self.epoch)
 
 
-def prepare(trainer, model, config):
-    """After `compile`: builds the optimizer on every weight (`build_optimizer`) and freezes
-    the backbone for `--freeze-backbone` (the whole run) or `--freeze-backbone-epochs N` (the
-    first N). Returns the callbacks fit needs (`UnfreezeBackbone` for the second)."""
+def freeze(trainer, model, config):
+    """After `compile`: builds the optimizer on every weight (`build_optimizer`), then freezes
+    the backbone of `model` for `--freeze-backbone` (the whole run: a linear probe) or
+    `--freeze-backbone-epochs N` (the first N epochs; `callbacks` ends that phase)."""
     build_optimizer(trainer, model)
     if config.freeze_backbone or config.freeze_backbone_epochs:
         set_backbone_trainable(model, False)
@@ -375,6 +377,11 @@ def prepare(trainer, model, config):
         logger.info("Backbone frozen (BatchNorm in inference mode) %s: %d weights train.",
                     "for the whole run (a linear probe)" if config.freeze_backbone else
                     f"for the first {config.freeze_backbone_epochs} epoch(s)", trained)
+
+
+def callbacks(model, config):
+    """The callbacks a run's `fit` needs for `config`'s freezing: `UnfreezeBackbone` with
+    `--freeze-backbone-epochs N`, else none. Put them before the run folder's."""
     if config.freeze_backbone_epochs and not config.freeze_backbone:
         return [UnfreezeBackbone(model, config.freeze_backbone_epochs)]
     return []
