@@ -24,6 +24,8 @@ import sys
 import tempfile
 import traceback
 
+from convmixer_tf import errors  # no TensorFlow: the exit-code table's classes
+
 # Entry points only (not the library): hide TensorFlow's C++ info/warning lines so the user
 # sees Keras's progress bar and our results. An explicit TF_CPP_MIN_LOG_LEVEL wins.
 _USER_LOG_LEVEL = os.environ.get("TF_CPP_MIN_LOG_LEVEL")
@@ -114,34 +116,62 @@ def _error(command, error):
 
 
 # The exit-code policy (module docstring): exception class -> exit status, first match wins.
-# Classes are named by module so that the table imports nothing: a class whose module is not
-# loaded cannot have been raised. Anything not listed is an internal error (exit 1).
+# Anything not listed is an internal error (exit 1). `errors` imports nothing, so neither does
+# this table; FinalSaveError is an OSError.
 EXIT_OK, EXIT_INTERNAL, EXIT_INPUT, EXIT_PARTIAL = 0, 1, 2, 3
 EXIT_CODES = (
-    ("builtins", "ValueError", EXIT_INPUT),  # bad values, bad data, contradicting files
-    ("builtins", "OSError", EXIT_INPUT),  # missing/existing/unreadable files, unreachable hosts
-    ("builtins", "ImportError", EXIT_INPUT),  # an optional extra (torch, tfds) not installed
-    ("convmixer_tf.deploy.logits", "ExportError", EXIT_INPUT),  # not exportable as asked
-    # TensorFlow's own: a SavedModel signature refusing an image, a file or port it cannot use.
-    ("tensorflow.python.framework.errors_impl", "InvalidArgumentError", EXIT_INPUT),
-    ("tensorflow.python.framework.errors_impl", "NotFoundError", EXIT_INPUT),
-    ("tensorflow.python.framework.errors_impl", "UnavailableError", EXIT_INPUT),
+    (ValueError, EXIT_INPUT),  # bad values, bad data, contradicting files
+    (OSError, EXIT_INPUT),  # missing/existing/unreadable files, unreachable hosts
+    (ImportError, EXIT_INPUT),  # an optional extra (torch, tfds) not installed
+    (errors.ExportError, EXIT_INPUT),  # not exportable as asked
+)
+# TensorFlow's own (`tf.errors.<name>`): a SavedModel signature refusing an image, a file or port
+# it cannot use. Looked up only once TensorFlow is loaded: before, none can have been raised.
+TF_EXIT_CODES = (
+    ("InvalidArgumentError", EXIT_INPUT),
+    ("NotFoundError", EXIT_INPUT),
+    ("UnavailableError", EXIT_INPUT),
 )
 
 
 def exit_code(error):
-    """The exit status `EXIT_CODES` gives an exception (EXIT_INTERNAL when none matches)."""
-    for module, name, code in EXIT_CODES:
-        cls = getattr(sys.modules.get(module), name, None)
-        if cls is not None and isinstance(error, cls):
+    """The exit status `EXIT_CODES` (then `TF_EXIT_CODES`) gives an exception (EXIT_INTERNAL
+    when none matches)."""
+    table = list(EXIT_CODES)
+    tf_errors = getattr(sys.modules.get("tensorflow"), "errors", None)
+    if tf_errors is not None:
+        table += [(getattr(tf_errors, name), code) for name, code in TF_EXIT_CODES]
+    for cls, code in table:
+        if isinstance(error, cls):
             return code
     return EXIT_INTERNAL
+
+
+class _ConsoleHandler(logging.StreamHandler):
+    """The one handler of the library's log ("convmixer_tf" logger), installed by `run` for a
+    command: each record's message alone, INFO on stdout (the command's output), warnings and
+    errors on stderr (where Python shows them when no handler is installed). The stream is the
+    current `sys.stdout`/`sys.stderr` at each line, so a redirection applies."""
+
+    def __init__(self):
+        super().__init__(sys.stdout)
+        self.setLevel(logging.INFO)
+        self.setFormatter(logging.Formatter("%(message)s"))
+
+    def emit(self, record):
+        self.stream = sys.stdout if record.levelno < logging.WARNING else sys.stderr
+        super().emit(record)
 
 
 def run(command, fn, *args):
     """Runs a command's body `fn(*args)` (which returns its exit status) under the one
     exit-code policy: an input error is one line, anything unexpected is the traceback and a
-    line saying so."""
+    line saying so. While it runs, the library's INFO log prints (`_ConsoleHandler`); the
+    handler and the logger's level are removed again afterwards."""
+    logger = logging.getLogger("convmixer_tf")
+    handler, level = _ConsoleHandler(), logger.level
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
     try:
         return fn(*args)
     except Exception as error:  # noqa: BLE001 - sorted by EXIT_CODES
@@ -154,6 +184,9 @@ def run(command, fn, *args):
             _error(command, getattr(error, "message", None) or str(error)
                    or type(error).__name__)
         return code
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
 
 
 # ---------------------------------------------------------------------------- train

@@ -28,7 +28,7 @@ MODEL_CONFIGS = {
 
 # The exported builders (keras.applications style, `convmixer_tf.ConvMixer1536_20(...)`):
 # function name -> (MODEL_CONFIGS name, classes of the published model, its parameters).
-# A new variant is one MODEL_CONFIGS entry and one line here.
+# Each has its `def` in model.py (docs/architecture.md, "How to add a model variant").
 VARIANTS = {
     "ConvMixer1536_20": ("convmixer_1536_20", 1000, "51.6M"),
     "ConvMixer768_32": ("convmixer_768_32", 1000, "21.1M"),

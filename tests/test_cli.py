@@ -115,12 +115,55 @@ def test_exit_code_table(error, code, capsys):
 def test_exit_code_of_export_and_tensorflow_errors():
     import tensorflow as tf
 
-    from convmixer_tf.deploy.logits import ExportError
+    from convmixer_tf import errors
 
-    assert cli.exit_code(ExportError("validation failed")) == cli.EXIT_INPUT
+    assert cli.exit_code(errors.ExportError("validation failed")) == cli.EXIT_INPUT
+    assert cli.exit_code(errors.FinalSaveError("disk full")) == cli.EXIT_INPUT
     assert cli.exit_code(tf.errors.InvalidArgumentError(None, None, "bad image")) == 2
+    assert cli.exit_code(tf.errors.NotFoundError(None, None, "no file")) == 2
     assert cli.exit_code(tf.errors.InternalError(None, None, "?")) == cli.EXIT_INTERNAL
     assert cli.run("convmixer-x", lambda: cli.EXIT_PARTIAL) == 3
+
+
+EXIT_CODES_WITHOUT_TF = """
+import sys
+from convmixer_tf import cli, errors
+error = errors.ExportError("not exportable")
+type(error).__module__, type(error).__qualname__ = "elsewhere", "Renamed"  # moved and renamed
+print(cli.exit_code(error), cli.exit_code(KeyError("bug")), sorted(
+    name for name in sys.modules if name.split(".")[0] in ("tensorflow", "keras")))
+"""
+
+
+def test_exit_codes_hold_the_classes_and_need_no_tensorflow():
+    """The table holds the exception classes themselves: an ExportError maps to 2 whatever its
+    module or name, with no deploy module loaded; and cli imports without TensorFlow."""
+    proc = subprocess.run([sys.executable, "-c", EXIT_CODES_WITHOUT_TF], env=subprocess_env(),
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.split() == ["2", "1", "[]"]
+
+
+def test_run_prints_the_library_log_and_removes_its_handler(capsys):
+    """During `cli.run` a library logger's INFO line is printed on stdout (the message alone)
+    and a warning on stderr; outside it, the library's INFO log prints nothing."""
+    import logging
+
+    log = logging.getLogger("convmixer_tf.some_module")
+
+    def command():
+        log.info("exported %s", "model.tflite")
+        log.debug("not shown")
+        log.warning("a warning")
+        return cli.EXIT_OK
+
+    log.info("before: not printed")
+    assert cli.run("convmixer-x", command) == cli.EXIT_OK
+    log.info("after: not printed")
+    captured = capsys.readouterr()
+    assert captured.out == "exported model.tflite\n"
+    assert captured.err == "a warning\n"
+    assert logging.getLogger("convmixer_tf").handlers == []
 
 
 @pytest.mark.parametrize("command", COMMANDS)

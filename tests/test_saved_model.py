@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from convmixer_tf import artifacts, cli
+from convmixer_tf import artifacts, cli, errors
 from convmixer_tf.deploy import logits, saved_model
 
 from helpers import ROOT, worker
@@ -192,7 +192,7 @@ def test_new_version_per_export_and_failures_leave_versions_untouched(exported, 
     assert "version 2" in capsys.readouterr().out
 
     # A failing validation (a tolerance no export can meet) publishes nothing.
-    with pytest.raises(logits.ExportError, match="validation failed"):
+    with pytest.raises(errors.ExportError, match="validation failed"):
         saved_model.export_saved_model(model_path, root, "tiny", tolerance=-1.0, log=lambda _: None)
     # Metadata that contradicts the model fails before anything is written.
     bad_meta = os.path.join(root, "bad.keras")

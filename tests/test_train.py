@@ -9,7 +9,7 @@ import keras
 import numpy as np
 import pytest
 
-from convmixer_tf import artifacts, cli
+from convmixer_tf import artifacts, cli, errors
 from convmixer_tf.training import data, schedules, train as train_lib
 from convmixer_tf.training.config import TrainConfig
 from convmixer_tf.training.train import train
@@ -123,7 +123,7 @@ def test_failed_final_save_keeps_backup_and_says_where_the_weights_are(tmp_path,
         return original(model, path)
 
     monkeypatch.setattr(train_lib, "save_trained_model", disk_full_at_the_end)
-    with pytest.raises(train_lib.FinalSaveError) as error:
+    with pytest.raises(errors.FinalSaveError) as error:
         train(config)
     run_dir = os.path.join(config.run_dir, config.name)
     last = os.path.join(run_dir, "checkpoints", "last.keras")

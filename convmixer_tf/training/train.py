@@ -19,13 +19,9 @@ import keras
 import numpy as np
 
 from convmixer_tf import artifacts, fast_layers, model as model_lib, presets
+from convmixer_tf.errors import FinalSaveError
 from convmixer_tf.training import (callbacks as callbacks_lib, data, data_service, distribute,
                                    schedules)
-
-
-class FinalSaveError(OSError):
-    """Training finished but writing the model file set failed (the message says where the
-    trained weights are)."""
 
 
 def architecture(config):
