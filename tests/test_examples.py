@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from convmixer_tf.deploy import tflite
+from convmixer_tf.deploy import litert
 from convmixer_tf.deploy.logits import logits_model
 from convmixer_tf.training import data
 
@@ -52,7 +52,7 @@ def test_train_and_export_example(tmp_path, extra):
         [str(i) for i in logits.argmax(-1)]
     version = out / "digits_tflite" / "1"
     for file in ("digits_float32.tflite", "digits_float32_dynamic.tflite"):
-        got = tflite.LiteRTModel(str(version / file)).predict(images)
+        got = litert.LiteRTModel(str(version / file)).predict(images)
         np.testing.assert_allclose(got, logits, atol=1e-4)
     meta = json.loads((version / "metadata.json").read_text())
     assert meta["class_names"] == [str(i) for i in range(10)] and meta["image_size"] == [32, 32]

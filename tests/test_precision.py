@@ -177,9 +177,9 @@ def _source(kind, policy, path):
 
 
 def _tflite_logits(path, images):
-    from convmixer_tf.deploy import tflite
+    from convmixer_tf.deploy import litert
 
-    return tflite.predict_batched(tflite.LiteRTModel(str(path)), images)
+    return litert.predict_batched(litert.LiteRTModel(str(path)), images)
 
 
 SOURCES = ("functional", "accelerated", "trainer", "user_script")
