@@ -42,6 +42,7 @@ def _error_and_agreement(flat, model, images, batch_size=64):
     return report["max_logit_error"], report["agreement"]
 
 
+@pytest.mark.xdist_group("tflite_trained")
 def test_quantized_modes_builtin_ops_and_agreement(trained, digits16):
     (x_train, _), (x_test, _) = digits16
     held_out = x_test[:200]
@@ -74,6 +75,7 @@ def test_quantized_modes_builtin_ops_and_agreement(trained, digits16):
     assert convs and all(op["result_types"][0].__name__ == "int8" for op in convs)
 
 
+@pytest.mark.xdist_group("tflite_trained")
 def test_int8_uint8_io_takes_raw_pixels(trained, digits16):
     (x_train, _), (x_test, _) = digits16
     flats = tflite.convert_builds(trained, ["full_int8", "int8_float_gelu"], x_train[:64],
@@ -177,6 +179,7 @@ def test_moved_names_keep_their_old_import_path():
         tflite.nothing  # noqa: B018
 
 
+@pytest.mark.xdist_group("tflite_trained")
 def test_int8_io_applies_to_the_int8_builds_only(trained, digits16, tmp_path):
     """`int8_io="uint8"` with float builds in the set: the int8 builds take pixel bytes, the
     float ones keep float32 I/O (it used to refuse the whole set)."""
@@ -193,6 +196,7 @@ def test_int8_io_applies_to_the_int8_builds_only(trained, digits16, tmp_path):
             assert runner.input["dtype"] == dtype, (build, suffix)
 
 
+@pytest.mark.xdist_group("tflite_trained")
 def test_export_all_measures_candidates_and_names_the_edge_build(trained, digits16, tmp_path):
     (x_train, _), (x_test, y_test) = digits16
     lines = []
@@ -239,6 +243,7 @@ def test_export_all_measures_candidates_and_names_the_edge_build(trained, digits
     assert (tmp_path / "ungated" / "tiny_int8.tflite").is_file()
 
 
+@pytest.mark.xdist_group("tflite_trained")
 def test_export_cli_finishes_and_exits_3_when_a_build_is_refused(trained, digits16, tmp_path,
                                                                  capsys, monkeypatch):
     (x_train, _), (x_test, y_test) = digits16
@@ -302,6 +307,7 @@ def test_large_depthwise_kernels_are_split_for_xnnpack():
     assert tflite.split_large_depthwise(k5) is k5
 
 
+@pytest.mark.xdist_group("tflite_trained")
 def test_predict_cli_on_tflite(trained, digits16, tmp_path, capsys):
     from PIL import Image
 
