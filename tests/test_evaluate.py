@@ -106,6 +106,7 @@ def digits_export(tmp_path_factory, tiny_model):
     return dict(root=root, result=result, model_path=model_path, labels=y_test)
 
 
+@pytest.mark.xdist_group("evaluate_digits_export")
 def test_tflite_accuracy_equals_the_export_gates_on_the_same_images(digits_export):
     """The gate (deploy/gate.py accuracy_report, as tflite_set runs it) measured every build on
     digits' test split; evaluate on --dataset digits gets the same top-1, build by build."""
@@ -122,6 +123,7 @@ def test_tflite_accuracy_equals_the_export_gates_on_the_same_images(digits_expor
         assert result["top1"] == entry["accuracy"], label
 
 
+@pytest.mark.xdist_group("evaluate_digits_export")
 def test_saved_model_through_its_signatures_agrees_with_keras(digits_export, capsys):
     """Base folder (its latest version) and version folder, every signature (the bytes one
     gets the test images PNG-encoded and preprocesses them itself): the SavedModel's metadata
@@ -139,6 +141,7 @@ def test_saved_model_through_its_signatures_agrees_with_keras(digits_export, cap
     assert "invalid choice" in capsys.readouterr().err
 
 
+@pytest.mark.xdist_group("evaluate_digits_export")
 def test_json_and_confusion_picture(digits_export, tmp_path, capsys):
     from PIL import Image
 

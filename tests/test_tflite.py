@@ -44,6 +44,7 @@ def _error_and_agreement(flat, model, images, batch_size=64):
     return report["max_logit_error"], report["agreement"]
 
 
+@pytest.mark.xdist_group("tflite_trained")
 def test_quantized_modes_builtin_ops_and_agreement(trained, digits16):
     (x_train, _), (x_test, _) = digits16
     held_out = x_test[:200]
@@ -76,6 +77,7 @@ def test_quantized_modes_builtin_ops_and_agreement(trained, digits16):
     assert convs and all(op["result_types"][0].__name__ == "int8" for op in convs)
 
 
+@pytest.mark.xdist_group("tflite_trained")
 def test_int8_uint8_io_takes_raw_pixels(trained, digits16):
     (x_train, _), (x_test, _) = digits16
     flats = tflite.convert_builds(trained, ["full_int8", "int8_float_gelu"], x_train[:64],
@@ -152,6 +154,7 @@ def test_the_mode_table_drives_the_cli_and_export(capsys):
         "float32", "int8"]
 
 
+@pytest.mark.xdist_group("tflite_trained")
 def test_int8_io_applies_to_the_int8_builds_only(trained, digits16, tmp_path):
     """`int8_io="uint8"` with float builds in the set: the int8 builds take pixel bytes, the
     float ones keep float32 I/O (it used to refuse the whole set)."""
@@ -169,6 +172,7 @@ def test_int8_io_applies_to_the_int8_builds_only(trained, digits16, tmp_path):
             assert runner.input["dtype"] == dtype, (build, suffix)
 
 
+@pytest.mark.xdist_group("tflite_trained")
 def test_export_all_measures_candidates_and_names_the_edge_build(trained, digits16, tmp_path,
                                                                 caplog):
     (x_train, _), (x_test, y_test) = digits16
@@ -224,6 +228,7 @@ def test_export_all_measures_candidates_and_names_the_edge_build(trained, digits
     assert (tmp_path / "ungated" / "tiny_int8.tflite").is_file()
 
 
+@pytest.mark.xdist_group("tflite_trained")
 def test_export_cli_finishes_and_exits_3_when_a_build_is_refused(trained, digits16, tmp_path,
                                                                  capsys, monkeypatch):
     (x_train, _), (x_test, y_test) = digits16
@@ -287,6 +292,7 @@ def test_large_depthwise_kernels_are_split_for_xnnpack():
     assert tflite.split_large_depthwise(k5) is k5
 
 
+@pytest.mark.xdist_group("tflite_trained")
 def test_predict_cli_on_tflite(trained, digits16, tmp_path, capsys):
     from PIL import Image
 
