@@ -100,16 +100,16 @@ def _ours(args, cache):
     tf.zeros(1)  # TensorFlow's own start-up, untimed
     real, sys.stdout = sys.stdout, _Stamped(sys.stdout)
     try:
-        start = time.perf_counter()
+        cpu, start = time.process_time(), time.perf_counter()
         ds = data.build_datasets(args.folder, image_size=32, global_batch_size=BATCH, cache=cache)
         images, _ = next(iter(ds.train))
-        first = time.perf_counter()
+        first, cpu = time.perf_counter(), time.process_time() - cpu
         assert images.shape[0] == BATCH
     finally:
         stamped, sys.stdout = sys.stdout, real
     cached = [t for t, line in stamped.lines if line.startswith("Decoded ") and " train " in line]
     return dict(first_s=first - start, cached_s=cached[0] - start if cached else None,
-                files=ds.train_size, library=os.path.dirname(convmixer_tf.__file__),
+                cpu_s=cpu, files=ds.train_size, library=os.path.dirname(convmixer_tf.__file__),
                 log=[line for _, line in stamped.lines])
 
 
@@ -124,9 +124,14 @@ def _pil_load(path):
 def _pil(args):
     """Lists the files, then reads + decodes them to numpy in a process pool (one worker per
     core), keeping every array: the first batch is the first 32 in order."""
+    import resource
     from concurrent.futures import ProcessPoolExecutor
 
-    start = time.perf_counter()
+    def cpu():  # this process and its reaped children (the pool's workers, after shutdown)
+        children = resource.getrusage(resource.RUSAGE_CHILDREN)
+        return time.process_time() + children.ru_utime + children.ru_stime
+
+    cpu_start, start = cpu(), time.perf_counter()
     files = _files(args.folder)
     cached, first = [], None
     with ProcessPoolExecutor(os.cpu_count()) as pool:
@@ -136,7 +141,8 @@ def _pil(args):
                 first = time.perf_counter()
     done = time.perf_counter()
     assert cached[0].shape == (32, 32, 3)
-    return dict(first_s=first - start, cached_s=done - start, files=len(cached))
+    return dict(first_s=first - start, cached_s=done - start, cpu_s=cpu() - cpu_start,
+                files=len(cached))
 
 
 def child(args):
@@ -176,6 +182,7 @@ def run(args):
     cpu_class, model = _cpu()
     files = _files(args.folder)
     size = statistics.mean(os.path.getsize(p) for p, _ in files)
+    print(f"# python -m benchmarks.cache_start {' '.join(sys.argv[1:])}")
     print(f"# {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; CPU class {cpu_class} "
           f"({model}, {os.cpu_count()} cores); load average {os.getloadavg()}")
     print(f"# {len(files):,} training JPEGs under {args.folder} ({size:,.0f} bytes each); "
@@ -194,7 +201,7 @@ def run(args):
             results[name].append(result)
             print(f"round {r + 1} {name}: first batch {result['first_s']:.2f} s, cached "
                   + (f"{result['cached_s']:.2f} s" if result["cached_s"] is not None else "-")
-                  + f", loadavg {result['loadavg']:.1f}"
+                  + f", CPU {result['cpu_s']:.2f} s, loadavg {result['loadavg']:.1f}"
                   + (f", library {result['library']}" if "library" in result else ""),
                   flush=True)
             for line in result.get("log", []) if r == 0 else []:
@@ -206,8 +213,9 @@ def run(args):
         per = [v * 10_000 / count for v in values]
         return f"{statistics.median(per):.2f} ({min(per):.2f}-{max(per):.2f})"
 
-    print(f"\n| per 10,000 files, seconds: median (range) | first batch | fully cached |")
-    print("|---|---|---|")
+    print("\n| per 10,000 files, seconds: median (range) | first batch | fully cached "
+          "| CPU seconds, all processes (to the first batch; PIL: to fully cached) |")
+    print("|---|---|---|---|")
     medians = {}
     for name, rounds in results.items():
         count = rounds[0]["files"]
@@ -215,7 +223,8 @@ def run(args):
         cached = [r["cached_s"] for r in rounds if r["cached_s"] is not None]
         medians[name] = (statistics.median(first),
                          statistics.median(cached) if cached else None)
-        print(f"| {name} | {cell(first, count)} | {cell(cached, count)} |")
+        print(f"| {name} | {cell(first, count)} | {cell(cached, count)} "
+              f"| {cell([r['cpu_s'] for r in rounds], count)} |")
     ours, pil = medians["ours, --cache auto"], medians["PIL in a process pool"]
     print(f"\nratios of medians: ours auto / PIL: first batch {ours[0] / pil[0]:.2f}x, fully "
           f"cached {ours[1] / pil[1]:.2f}x; ours auto / ours off, first batch "
@@ -268,16 +277,21 @@ def stages(args):
             lambda: cache.decode_once(split, cache.Decision("memory", 0, ""), None,
                                       "train").size,
     }
+    print(f"# python -m benchmarks.cache_start {' '.join(sys.argv[1:])}")
     print(f"# {n:,} files under {args.folder}; load average {os.getloadavg()}")
-    print("| step | ms per file (median of 3) | range |\n|---|---|---|")
+    print("| step | wall ms per file (median of 3) | range | CPU ms per file (median) |")
+    print("|---|---|---|---|")
     for name, step in steps.items():
-        times = []
+        if args.only and not any(word in name for word in args.only.split(",")):
+            continue
+        times, cpu = [], []
         for _ in range(3):
-            start = time.perf_counter()
+            start, cpu_start = time.perf_counter(), time.process_time()
             count = step()
             times.append((time.perf_counter() - start) / count * 1000)
-        print(f"| {name} | {statistics.median(times):.3f} | {min(times):.3f}-{max(times):.3f} |",
-              flush=True)
+            cpu.append((time.process_time() - cpu_start) / count * 1000)
+        print(f"| {name} | {statistics.median(times):.3f} | {min(times):.3f}-{max(times):.3f} "
+              f"| {statistics.median(cpu):.3f} |", flush=True)
     print(f"# load average at the end {os.getloadavg()}")
 
 
@@ -289,6 +303,8 @@ def main(argv=None):
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--before", default="", help="an older checkout of convmixer_tf")
     parser.add_argument("--chunksize", type=int, default=64, help="PIL pool: files per task")
+    parser.add_argument("--only", default="", help="stages: steps whose name has one of "
+                        "these comma-separated words")
     parser.add_argument("--side", choices=("auto", "off", "pil"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     return dict(make=make, run=run, stages=stages, child=child)[args.what](args)
