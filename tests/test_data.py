@@ -378,6 +378,28 @@ def test_decode_once_holds_each_files_own_decode_and_names_the_unreadable(tmp_pa
         assert y == int(label)
 
 
+
+def test_decode_once_of_a_stream_without_random_access_skips_and_names(capsys):
+    """A split read only in stored order (tfds before caching): the chunk holding a broken
+    image is decoded again image by image, so only that one is skipped, named by its index."""
+    from convmixer_tf.training.data import cache, sources
+
+    images = [np.full((4 + i % 3, 5, 3), i, np.uint8) for i in range(70)]
+    encoded = [tf.io.encode_png(x).numpy() for x in images]
+    encoded[66] = b"broken"
+    labels = np.arange(70, dtype=np.int32) % 3
+    split = sources.Split(70, lambda: tf.data.Dataset.from_tensor_slices((encoded, labels)),
+                          None, True, "stream")
+    cached = cache.decode_once(split, cache.Decision("memory", 0, ""), None, "train")
+    assert "Skipped 1 unreadable train image(s): example #66" in capsys.readouterr().out
+    kept = [i for i in range(70) if i != 66]
+    assert cached.size == len(kept)
+    for position, index in enumerate(kept):
+        image, label = cached.read(position)
+        np.testing.assert_array_equal(image.numpy(), images[index])
+        assert int(label) == labels[index]
+
+
 class ConvmixerTestSorted(tfds.core.GeneratorBasedBuilder):
     """A class-sorted, single-shard tfds set (shuffling disabled at preparation): the layout
     a buffered stream cannot shuffle."""
