@@ -336,6 +336,70 @@ def test_disk_cache_matches_memory_and_is_reused(sorted_folder, tmp_path, capsys
                    for n in set(os.listdir(tempfile.gettempdir())) - before)
 
 
+
+@pytest.mark.parametrize("mode", ["memory", "disk"])
+def test_decode_once_holds_each_files_own_decode_and_names_the_unreadable(tmp_path, mode,
+                                                                         capsys):
+    """The cache holds, for every readable file in stored order, exactly what decoding that
+    file alone gives (mixed formats and sizes, chunk boundaries crossed), with its label;
+    unreadable files (not an image, truncated, missing) are skipped and named."""
+    from convmixer_tf import preprocessing
+    from convmixer_tf.training.data import cache, sources
+
+    _write_folder(tmp_path / "train", per_class=30)  # 90 files: two chunks of 64
+    _write_folder(tmp_path / "val", per_class=1)
+    (tmp_path / "train" / "dog" / "bad.jpg").write_bytes(b"this is not a jpeg")
+    (tmp_path / "train" / "emu" / "cut.png").write_bytes(
+        (tmp_path / "train" / "emu" / "0.png").read_bytes()[:40])
+    split = sources.load_source(str(tmp_path), image_size=8, seed=0, validation_split=0.1,
+                                data_dir=None).train
+    os.remove(split.paths[70])  # listed, then gone before decoding
+    cached = cache.decode_once(split, cache.Decision(mode, 0, ""), None, "train")
+    out = capsys.readouterr().out
+    assert "Skipped 3 unreadable train image(s)" in out, out
+    assert "bad.jpg" in out and "cut.png" in out and split.paths[70] in out
+    unreadable = {split.paths.index(str(tmp_path / "train" / "dog" / "bad.jpg")),
+                  split.paths.index(str(tmp_path / "train" / "emu" / "cut.png")), 70}
+    kept = [i for i in range(split.size) if i not in unreadable]
+    assert cached.size == len(kept) == 89
+    assert cached.nbytes == sum(preprocessing.decode_image(split.read(i)[0]).numpy().size
+                                for i in kept)
+    for position, index in enumerate(kept):
+        image, label = cached.read(position)
+        expected, expected_label = split.read(index)
+        np.testing.assert_array_equal(image.numpy(),
+                                      preprocessing.decode_image(expected).numpy())
+        assert int(label) == int(expected_label)
+    stored = [(x.numpy(), int(y)) for x, y in cached.examples()]
+    assert len(stored) == 89
+    for (x, y), position in zip(stored, range(89)):
+        image, label = cached.read(position)
+        np.testing.assert_array_equal(x, image.numpy())
+        assert y == int(label)
+
+
+
+def test_decode_once_of_a_stream_without_random_access_skips_and_names(capsys):
+    """A split read only in stored order (tfds before caching): the chunk holding a broken
+    image is decoded again image by image, so only that one is skipped, named by its index."""
+    from convmixer_tf.training.data import cache, sources
+
+    images = [np.full((4 + i % 3, 5, 3), i, np.uint8) for i in range(70)]
+    encoded = [tf.io.encode_png(x).numpy() for x in images]
+    encoded[66] = b"broken"
+    labels = np.arange(70, dtype=np.int32) % 3
+    split = sources.Split(70, lambda: tf.data.Dataset.from_tensor_slices((encoded, labels)),
+                          None, True, "stream")
+    cached = cache.decode_once(split, cache.Decision("memory", 0, ""), None, "train")
+    assert "Skipped 1 unreadable train image(s): example #66" in capsys.readouterr().out
+    kept = [i for i in range(70) if i != 66]
+    assert cached.size == len(kept)
+    for position, index in enumerate(kept):
+        image, label = cached.read(position)
+        np.testing.assert_array_equal(image.numpy(), images[index])
+        assert int(label) == labels[index]
+
+
 class ConvmixerTestSorted(tfds.core.GeneratorBasedBuilder):
     """A class-sorted, single-shard tfds set (shuffling disabled at preparation): the layout
     a buffered stream cannot shuffle."""
