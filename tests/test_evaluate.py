@@ -12,7 +12,7 @@ import pytest
 import convmixer_tf
 from convmixer_tf import artifacts, cli, evaluate
 from convmixer_tf.deploy import saved_model
-from convmixer_tf.training.data import sources
+from convmixer_tf.training.data import pipeline, sources
 
 CONFIG = evaluate.EvaluateConfig
 
@@ -76,7 +76,7 @@ def test_bad_flags_and_missing_metadata_are_one_line_before_any_data(tmp_path, c
     def no_data(*args, **kwargs):
         raise AssertionError("data was loaded")
 
-    monkeypatch.setattr(data, "build_datasets", no_data)
+    monkeypatch.setattr(pipeline, "build_datasets", no_data)
     lone = tmp_path / "lone.tflite"
     lone.write_bytes(b"TFL3")
     assert cli.evaluate_main([str(lone)]) == 2
