@@ -13,7 +13,7 @@ import tensorflow as tf
 
 from convmixer_tf.deploy import litert
 from convmixer_tf.deploy.logits import logits_model
-from convmixer_tf.training import data
+from convmixer_tf.training.data import sources
 
 from helpers import ROOT
 SMALL = ["--epochs", "1", "--steps", "5", "--dim", "16", "--depth", "1",
@@ -41,7 +41,7 @@ def test_train_and_export_example(tmp_path, extra):
     assert (out / "digits.export.log").is_file() and (out / "models.config").is_file()
 
     model = keras.saving.load_model(out / "digits.keras", compile=False)
-    _, (x_test, _) = data.load_digits(32)
+    _, (x_test, _) = sources.load_digits(32)
     images = x_test[:8]
     # The exports compute in float32 whatever the training policy: so does the reference.
     logits = logits_model(model).predict(images.astype(np.float32), verbose=0)

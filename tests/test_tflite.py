@@ -11,14 +11,14 @@ import pytest
 from convmixer_tf import artifacts, cli, compat
 from convmixer_tf.deploy import gate, litert, logits, modes, tflite, tflite_set
 from convmixer_tf.deploy.config import ExportConfig
-from convmixer_tf.training import data
+from convmixer_tf.training.data import sources
 from convmixer_tf.model import ConvMixer
 from helpers import worker
 
 
 @pytest.fixture(scope="module")
 def digits16():
-    return data.load_digits(16)
+    return sources.load_digits(16)
 
 
 @pytest.fixture(scope="module")
@@ -346,7 +346,7 @@ def test_digits_job_exports_the_edge_build_within_one_point(tmp_path, capsys):
     assert edge in modes.INT8_MODES and not report["refused"]
     assert all(b["min_runtime_version"] for b in report["builds"].values())
     model = keras.saving.load_model(tmp_path / "convmixer_digits.keras", compile=False)
-    _, (x_test, y_test) = data.load_digits(32)
+    _, (x_test, y_test) = sources.load_digits(32)
     keras_accuracy = np.mean(model.predict(x_test, verbose=0).argmax(-1) == y_test)
     runner = litert.LiteRTModel(str(tflite_dir / "convmixer_digits_int8.tflite"))
     accuracy = np.mean(runner.predict(x_test).argmax(-1) == y_test)

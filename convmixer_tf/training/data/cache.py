@@ -10,6 +10,7 @@ the file."""
 
 import dataclasses
 import hashlib
+import logging
 import os
 import tempfile
 import time
@@ -18,7 +19,9 @@ import numpy as np
 import tensorflow as tf
 
 from convmixer_tf import preprocessing
-from convmixer_tf.training.data.sources import AUTOTUNE, Split, log, plain as _plain
+from convmixer_tf.training.data.sources import AUTOTUNE, Split, plain as _plain
+
+logger = logging.getLogger(__name__)
 
 SAMPLE = 64  # headers read for the size estimate (a few KB each, in parallel)
 _PLACEHOLDER = np.zeros((1, 1, 3), np.uint8)
@@ -232,13 +235,14 @@ def decode_once(split, decision, cache_dir, which):
     skipped = [] if reused else np.flatnonzero(~valid)
     nbytes = int(np.prod(shapes[kept], axis=1).sum()) if len(kept) else 0
     where = "memory" if in_memory else path + ".u8" + (" (temporary)" if temporary else "")
-    log(f"{'Reused' if reused else 'Decoded'} {len(kept):,} {which} images"
-        f"{'' if reused else ' once'}: {nbytes / 2**20:,.0f} MB of uint8 pixels in {where} "
-        f"({time.monotonic() - start:.1f} s)")
-    if len(skipped):
+    logger.info(f"{'Reused' if reused else 'Decoded'} {len(kept):,} {which} images"
+                f"{'' if reused else ' once'}: {nbytes / 2**20:,.0f} MB of uint8 pixels in "
+                f"{where} ({time.monotonic() - start:.1f} s)")
+    if skipped:
         names = [split.paths[i] if split.paths else f"example #{i}" for i in skipped]
-        log(f"Skipped {len(skipped):,} unreadable {which} image(s): {', '.join(names[:10])}"
-            + (f" ... and {len(names) - 10} more" if len(names) > 10 else ""))
+        logger.info(f"Skipped {len(skipped):,} unreadable {which} image(s): "
+                    f"{', '.join(names[:10])}"
+                    + (f" ... and {len(names) - 10} more" if len(names) > 10 else ""))
 
     kept_t = tf.constant(kept.astype(np.int64))
     labels_t = tf.constant(labels[kept])
