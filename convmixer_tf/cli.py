@@ -239,6 +239,15 @@ def _preset_of(argv):
     return reader.parse_known_args(argv)[0].preset
 
 
+def _flags_given(argv, names):
+    """Which of the config fields `names` the command line `argv` sets (read before the one
+    parse, as `_preset_of`), whatever value it gives them."""
+    reader = argparse.ArgumentParser(add_help=False)
+    for name in names:
+        reader.add_argument("--" + name.replace("_", "-"), default=argparse.SUPPRESS)
+    return set(vars(reader.parse_known_args(argv)[0]))
+
+
 def train_main(argv=None):
     """`convmixer-train`: train, evaluate, save, export."""
     return run("convmixer-train", _train, argv)
@@ -263,8 +272,11 @@ def parse_train_args(argv=None):
 def _train(argv):
     config, do_export = parse_train_args(argv)
     start_tensorflow()
+    from convmixer_tf.training import finetune
     from convmixer_tf.training.train import train
 
+    # --weights: the architecture flags typed (even at their defaults) must match the file.
+    config = finetune.resolve(config, given=_flags_given(argv, finetune.ARCHITECTURE_FIELDS))
     result = train(config)
     print(f"held-out accuracy: {result['test_accuracy']:.2%}")
     print(f"saved model: {result['model_path']}")

@@ -125,10 +125,12 @@ TRAIN_PRESETS = {
         decay_all_weights=False,  # timm: no decay on BN / bias (1-D) weights
         label_smoothing=0.1,  # timm default, kept by the DeiT fine-tune command
         clip_norm=1.0,  # the paper's recipes clip at 1
-        crop_scale=0.64, crop_ratio=4 / 3,  # BiT: a random 128 crop of a 160 resize, 64% of it
-        hflip=0.5,  # BiT, Keras guide (pass --hflip 0 for data that mirroring changes: digits)
-        randaug_n=0, color_jitter=0.0, erase_prob=0.0,  # BiT: crop + flip only
-        mixup=0.0, cutmix=0.0,  # BiT: no mixup below 20k images
+        augment=dict(  # AugmentConfig field values
+            crop_scale=0.64, crop_ratio=4 / 3,  # BiT: a random 128 crop of a 160 resize: 64%
+            hflip=0.5,  # BiT, Keras guide (--hflip 0 for data that mirroring changes: digits)
+            randaug_n=0, color_jitter=0.0, erase_prob=0.0,  # BiT: crop + flip only
+            mixup=0.0, cutmix=0.0,  # BiT: no mixup below 20k images
+        ),
     ),
 }
 

@@ -250,3 +250,129 @@ def test_resume_is_exact_in_either_phase(source, tmp_path, stop_after):
     assert int(resumed.optimizer.iterations) == int(clean.optimizer.iterations) == 12
     for a, b in zip(clean.optimizer.variables, resumed.optimizer.variables, strict=True):
         assert np.array_equal(a, b), a.path
+
+
+# === The training job: convmixer-train --weights ===
+
+def tiny_config(tmp_path, **values):
+    from convmixer_tf.training.config import TrainConfig
+
+    values = dict(dict(dataset="digits", image_size=SIZE, epochs=2, steps_per_epoch=3,
+                       batch_size=16, xla="off", verbose="0", output_dir=str(tmp_path / "models"),
+                       run_dir=str(tmp_path / "runs"), name="tuned", augment=dict(hflip=0.0)),
+                  **values)
+    return TrainConfig.create(preset="finetune", **values)
+
+
+def test_conflicting_flags_are_one_line_errors_naming_both(source, tmp_path, capsys):
+    from convmixer_tf import cli
+
+    _, folder = source
+    weights = str(folder / "source.keras")
+    for flags, message in (
+            (["--dim", "64"], "--dim 64 conflicts with --weights .*, which holds dim=8: drop "
+                              "--dim"),
+            (["--dim", "128"], "--dim 128 conflicts"),  # a flag given at its default value
+            (["--variant", "convmixer_256_8_ks5_p2"], "--variant convmixer_256_8_ks5_p2 "
+                                                      "conflicts.*drop --variant"),
+            (["--activation", "relu"], "--activation relu conflicts.*activation=gelu")):
+        code = cli.train_main(["--weights", weights, *flags, "--output-dir", str(tmp_path),
+                               "--run-dir", str(tmp_path / "runs"), "--no-export"])
+        err = capsys.readouterr().err
+        assert code == 2 and err.count("\n") == 1, err
+        assert __import__("re").search(message, err), err
+    assert not (tmp_path / "runs").exists()  # refused before any work
+
+
+def test_resolve_takes_the_files_architecture_and_pins_its_sha256(source, tmp_path):
+    _, folder = source
+    config = finetune.resolve(tiny_config(tmp_path, weights=str(folder / "source.keras")))
+    assert (config.dim, config.depth, config.kernel_size, config.patch_size) == (8, 2, 3, 2)
+    assert config.weights_sha256 == finetune.file_sha256(folder / "source.keras")
+    assert finetune.resolve(config) == config  # idempotent (train() resolves again)
+    with pytest.raises(ValueError, match="has sha256 .* not the --weights-sha256 abc"):
+        finetune.resolve(tiny_config(tmp_path, weights=str(folder / "source.keras"),
+                                     weights_sha256="abc"))
+    with pytest.raises(ValueError, match="pass --weights FILE too"):
+        tiny_config(tmp_path, freeze_backbone=True)
+
+
+def test_fine_tune_records_its_source_and_refuses_another(source, tmp_path):
+    import json
+
+    from convmixer_tf.training.train import train
+
+    model, folder = source
+    config = tiny_config(tmp_path, weights=str(folder / "source.keras"), freeze_backbone=True)
+    result = train(config)
+    meta = json.loads(open(artifacts.metadata_path(result["model_path"])).read())
+    assert meta["source_weights"] == dict(path=str(folder / "source.keras"),
+                                          sha256=finetune.file_sha256(folder / "source.keras"))
+    assert meta["class_names"] == [str(i) for i in range(10)]
+    tuned = artifacts.load_model(result["model_path"])
+    assert_same_backbone(tuned, model)  # a linear probe through train(), fast layers and all
+    other = folder / "other.keras"
+    artifacts.save_model(with_bn_stats(convmixer(5, seed=9)), other, overwrite=True)
+    with pytest.raises(ValueError, match="weights_sha256 '[0-9a-f]+' -> '[0-9a-f]+'"):
+        train(tiny_config(tmp_path, weights=str(other), freeze_backbone=True))
+
+
+@pytest.mark.large
+@pytest.mark.parametrize("stop_after", [1, 2], ids=["head-phase", "after-unfreezing"])
+def test_a_stopped_fine_tune_resumes_exactly(source, tmp_path, monkeypatch, stop_after):
+    """train() stopped after `stop_after` of 3 epochs (head alone for the first 1), rerun:
+    bit-identical to an uninterrupted run."""
+    from convmixer_tf.training import callbacks
+    from convmixer_tf.training.train import train
+
+    _, folder = source
+    values = dict(weights=str(folder / "source.keras"), epochs=3, freeze_backbone_epochs=1)
+    clean = train(tiny_config(tmp_path / "clean", **values))
+
+    class Stopped(Exception):
+        pass
+
+    class Stop(keras.callbacks.Callback):
+        def on_epoch_end(self, epoch, logs=None):
+            if epoch + 1 == stop_after:
+                raise Stopped  # after the backup of this epoch (the callbacks before it)
+
+    make = callbacks.make_callbacks
+    monkeypatch.setattr(callbacks, "make_callbacks", lambda *a, **k: make(*a, **k) + [Stop()])
+    with pytest.raises(Stopped):
+        train(tiny_config(tmp_path / "resumed", **values))
+    monkeypatch.setattr(callbacks, "make_callbacks", make)
+    resumed = train(tiny_config(tmp_path / "resumed", **values))
+    assert len(resumed["history"].history["loss"]) == 3 - stop_after
+    for a, b in zip(artifacts.load_model(clean["model_path"]).weights,
+                    artifacts.load_model(resumed["model_path"]).weights, strict=True):
+        assert np.array_equal(a, b), a.path
+
+
+@pytest.mark.large
+@pytest.mark.parametrize("flags", [
+    ["--strategy", "mirrored", "--precision", "mixed_bfloat16"],
+    ["--precision", "mixed_float16"],
+], ids=["mirrored-bfloat16", "float16"])
+def test_fine_tune_command_under_each_strategy_and_precision(source, tmp_path, flags):
+    """Head alone for 1 epoch then everything (the train function rebuilt), through the
+    command; the saved model loads and its head has the data set's 10 classes."""
+    import subprocess
+    import sys
+
+    from helpers import subprocess_env
+
+    _, folder = source
+    argv = [sys.executable, "-c", "import sys; from convmixer_tf import cli; "
+            "sys.exit(cli.train_main(sys.argv[1:]))", "--weights", str(folder / "source.keras"),
+            "--preset", "finetune", "--image-size", str(SIZE), "--epochs", "2",
+            "--steps-per-epoch", "2", "--batch-size", "16", "--freeze-backbone-epochs", "1",
+            "--hflip", "0", "--no-export", "--verbose", "0", "--name", "tuned",
+            "--output-dir", str(tmp_path / "models"), "--run-dir", str(tmp_path / "runs"),
+            *flags]
+    proc = subprocess.run(argv, env=subprocess_env(), capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "Replaced the head" in proc.stdout and "the backbone trains from now on" in proc.stdout
+    tuned = artifacts.load_model(tmp_path / "models" / "tuned.keras")
+    assert tuned.output_shape == (None, 10)

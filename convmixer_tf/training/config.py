@@ -185,6 +185,19 @@ class TrainConfig:
     overwrite: bool = knob(False,
         "start <name> afresh: delete <run_dir>/<name>/, replace its model (without it, a --name "
         "whose run or model has another architecture or data set is refused)")
+    # Fine-tuning (training/finetune.py; README "Fine-tune on your own classes").
+    weights: str = knob("",
+        "start from these weights: a .keras (convmixer-train, convmixer-convert), .weights.h5 "
+        "or official/timm .pth; the architecture comes from the file, the head is new when "
+        "the classes differ (use with --preset finetune)")
+    weights_sha256: str = knob("",
+        "the sha256 --weights must have; empty = the file's, recorded in the metadata and the "
+        "run identity (a resumed fine-tune refuses another file)")
+    freeze_backbone: bool = knob(False,
+        "train the head alone (a linear probe): every other layer frozen, BatchNorm in "
+        "inference mode")
+    freeze_backbone_epochs: int = knob(0,
+        "train the head alone for the first N epochs, then everything (0 = off)")
 
     # Choices of the string fields (the CLI offers them; __post_init__ checks them).
     CHOICES = dict(
@@ -231,6 +244,16 @@ class TrainConfig:
             if self.strategy == "multi_worker":
                 raise ValueError("--data-service with --strategy multi_worker is not supported "
                                  "yet: use one trainer (default or mirrored) per data service.")
+        if (self.freeze_backbone or self.freeze_backbone_epochs) and not self.weights:
+            raise ValueError("--freeze-backbone / --freeze-backbone-epochs train the head on "
+                             "pretrained features: pass --weights FILE too.")
+        if self.freeze_backbone and self.freeze_backbone_epochs:
+            raise ValueError("--freeze-backbone freezes the whole run, --freeze-backbone-epochs "
+                             "N the first N epochs: pass one of them.")
+        if not 0 <= self.freeze_backbone_epochs < self.epochs:
+            raise ValueError(f"--freeze-backbone-epochs must be in [0, --epochs) so that the "
+                             f"backbone trains at all (--freeze-backbone: never). Received "
+                             f"{self.freeze_backbone_epochs} with --epochs {self.epochs}")
         if not self.name:  # frozen: the one place a field is filled in after __init__
             object.__setattr__(self, "name", default_name(self.dataset))
         if os.sep in self.name or self.name in (".", ".."):

@@ -35,6 +35,7 @@ logger = logging.getLogger(__name__)
 HEAD = checkpoints.HEAD_LAYER  # "predictions"
 PREPROCESSING = "preprocessing"  # the builder's Rescaling layer
 SHAPE_FIELDS = ("dim", "depth", "kernel_size", "patch_size")
+ARCHITECTURE_FIELDS = ("variant",) + SHAPE_FIELDS + ("activation",)  # come from the file
 KERAS_SUFFIX, WEIGHTS_SUFFIX = ".keras", ".weights.h5"
 _BLOCK_DEPTHWISE = re.compile(r"block(\d+)_depthwise")
 

@@ -10,11 +10,12 @@
     workers/<task>/   a multi-worker run's other tasks write their own copy of the above
                       (their state is the chief's), so no two processes write one file
 
-The rules: a run is its `run_identity` (architecture, data set, image size, held-out split).
-Rerunning the same identity resumes after the last finished epoch; another identity under the
-same name is refused, naming the fields that differ, unless `overwrite` (the folder is deleted
-and the run starts afresh); a folder without a record is never adopted. The output model
-`<output_dir>/<name>.keras` follows the same rule through its metadata (`check_output_model`).
+The rules: a run is its `run_identity` (architecture, data set, image size, held-out split, a
+fine-tune's source weights). Rerunning the same identity resumes after the last finished epoch;
+another identity under the same name is refused, naming the fields that differ, unless
+`overwrite` (the folder is deleted and the run starts afresh); a folder without a record is
+never adopted. The output model `<output_dir>/<name>.keras` follows the same rule through its
+metadata (`check_output_model`).
 
 Plain Python: these checks run before TensorFlow does any work.
 """
@@ -52,11 +53,13 @@ def cache_folder(run_dir, name):
 
 
 def run_identity(config):
-    """What makes two runs the same run: architecture, data set, image size, held-out split.
-    `config` is a TrainConfig or the config dict a run or a model's metadata recorded."""
+    """What makes two runs the same run: architecture, data set, image size, held-out split,
+    and a fine-tune's source weights (path and sha256). `config` is a TrainConfig or the
+    config dict a run or a model's metadata recorded."""
     get = config.get if isinstance(config, dict) else lambda k, d=None: getattr(config, k, d)
     return dict(presets.architecture(config), dataset=get("dataset"),
-                image_size=get("image_size"), validation_split=get("validation_split"))
+                image_size=get("image_size"), validation_split=get("validation_split"),
+                weights=get("weights") or "", weights_sha256=get("weights_sha256") or "")
 
 
 def describe_differences(old, new):

@@ -12,7 +12,8 @@ trained-model file set (`artifacts`: model, metadata, sample images) that deploy
     preflight      checks before any work; claims the run folder (`run_folder`)
     start          the tf.distribute strategy (before any other TF op), seed, precision
     build_input    the input pipelines (`data.pipeline.build_datasets`)
-    build_trainer  the ConvMixer, its fast layers, AdamW on the one-cycle schedule, compiled
+    build_trainer  the ConvMixer (`--weights`: loaded, `finetune`), its fast layers, AdamW on
+                   the one-cycle schedule, compiled; the backbone frozen if asked
     resume         the run folder's callbacks and the epoch a killed run resumes after
     fit            fit on the training input (local, sharded or the tf.data service), evaluate
     save           the model file set; then the resume backup goes
@@ -30,7 +31,7 @@ import numpy as np
 from convmixer_tf import artifacts, fast_layers, model as model_lib, presets
 from convmixer_tf.errors import FinalSaveError
 from convmixer_tf.training import (callbacks as callbacks_lib, data_service, distribute,
-                                   run_folder, schedules)
+                                   finetune, run_folder, schedules)
 from convmixer_tf.training.data import pipeline
 
 logger = logging.getLogger(__name__)
@@ -103,14 +104,18 @@ def build_model(config, num_classes, input_shape):
     )
 
 
-def build_trainer(config, strategy, num_classes, steps, xla, model=None):
+def build_trainer(config, strategy, num_classes, steps, xla, model=None, class_names=None):
     """(model, trainer, fast layers applied), built under `strategy`: `model` (default: the
-    ConvMixer `config` names, `build_model`) with the fast layers measured faster on this
-    device and precision, wrapped by `distribute.make_trainer`, compiled with AdamW on the
-    one-cycle schedule over `steps` optimizer steps and the label-smoothed loss."""
+    ConvMixer `config` names, `build_model`, with `config.weights` loaded: `finetune`, a new
+    head when `class_names` differ from the file's) with the fast layers measured faster on
+    this device and precision, wrapped by `distribute.make_trainer`, compiled with AdamW on the
+    one-cycle schedule over `steps` optimizer steps and the label-smoothed loss, the optimizer
+    built on every weight and the backbone frozen for `--freeze-backbone[-epochs]`."""
     with strategy.scope():
         if model is None:
             model = build_model(config, num_classes, (config.image_size, config.image_size, 3))
+            if config.weights:  # the head is replaced when the classes differ (logged)
+                model = finetune.load_pretrained(model, config.weights, class_names=class_names)
         fast = {swap: False for swap in fast_layers.SWAPS}
         if config.fast_layers:  # only the swaps measured faster on this device and precision
             fast = fast_layers.fast_layers_for(config.precision)
@@ -139,6 +144,7 @@ def build_trainer(config, strategy, num_classes, steps, xla, model=None):
             metrics=["accuracy"],
             jit_compile=xla,
         )
+        finetune.freeze(trainer, model, config)
     return model, trainer, fast
 
 
@@ -261,6 +267,7 @@ def save(config, model, datasets, test_accuracy, fast, folder):
             test_accuracy=float(test_accuracy), config=dataclasses.asdict(config),
             training_precision=config.precision, serving_precision="float32",
             fast_layers_applied=[swap for swap, on in fast.items() if on],
+            source_weights=finetune.source_record(config),
         )
         artifacts.write_samples(path, *export_samples(datasets))
     except OSError as error:
@@ -284,13 +291,15 @@ def train(config):
     is_chief, task_id = True, 0  # decided once: from TF_CONFIG, before any TF op
     if config.strategy == "multi_worker":
         is_chief, task_id = distribute.chief_from_tf_config(os.environ.get("TF_CONFIG"))
+    config = finetune.resolve(config)  # --weights: the file's architecture and sha256
     folder = preflight(config, is_chief, task_id)  # plain Python: no TF op yet
     strategy, xla = start(config)
     datasets = build_input(config)
     model, trainer, fast = build_trainer(
         config, strategy, datasets.num_classes,
-        config.epochs * steps_per_epoch(config, datasets), xla)
+        config.epochs * steps_per_epoch(config, datasets), xla, class_names=datasets.class_names)
     callbacks, start_epoch = resume(folder)
+    callbacks = finetune.callbacks(model, config) + callbacks  # head first, then everything
     history, test_accuracy = fit(config, strategy, trainer, datasets, callbacks, start_epoch)
     # Every worker writes (atomically, the same values); the chief alone exports.
     path = save(config, model, datasets, test_accuracy, fast, folder)
