@@ -57,9 +57,11 @@ def run_identity(config):
     and a fine-tune's source weights (path and sha256). `config` is a TrainConfig or the
     config dict a run or a model's metadata recorded."""
     get = config.get if isinstance(config, dict) else lambda k, d=None: getattr(config, k, d)
-    return dict(presets.architecture(config), dataset=get("dataset"),
-                image_size=get("image_size"), validation_split=get("validation_split"),
-                weights=get("weights") or "", weights_sha256=get("weights_sha256") or "")
+    identity = dict(presets.architecture(config), dataset=get("dataset"),
+                    image_size=get("image_size"), validation_split=get("validation_split"))
+    if get("weights"):  # a run from scratch has no source (and keeps its old identity)
+        identity.update(weights=get("weights"), weights_sha256=get("weights_sha256"))
+    return identity
 
 
 def describe_differences(old, new):
