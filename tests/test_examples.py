@@ -56,3 +56,32 @@ def test_train_and_export_example(tmp_path, extra):
         np.testing.assert_allclose(got, logits, atol=1e-4)
     meta = json.loads((version / "metadata.json").read_text())
     assert meta["class_names"] == [str(i) for i in range(10)] and meta["image_size"] == [32, 32]
+
+
+@pytest.mark.large  # ~70 s quiet, 4 min on the loaded 2 cores: the export's int8 builds
+def test_finetune_example_from_an_official_checkpoint(tmp_path):
+    """examples/finetune.py from a PyTorch checkpoint in the official layout (7 classes) to
+    digits (10): a new head, the int8 edge build exported and evaluated on the test split."""
+    torch = pytest.importorskip("torch")
+    from benchmarks import reference_torch as rt
+
+    torch.manual_seed(0)
+    official = rt.randomize_batchnorm(rt.ConvMixer(16, 1, kernel_size=5, patch_size=2,
+                                                   num_classes=7))
+    weights = tmp_path / "convmixer_16_1_ks5_p2.pth"
+    torch.save(official.state_dict(), weights)
+    out = tmp_path / "saved_models"
+    proc = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "examples", "finetune.py"), "--weights",
+         str(weights), "--epochs", "2", "--steps", "3", "--out", str(out), "--tflite-modes",
+         "int8"],
+        capture_output=True, text=True, env=dict(os.environ, PYTHONPATH=ROOT), timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "7 classes, this run 10" in proc.stderr  # the head replaced, and said so
+    assert "the backbone trains from now on" in proc.stderr
+    assert "int8 edge build: 359 test images" in proc.stdout
+    meta = json.loads((out / "finetuned.json").read_text())
+    assert meta["source_weights"]["path"] == str(weights)
+    tuned = keras.saving.load_model(out / "finetuned.keras", compile=False)
+    assert tuned.output_shape == (None, 10)
+    assert tuned.get_layer("stem_conv").kernel.shape == (2, 2, 3, 16)
