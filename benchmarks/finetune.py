@@ -1,6 +1,6 @@
 """Fine-tuning against training from scratch, on data this machine has: digits 0-4 -> 5-9.
 
-    python -m benchmarks.finetune                  # 2 seeds, ~18 min on 2 loaded CPU cores
+    python -m benchmarks.finetune                  # 2 seeds: 21 min here (2 cores, load ~7)
     python -m benchmarks.finetune --seeds 1 --per-class 0 --batch-size 64 --epochs 5  # all images
 
 1. The source: a small ConvMixer (default dim 64, depth 2, kernel 5, patch 2, 16 px: the 8x8
@@ -8,7 +8,7 @@
    digits 0-4, written as an image folder (train/ and test/, one folder per class) as a
    user's data would be.
 2. On digits 5-9 (five classes the source never saw; the same test split), from 10 training
-   images per class (a user's small folder; `--per-class 0`: all ~146), every arm trains
+   images per class (a user's small folder; `--per-class 0`: all, ~140), every arm trains
    the same number of steps (epochs x steps per epoch) through `train()` as
    `convmixer-train` runs it, and is measured on the 5-9 test images:
      scratch        the digits default recipe, random initialisation
@@ -117,7 +117,7 @@ def main(argv=None):
     parser.add_argument("--epochs", type=int, default=10, help="every target arm's epochs")
     parser.add_argument("--steps-per-epoch", type=int, default=0, help="0 = the whole split")
     parser.add_argument("--per-class", type=int, default=10,
-                        help="target training images per class; 0 = all (~146)")
+                        help="target training images per class; 0 = all (~140)")
     parser.add_argument("--arms", default=",".join(ARMS))
     parser.add_argument("--max-lr", type=float, default=0.0,
                         help="the finetune arms' one-cycle peak; 0 = the preset's")
