@@ -9,7 +9,9 @@ Writes <out>/digits.keras, <out>/digits/1/ (TF Serving), <out>/digits_tflite/1/ 
 """
 
 import argparse
+import logging
 import os
+import sys
 
 import keras
 import tensorflow as tf
@@ -27,6 +29,9 @@ parser.add_argument("--mirrored", action="store_true", help="train under Mirrore
 parser.add_argument("--precision", default="float32", help="e.g. mixed_bfloat16 on a GPU")
 parser.add_argument("--tflite-modes", default="float32,float16,int8")
 args = parser.parse_args()
+# The library logs its progress (logger "convmixer_tf"): show it, one line per message.
+logging.basicConfig(stream=sys.stdout, format="%(message)s")
+logging.getLogger("convmixer_tf").setLevel(logging.INFO)
 
 # 1. A strategy first (without GPUs, `mirrored` splits the CPU before TF starts), a precision.
 strategy = distribute.make_strategy("mirrored" if args.mirrored else "default")
@@ -53,11 +58,12 @@ os.makedirs(args.out, exist_ok=True)
 model.save(os.path.join(args.out, "digits.keras"))
 
 # 4. Export: SavedModel (validated as TF Serving loads it) + the TFLite set (gated on the
-#    held-out images: a build that loses more than 1 point of accuracy is refused).
+#    held-out images: a build that loses more than 1 point of accuracy is refused). The
+#    settings are `deploy.config.ExportConfig` fields, given as keywords (or config=...).
 result = convmixer_tf.export(
-    model, args.out, name="digits", class_names=[str(i) for i in range(10)],
+    model, args.out, class_names=[str(i) for i in range(10)],
     calibration_images=x_train[:256], held_out=(x_test, y_test),
-    tflite_modes=args.tflite_modes.split(","),
+    name="digits", tflite_modes=args.tflite_modes,
 )
 print("TF Serving:", result["saved_model"]["path"])
 print("TFLite:", result["tflite"]["path"], "edge build:", result["tflite"]["edge_build"])

@@ -98,11 +98,11 @@ def digits_export(tmp_path_factory, tiny_model):
     (x_train, _), (x_test, y_test) = data.load_digits(16)
     result = convmixer_tf.export(model, str(root), name="tiny", class_names=data.DIGITS_CLASS_NAMES,
                                  calibration_images=x_train[:64], held_out=(x_test, y_test),
-                                 tflite_modes=["float32", "full_int8"], max_accuracy_drop=1.0,
-                                 int8_io="uint8", log=lambda line: None)
+                                 tflite_modes=["float32", "full_int8"], max_accuracy_drop=100,
+                                 int8_io="uint8")
     model_path = str(root / "tiny.keras")
     artifacts.save_model(model, model_path)
-    artifacts.write_metadata(model_path, data.DIGITS_CLASS_NAMES, (16, 16))
+    artifacts.write_metadata(model_path, artifacts.Metadata(data.DIGITS_CLASS_NAMES, (16, 16)))
     return dict(root=root, result=result, model_path=model_path, labels=y_test)
 
 

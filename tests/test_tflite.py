@@ -133,9 +133,7 @@ def test_expand_modes_skips_what_the_table_says():
 def test_the_mode_table_drives_the_converter_the_cli_and_export(monkeypatch, capsys):
     """One table: a new entry converts with its settings and nothing else to edit; the CLI's
     choices and default, `export`'s default and every name check read it."""
-    import inspect
-
-    from convmixer_tf.deploy import export
+    from convmixer_tf.deploy.config import ExportConfig
 
     monkeypatch.setitem(modes.TFLITE_MODES, "float16_unsplit", modes.Mode(
         "float16 weights, 7x7 depthwise in one op", quantize=True, weight_type="float16",
@@ -150,8 +148,8 @@ def test_the_mode_table_drives_the_converter_the_cli_and_export(monkeypatch, cap
               litert.LiteRTModel(flats["float16_unsplit"]).interpreter.get_tensor_details()}
     assert "float16" in dtypes
 
-    assert inspect.signature(export.export).parameters["tflite_modes"].default == \
-        modes.DEFAULT_MODES == ("float32", "float16", "int8")
+    assert ExportConfig().tflite_modes == modes.DEFAULT_MODES == (
+        "float32", "float16", "int8")
     with pytest.raises(SystemExit):
         cli.export_main(["--help"])
     help_text = "".join(capsys.readouterr().out.split())  # argparse wraps anywhere
@@ -308,8 +306,8 @@ def test_predict_cli_on_tflite(trained, digits16, tmp_path, capsys):
     _, (x_test, y_test) = digits16
     path = tflite.save(tflite.convert(trained, "float32", input_shape=(1, 16, 16)),
                        str(tmp_path / "tiny_float32.tflite"))
-    artifacts.write_metadata(str(tmp_path / "metadata.json"), [f"digit{i}" for i in range(10)],
-                          (16, 16))
+    artifacts.write_metadata(str(tmp_path / "metadata.json"),
+                             artifacts.Metadata([f"digit{i}" for i in range(10)], (16, 16)))
     Image.fromarray(x_test[0]).resize((40, 40)).save(tmp_path / "a.jpg", quality=95)
     Image.fromarray(x_test[1]).save(tmp_path / "b.png")
     assert cli.predict_main([path, str(tmp_path / "a.jpg"), str(tmp_path / "b.png"),

@@ -7,7 +7,7 @@ Both exporters (`saved_model`, `tflite`) and their validations start from `logit
 import keras
 
 from convmixer_tf import fast_layers
-from convmixer_tf.deploy.modes import SERVING_PRECISIONS  # noqa: F401 (named here too)
+from convmixer_tf.deploy.modes import SERVING_PRECISIONS
 
 # Default max abs logit error of a SavedModel against the Keras model, by the dtype it computes
 # in, relative to the largest logit (at least 1): a float32 export reproduces the model, a

@@ -264,13 +264,13 @@ def train(config, datasets=None):
     model_path = os.path.join(config.output_dir, config.name + ".keras")
     try:
         save_trained_model(model, model_path)
-        artifacts.write_metadata(
-            model_path, datasets.class_names, (config.image_size, config.image_size),
+        artifacts.write_metadata(model_path, artifacts.Metadata(
+            datasets.class_names, (config.image_size, config.image_size),
             crop_pct=config.eval_crop_pct, dataset=config.dataset,
             test_accuracy=float(test_accuracy), config=dataclasses.asdict(config),
             training_precision=config.precision, serving_precision="float32",
             fast_layers_applied=[swap for swap, on in fast.items() if on],
-        )
+        ))
         artifacts.write_samples(model_path, *export_samples(datasets))
     except OSError as error:
         raise FinalSaveError(
