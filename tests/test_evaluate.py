@@ -160,7 +160,7 @@ def test_json_and_confusion_picture(digits_export, tmp_path, capsys):
 def test_the_bytes_signature_gets_a_folders_own_files(tmp_path, image_folder):
     """What a TF Serving client sends for an image folder: each PNG file's bytes as they are."""
     root = image_folder(tmp_path / "data", ("cat", "dog"), per_class=3)
-    meta = dict(class_names=["cat", "dog"], image_size=[16, 16], crop_pct=1.0)
+    meta = artifacts.Metadata(["cat", "dog"], (16, 16))
     batches, names = evaluate._encoded_test_data(CONFIG(dataset=root), meta, (16, 16))
     encoded, labels = next(iter(batches))
     assert tuple(names) == ("cat", "dog") and len(encoded) == len(labels) == 2
