@@ -51,12 +51,12 @@ def tf_side(args):
 
     tf.config.threading.set_intra_op_parallelism_threads(1)
     tf.config.threading.set_inter_op_parallelism_threads(1)
-    from convmixer_tf.training import data
+    from convmixer_tf.training.data import pipeline
     from convmixer_tf.training.config import TrainConfig
 
     config = TrainConfig.create(preset="imagenet", dataset=f"folder:{args.folder}",
                                 batch_size=args.batch)
-    datasets = data.build_datasets(
+    datasets = pipeline.build_datasets(
         config.dataset, image_size=config.image_size, global_batch_size=args.batch,
         augment=config.augment, seed=0, validation_split=0.05, cache="off")
     options = tf.data.Options()
@@ -146,7 +146,8 @@ def stages(args, images=200, repeats=2):
     tf.config.threading.set_intra_op_parallelism_threads(1)
     tf.config.threading.set_inter_op_parallelism_threads(1)
     from convmixer_tf import preprocessing
-    from convmixer_tf.training import augment, data
+    from convmixer_tf.training import augment
+    from convmixer_tf.training.data import sources
     from convmixer_tf.training.config import TrainConfig
 
     files = [p for p, _ in _files(args.folder)[0]][:images]
@@ -185,7 +186,7 @@ def stages(args, images=200, repeats=2):
         print(f"| {name} | {1000 * (time.process_time() - cpu) / (repeats * len(files)):.2f} |",
               flush=True)
     cpu = time.process_time()
-    data.check_images(files, workers=1)
+    sources.check_images(files, workers=1)
     print(f"| header check per file (PIL verify, before training) | "
           f"{1000 * (time.process_time() - cpu) / len(files):.2f} |")
 

@@ -25,13 +25,13 @@ def main(argv=None):
     args = parser.parse_args(argv)
     import tensorflow as tf
 
-    from convmixer_tf.training import data
+    from convmixer_tf.training.data import pipeline
 
     tf.zeros(1)  # TensorFlow's own start-up memory, before the baseline
     if args.what == "rss":
         before = peak_rss_mb()
-        ds = data.build_datasets(args.folder, image_size=32, global_batch_size=32,
-                                 cache=args.cache or "memory")
+        ds = pipeline.build_datasets(args.folder, image_size=32, global_batch_size=32,
+                                     cache=args.cache or "memory")
         next(iter(ds.train))
         split = ds._pipeline.split("train")
         cached = split.nbytes / 2**20
@@ -41,8 +41,8 @@ def main(argv=None):
               f"{(after - before) / cached:.2f}x the cached bytes")
     else:
         start = time.perf_counter()
-        ds = data.build_datasets(args.folder, image_size=32, global_batch_size=32,
-                                 cache=args.cache or "auto", cache_budget_mb=0)
+        ds = pipeline.build_datasets(args.folder, image_size=32, global_batch_size=32,
+                                     cache=args.cache or "auto", cache_budget_mb=0)
         built = time.perf_counter()
         next(iter(ds.train))
         first = time.perf_counter()

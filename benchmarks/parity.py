@@ -8,19 +8,19 @@ Both sides get the same real images (Fashion-MNIST through `keras.datasets`, 28x
 to 3 channels and kept at 28, so patch 2 gives a 14x14 grid), the same batches in the same order
 (one numpy permutation per epoch, generated once and fed to both), no augmentation, the same
 one-cycle schedule (checked step by step against the paper's formula), AdamW hyper-parameters,
-label-smoothed cross-entropy and gradient-norm clipping. Ours is the real training job:
-`training.train.train` with a `TrainConfig` (fused layers, trainer, compile, fit, callbacks,
-saving), given the fixed-order batches as its `datasets`; the PyTorch side is the paper's model
-(`reference_torch.ConvMixer`) with `torch.optim.AdamW` in the paper's plain loop.
+label-smoothed cross-entropy and gradient-norm clipping. Ours is the training job's own steps
+with a `TrainConfig`: `train.start` (seed, precision), `train.build_model` (the builder's
+initialisation, or `--init`'s), `train.build_trainer` (fused layers, trainer, AdamW on the
+one-cycle schedule, compile), then Keras `fit` on the fixed-order batches (the run folder's
+callbacks and the final save, which do not change what is learnt, are left out); the PyTorch
+side is the paper's model (`reference_torch.ConvMixer`) with `torch.optim.AdamW` in the paper's
+plain loop.
 """
 
 import argparse
-import contextlib
 import json
 import os
-import tempfile
 import time
-from unittest import mock
 
 import numpy as np
 
@@ -29,8 +29,8 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 import keras  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
-from convmixer_tf import checkpoints, model as model_lib, presets  # noqa: E402
-from convmixer_tf.training import data as data_lib, schedules, train as train_lib  # noqa: E402
+from convmixer_tf import checkpoints, presets  # noqa: E402
+from convmixer_tf.training import schedules, train as train_lib  # noqa: E402
 from convmixer_tf.training.config import TrainConfig  # noqa: E402
 
 CLASS_NAMES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt",
@@ -108,13 +108,6 @@ class FixedOrder(keras.utils.PyDataset):
         idx = self.orders[self.epoch, i * self.batch_size:(i + 1) * self.batch_size]
         return self.images[idx], np.eye(self.num_classes, dtype="float32")[self.labels[idx]]
 
-    def __iter__(self):
-        """The current epoch's batches, not logged (the run log's input-speed probe reads
-        some with `iter()`; `fit` indexes)."""
-        for i in range(len(self)):
-            idx = self.orders[self.epoch, i * self.batch_size:(i + 1) * self.batch_size]
-            yield self.images[idx], np.eye(self.num_classes, dtype="float32")[self.labels[idx]]
-
     def on_epoch_begin(self):
         self.fetched = 0
 
@@ -136,55 +129,50 @@ def torch_model(args, seed):
                                      num_classes=10)
 
 
-def _init_patch(args, seed):
-    """The context `--init` asks for around our training job (the two ablations)."""
-    if args.init == "keras":  # Keras's layer defaults: glorot-uniform kernels, zero biases
-        return mock.patch.object(model_lib, "_torch_init", lambda *_, **__: {})
-    if args.init == "copied":  # the PyTorch side's exact initial tensors
+def initialise(model, args, seed):
+    """Sets our model's initial weights as `--init` asks: ours (the builder's, kept), keras
+    (Keras's layer defaults: glorot-uniform kernels, zero biases; ablation) or copied (the
+    PyTorch side's exact initial tensors; ablation)."""
+    if args.init == "keras":
+        for layer in model.layers:
+            kernel, bias = getattr(layer, "kernel", None), getattr(layer, "bias", None)
+            if kernel is not None:
+                kernel.assign(keras.initializers.GlorotUniform()(kernel.shape, kernel.dtype))
+            if bias is not None:
+                bias.assign(np.zeros(bias.shape, "float32"))
+    elif args.init == "copied":
         state = checkpoints.normalize_state_dict(torch_model(args, seed).state_dict())
-        build = train_lib.build_model
-
-        def build_copied(*a, **k):
-            model = build(*a, **k)
-            checkpoints.assign_weights(
-                model, checkpoints.keras_weights_from_state_dict(state, model))
-            return model
-
-        return mock.patch.object(train_lib, "build_model", build_copied)
-    return contextlib.nullcontext()  # ours: the builder's own initialisation
+        checkpoints.assign_weights(model, checkpoints.keras_weights_from_state_dict(state, model))
 
 
 def run_keras(args, seed, train, test, orders):
-    """Ours, through the training job; returns (test accuracy per epoch, seconds)."""
+    """Ours, through the training job's steps; returns (test accuracy per epoch, seconds)."""
     (x_train, y_train), (x_test, y_test) = train, test
     batches = FixedOrder(x_train, y_train, orders, args.batch_size, 10)
-
-    def batched(x, y):
-        return tf.data.Dataset.from_tensor_slices(
-            (x, np.eye(10, dtype="float32")[y])).batch(args.eval_batch_size)
-
-    splits = dict(train=batches, test=batched(x_test, y_test),
-                  calibration=batched(x_train, y_train))
-    datasets = data_lib.Datasets(
-        splits.get, num_classes=10, class_names=CLASS_NAMES, train_size=len(y_train),
-        test_size=len(y_test), steps_per_epoch=len(batches), image_size=x_train.shape[1])
-    with tempfile.TemporaryDirectory() as tmp, _init_patch(args, seed):
-        config = TrainConfig(
-            dataset="keras:fashion_mnist", image_size=x_train.shape[1], dim=args.dim,
-            depth=args.depth, kernel_size=args.kernel_size, patch_size=args.patch_size,
-            epochs=args.epochs, batch_size=args.batch_size, max_lr=args.max_lr,
-            weight_decay=args.weight_decay, label_smoothing=args.label_smoothing,
-            clip_norm=args.clip_norm, adam_epsilon=args.adam_epsilon,
-            decay_all_weights=True,  # the paper's AdamW(model.parameters())
-            seed=seed, output_dir=tmp, run_dir=tmp, name="parity", verbose="0",
-        )
-        start = time.perf_counter()
-        result = train_lib.train(config, datasets=datasets)
-        seconds = time.perf_counter() - start
+    test_ds = tf.data.Dataset.from_tensor_slices(
+        (x_test, np.eye(10, dtype="float32")[y_test])).batch(args.eval_batch_size)
+    config = TrainConfig(
+        dataset="keras:fashion_mnist", image_size=x_train.shape[1], dim=args.dim,
+        depth=args.depth, kernel_size=args.kernel_size, patch_size=args.patch_size,
+        epochs=args.epochs, batch_size=args.batch_size, max_lr=args.max_lr,
+        weight_decay=args.weight_decay, label_smoothing=args.label_smoothing,
+        clip_norm=args.clip_norm, adam_epsilon=args.adam_epsilon,
+        decay_all_weights=True,  # the paper's AdamW(model.parameters())
+        seed=seed, name="parity", verbose="0",
+    )
+    start = time.perf_counter()
+    strategy, xla = train_lib.start(config)
+    model = train_lib.build_model(config, 10, x_train.shape[1:])
+    initialise(model, args, seed)
+    _, trainer, _ = train_lib.build_trainer(config, strategy, 10, args.epochs * len(batches),
+                                            xla, model=model)
+    history = trainer.fit(batches, epochs=args.epochs, validation_data=test_ds,
+                          shuffle=False, verbose=0)
+    seconds = time.perf_counter() - start
     expected = [(e, i) for e in range(args.epochs) for i in range(len(batches))]
     if batches.served[-len(expected):] != expected:
         raise RuntimeError(f"Our training job was not fed the fixed order: {batches.served}")
-    return [float(a) for a in result["history"].history["val_accuracy"]], seconds
+    return [float(a) for a in history.history["val_accuracy"]], seconds
 
 
 def run_torch(args, seed, train, test, orders):

@@ -28,7 +28,7 @@ import numpy as np
 from PIL import Image
 
 from convmixer_tf import timing
-from convmixer_tf.training import data
+from convmixer_tf.training.data import pipeline
 from convmixer_tf.training.config import TrainConfig
 
 from .harness import keras_model, model_shape
@@ -115,7 +115,7 @@ def main(argv=None):
         print(f"made {args.folder} in {time.perf_counter() - start:.0f} s")
 
     recipe = TrainConfig.create(preset="cifar10", dataset=args.folder).augment
-    builders = {"off": data.build_datasets, "auto": data.build_datasets}
+    builders = {"off": pipeline.build_datasets, "auto": pipeline.build_datasets}
     if args.before:
         spec = importlib.util.spec_from_file_location("data_before", args.before)
         before = importlib.util.module_from_spec(spec)

@@ -19,7 +19,7 @@ def tflite_section(cfgs, calibration, args):
     import numpy as np
 
     from convmixer_tf import presets
-    from convmixer_tf.deploy import gate, litert, tflite
+    from convmixer_tf.deploy import gate, litert, modes, tflite
 
     results = {}
     for cfg in cfgs:
@@ -30,7 +30,7 @@ def tflite_section(cfgs, calibration, args):
         model = keras_model(cfg)  # logits (no softmax): what the gate compares
         reference = np.asarray(model(test, training=False))
         cands, info = {}, {}
-        for mode in tflite.MODES:
+        for mode in modes.MODES:
             start = time.perf_counter()
             flat = tflite.convert(model, mode, calib, input_shape=(1, cfg["image"], cfg["image"]))
             convert_s = time.perf_counter() - start

@@ -9,6 +9,7 @@ Reading a `.pth` needs torch (`pip install convmixer_tf[torch]`); it is imported
 only when a PyTorch file is read. The mapping itself works on numpy arrays.
 """
 
+import dataclasses
 import os
 import re
 import warnings
@@ -17,6 +18,38 @@ import zipfile
 import numpy as np
 
 from convmixer_tf import _extras, artifacts, presets
+from convmixer_tf.knobs import knob
+
+
+
+@dataclasses.dataclass(frozen=True)
+class ConvertConfig:
+    """`convmixer-convert`'s knobs: how a PyTorch checkpoint becomes a Keras model
+    (`model.convert_checkpoint`)."""
+
+    activation: str = knob("",
+        "not stored in weights; empty = the named variant's (768/32: relu), else gelu")
+    include_preprocessing: bool = knob(True,
+        "the model takes 0-255 pixels and normalises them itself")
+    classifier_activation: str = knob("softmax",
+        "the head's output: probabilities, or none for logits")
+    ema: bool = knob(False, "prefer the state_dict_ema weights")
+    trust_checkpoint: bool = knob(False,
+        "torch.load with weights_only=False (runs pickled code: trusted files only)")
+    top: bool = knob(True,
+        "the pooling and classifier head; --no-top: the backbone only, for a checkpoint "
+        "without a usable head (a head that does not fit is an error otherwise)")
+    overwrite: bool = knob(False, "replace an existing output")
+
+    CHOICES = dict(activation=("",) + presets.ACTIVATIONS,
+                   classifier_activation=("softmax", "none"))
+
+    def __post_init__(self):
+        for name, choices in self.CHOICES.items():
+            if getattr(self, name) not in choices:
+                raise ValueError(f"{name} must be one of {choices}. "
+                                 f"Received {name}={getattr(self, name)!r}")
+
 
 TORCH_SUFFIXES = (".pth", ".pth.tar", ".pt", ".bin")
 SAFETENSORS_SUFFIX = ".safetensors"

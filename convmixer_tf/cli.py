@@ -24,6 +24,8 @@ import sys
 import tempfile
 import traceback
 
+from convmixer_tf import errors  # no TensorFlow: the exit-code table's classes
+
 # Entry points only (not the library): hide TensorFlow's C++ info/warning lines so the user
 # sees Keras's progress bar and our results. An explicit TF_CPP_MIN_LOG_LEVEL wins.
 _USER_LOG_LEVEL = os.environ.get("TF_CPP_MIN_LOG_LEVEL")
@@ -74,28 +76,45 @@ def start_tensorflow():
             sys.stderr.flush()
 
 
-def add_config_flags(parser, config_cls, groups=(), only_given=False):
+def add_config_flags(parser, config_cls):
     """One `--flag` per dataclass field, typed by its default, described by its
-    `metadata["help"]` (knobs.knob); fields of a class in `groups` ((title, dataclass) pairs)
-    go under that title. `only_given=True`: the parsed namespace holds only the flags given."""
+    `metadata["help"]` (knobs.knob). A field holding a config of its own (`TrainConfig.augment`)
+    gives its fields flat flags, under a section titled by its help. Build the config back
+    with `config_from_args`."""
     choices = getattr(config_cls, "CHOICES", {})
-    sections = {}
-    for title, group_cls in groups:
-        section = parser.add_argument_group(title)
-        for field in dataclasses.fields(group_cls):
-            sections[field.name] = section
     for field in dataclasses.fields(config_cls):
         default = field.default
-        target = sections.get(field.name, parser)
+        if dataclasses.is_dataclass(default):
+            add_config_flags(parser.add_argument_group(field.metadata["help"]), type(default))
+            continue
         flag = "--" + field.name.replace("_", "-")
-        kwargs = dict(default=argparse.SUPPRESS if only_given else default,
-                      help=field.metadata["help"].replace("%", "%%"))
+        kwargs = dict(default=default, help=field.metadata["help"].replace("%", "%%"))
         if isinstance(default, bool):
-            target.add_argument(flag, action=argparse.BooleanOptionalAction, **kwargs)
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, **kwargs)
         else:
-            target.add_argument(flag, type=type(default), choices=choices.get(field.name),
+            parser.add_argument(flag, type=type(default), choices=choices.get(field.name),
                                 **kwargs)
     return parser
+
+
+def config_from_args(config_cls, args):
+    """`config_cls` from the parsed flags `args` (a dict) that `add_config_flags` made."""
+    values = {}
+    for field in dataclasses.fields(config_cls):
+        if dataclasses.is_dataclass(field.default):
+            values[field.name] = config_from_args(type(field.default), args)
+        elif field.name in args:
+            values[field.name] = args[field.name]
+    return config_cls(**values)
+
+
+def _flat(values):
+    """A config's field values (`presets.TRAIN_PRESETS`) with those of its nested configs
+    spread out, as `add_config_flags` names the flags."""
+    flat = {}
+    for name, value in values.items():
+        flat.update(_flat(value) if isinstance(value, dict) else {name: value})
+    return flat
 
 
 def _positive_int(text):
@@ -114,34 +133,62 @@ def _error(command, error):
 
 
 # The exit-code policy (module docstring): exception class -> exit status, first match wins.
-# Classes are named by module so that the table imports nothing: a class whose module is not
-# loaded cannot have been raised. Anything not listed is an internal error (exit 1).
+# Anything not listed is an internal error (exit 1). `errors` imports nothing, so neither does
+# this table; FinalSaveError is an OSError.
 EXIT_OK, EXIT_INTERNAL, EXIT_INPUT, EXIT_PARTIAL = 0, 1, 2, 3
 EXIT_CODES = (
-    ("builtins", "ValueError", EXIT_INPUT),  # bad values, bad data, contradicting files
-    ("builtins", "OSError", EXIT_INPUT),  # missing/existing/unreadable files, unreachable hosts
-    ("builtins", "ImportError", EXIT_INPUT),  # an optional extra (torch, tfds) not installed
-    ("convmixer_tf.deploy.logits", "ExportError", EXIT_INPUT),  # not exportable as asked
-    # TensorFlow's own: a SavedModel signature refusing an image, a file or port it cannot use.
-    ("tensorflow.python.framework.errors_impl", "InvalidArgumentError", EXIT_INPUT),
-    ("tensorflow.python.framework.errors_impl", "NotFoundError", EXIT_INPUT),
-    ("tensorflow.python.framework.errors_impl", "UnavailableError", EXIT_INPUT),
+    (ValueError, EXIT_INPUT),  # bad values, bad data, contradicting files
+    (OSError, EXIT_INPUT),  # missing/existing/unreadable files, unreachable hosts
+    (ImportError, EXIT_INPUT),  # an optional extra (torch, tfds) not installed
+    (errors.ExportError, EXIT_INPUT),  # not exportable as asked
+)
+# TensorFlow's own (`tf.errors.<name>`): a SavedModel signature refusing an image, a file or port
+# it cannot use. Looked up only once TensorFlow is loaded: before, none can have been raised.
+TF_EXIT_CODES = (
+    ("InvalidArgumentError", EXIT_INPUT),
+    ("NotFoundError", EXIT_INPUT),
+    ("UnavailableError", EXIT_INPUT),
 )
 
 
 def exit_code(error):
-    """The exit status `EXIT_CODES` gives an exception (EXIT_INTERNAL when none matches)."""
-    for module, name, code in EXIT_CODES:
-        cls = getattr(sys.modules.get(module), name, None)
-        if cls is not None and isinstance(error, cls):
+    """The exit status `EXIT_CODES` (then `TF_EXIT_CODES`) gives an exception (EXIT_INTERNAL
+    when none matches)."""
+    table = list(EXIT_CODES)
+    tf_errors = getattr(sys.modules.get("tensorflow"), "errors", None)
+    if tf_errors is not None:
+        table += [(getattr(tf_errors, name), code) for name, code in TF_EXIT_CODES]
+    for cls, code in table:
+        if isinstance(error, cls):
             return code
     return EXIT_INTERNAL
+
+
+class _ConsoleHandler(logging.StreamHandler):
+    """The one handler of the library's log ("convmixer_tf" logger), installed by `run` for a
+    command: each record's message alone, INFO on stdout (the command's output), warnings and
+    errors on stderr (where Python shows them when no handler is installed). The stream is the
+    current `sys.stdout`/`sys.stderr` at each line, so a redirection applies."""
+
+    def __init__(self):
+        super().__init__(sys.stdout)
+        self.setLevel(logging.INFO)
+        self.setFormatter(logging.Formatter("%(message)s"))
+
+    def emit(self, record):
+        self.stream = sys.stdout if record.levelno < logging.WARNING else sys.stderr
+        super().emit(record)
 
 
 def run(command, fn, *args):
     """Runs a command's body `fn(*args)` (which returns its exit status) under the one
     exit-code policy: an input error is one line, anything unexpected is the traceback and a
-    line saying so."""
+    line saying so. While it runs, the library's INFO log prints (`_ConsoleHandler`); the
+    handler and the logger's level are removed again afterwards."""
+    logger = logging.getLogger("convmixer_tf")
+    handler, level = _ConsoleHandler(), logger.level
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
     try:
         return fn(*args)
     except Exception as error:  # noqa: BLE001 - sorted by EXIT_CODES
@@ -154,31 +201,42 @@ def run(command, fn, *args):
             _error(command, getattr(error, "message", None) or str(error)
                    or type(error).__name__)
         return code
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
 
 
 # ---------------------------------------------------------------------------- train
 
 
-def _train_parser(only_given=False):
+def _train_parser(preset=""):
+    """The train command's flags; those a recipe `preset` sets default to its values, so one
+    parse gives the recipe with every flag the user typed winning over it."""
     from convmixer_tf import presets
-    from convmixer_tf.training.config import AugmentConfig, TrainConfig
+    from convmixer_tf.training.config import TrainConfig
 
     parser = argparse.ArgumentParser(
         prog="convmixer-train",
         description="Train a ConvMixer (offline digits by default), evaluate it, write the "
                     "model file set, then export the TF Serving SavedModel and TFLite files.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-        argument_default=argparse.SUPPRESS if only_given else None,
     )
-    parser.add_argument("--preset", default=argparse.SUPPRESS if only_given else "",
-                        choices=("",) + tuple(presets.TRAIN_PRESETS),
-                        help="a training recipe (presets.py gives each value's source); "
-                             "the flags you give win over it")
-    parser.add_argument("--export", default=argparse.SUPPRESS if only_given else True,
-                        action=argparse.BooleanOptionalAction,
+    parser.add_argument("--preset", default="", choices=("",) + tuple(presets.TRAIN_PRESETS),
+                        help="a training recipe (presets.py gives each value's source): its "
+                             "values become the defaults, so the flags you give win over it")
+    parser.add_argument("--export", default=True, action=argparse.BooleanOptionalAction,
                         help="end by exporting the SavedModel (TF Serving) and the TFLite files")
-    return add_config_flags(parser, TrainConfig, groups=(("augmentation", AugmentConfig),),
-                            only_given=only_given)
+    add_config_flags(parser, TrainConfig)
+    parser.set_defaults(**_flat(presets.TRAIN_PRESETS.get(preset, {})))
+    return parser
+
+
+def _preset_of(argv):
+    """The `--preset` in `argv` (the last one), read before the one parse; "" if none. A bad
+    name is left to the train parser's choices."""
+    reader = argparse.ArgumentParser(add_help=False)
+    reader.add_argument("--preset", default="")
+    return reader.parse_known_args(argv)[0].preset
 
 
 def train_main(argv=None):
@@ -186,19 +244,24 @@ def train_main(argv=None):
     return run("convmixer-train", _train, argv)
 
 
-def _train(argv):
-    parser = _train_parser()
-    parser.parse_args(argv)  # --help, and type/choice errors with every default shown
-    given = vars(_train_parser(only_given=True).parse_args(argv))
-    do_export = given.pop("export", True)
-
+def parse_train_args(argv=None):
+    """(TrainConfig, whether to export) of a `convmixer-train` command line, in one parse:
+    the `--preset` recipe's values are the defaults, the flags given win. A bad flag or value
+    exits 2 with the usage line."""
     from convmixer_tf.training.config import TrainConfig
 
+    parser = _train_parser(_preset_of(argv))
+    args = vars(parser.parse_args(argv))
+    do_export = args.pop("export")
+    args.pop("preset")
     try:
-        config = TrainConfig.create(**given)
+        return config_from_args(TrainConfig, args), do_export
     except ValueError as error:
         parser.error(str(error))  # a flag's value: the usage line too
 
+
+def _train(argv):
+    config, do_export = parse_train_args(argv)
     start_tensorflow()
     from convmixer_tf.training.train import train
 
@@ -317,39 +380,29 @@ def convert_main(argv=None):
 
 
 def _convert(argv):
+    from convmixer_tf.checkpoints import ConvertConfig
+
     parser = argparse.ArgumentParser(
         prog="convmixer-convert", description=convert_main.__doc__,
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     parser.add_argument("checkpoint", help=".pth / .pth.tar / .pt / .bin (/ .safetensors)")
     parser.add_argument("output", help="where to write: a .keras model or .weights.h5 weights")
-    parser.add_argument("--activation", choices=("gelu", "relu"), default=None,
-                        help="not stored in weights; default: the named variant's (768/32: relu), "
-                        "else gelu")
-    parser.add_argument("--include-preprocessing", default=True,
-                        action=argparse.BooleanOptionalAction,
-                        help="the model takes 0-255 pixels and normalises them itself")
-    parser.add_argument("--classifier-activation", choices=("softmax", "none"), default="softmax",
-                        help="the head's output: probabilities, or none for logits")
-    parser.add_argument("--ema", action="store_true", help="prefer the state_dict_ema weights")
-    parser.add_argument("--trust-checkpoint", action="store_true",
-                        help="torch.load with weights_only=False (runs pickled code: trusted "
-                        "files only)")
-    parser.add_argument("--no-top", action="store_true",
-                        help="the backbone only (no pooling, no classifier): for a checkpoint "
-                        "without a usable head; a head that does not fit is an error otherwise")
-    parser.add_argument("--overwrite", action="store_true", help="replace an existing output")
-    args = parser.parse_args(argv)
+    add_config_flags(parser, ConvertConfig)
+    args = vars(parser.parse_args(argv))
+    checkpoint, output = args.pop("checkpoint"), args.pop("output")
+    config = config_from_args(ConvertConfig, args)
 
     start_tensorflow()
     from convmixer_tf import model as model_lib
 
-    activation = None if args.classifier_activation == "none" else args.classifier_activation
     model, path, arch = model_lib.convert_checkpoint(
-        args.checkpoint, args.output, overwrite=args.overwrite, activation=args.activation,
-        prefer_ema=args.ema, trust_checkpoint=args.trust_checkpoint,
-        include_preprocessing=args.include_preprocessing,
-        classifier_activation=activation, include_top=not args.no_top,
+        checkpoint, output, overwrite=config.overwrite, activation=config.activation or None,
+        prefer_ema=config.ema, trust_checkpoint=config.trust_checkpoint,
+        include_preprocessing=config.include_preprocessing,
+        classifier_activation=(None if config.classifier_activation == "none"
+                               else config.classifier_activation),
+        include_top=config.top,
     )
     print(f"converted: {model.name}: " + " ".join(f"{k}={v}" for k, v in arch.items())
           + f" ({model.count_params():,} parameters)")
@@ -445,47 +498,41 @@ def data_service_main(argv=None):
 
 
 def _data_service(argv):
+    from convmixer_tf.training.config import DispatcherConfig, WorkerConfig
+
     parser = argparse.ArgumentParser(
         prog="convmixer-data-service", description=data_service_main.__doc__,
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     roles = parser.add_subparsers(dest="role", required=True)
-    dispatcher = roles.add_parser(
-        "dispatcher", help="hands out the work; trainers and workers connect to it",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    dispatcher.add_argument("--port", type=int, required=True, help="port to listen on")
-    dispatcher.add_argument("--work-dir", default="",
-                            help="journal its state here and recover it after a restart "
-                                 "(fault-tolerant mode); empty = in memory")
-    worker = roles.add_parser(
-        "worker", help="reads, decodes and augments; one or more per CPU machine",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    worker.add_argument("--dispatcher", required=True, help="the dispatcher's HOST:PORT")
-    worker.add_argument("--port", type=int, default=0, help="port to listen on; 0 = any free")
-    worker.add_argument("--address", default="",
-                        help="the host name trainers reach this worker by; empty = localhost "
-                             "for a local dispatcher, else this machine's name")
-    args = parser.parse_args(argv)
-    if not 0 <= args.port <= 65535 or (args.role == "dispatcher" and args.port == 0):
-        parser.error(f"--port must be in 1-65535 (0 = any free, workers only). "
-                     f"Received {args.port}")
+    configs = dict(dispatcher=DispatcherConfig, worker=WorkerConfig)
+    for role, config_cls in configs.items():
+        add_config_flags(roles.add_parser(
+            role, help=config_cls.__doc__.split(": ", 1)[1].rstrip("."),
+            formatter_class=argparse.ArgumentDefaultsHelpFormatter), config_cls)
+    args = vars(parser.parse_args(argv))
+    role = args.pop("role")
+    try:
+        config = config_from_args(configs[role], args)
+    except ValueError as error:
+        parser.error(str(error))
 
     start_tensorflow()
     from convmixer_tf.training import data_service
 
     try:
-        if args.role == "dispatcher":
-            server = data_service.start_dispatcher(args.port, args.work_dir)
-            where = f"grpc://{socket.getfqdn()}:{args.port}"
+        if role == "dispatcher":
+            server = data_service.start_dispatcher(config)
+            where = f"grpc://{socket.getfqdn()}:{config.port}"
         else:
-            server = data_service.start_worker(args.dispatcher, args.port, args.address)
-            where = f"dispatcher {args.dispatcher}"
+            server = data_service.start_worker(config)
+            where = f"dispatcher {config.dispatcher}"
     except RuntimeError as error:  # TF's "Could not start gRPC server": the port is taken
-        raise OSError(f"could not start the {args.role}: {error} (is port {args.port} in "
+        raise OSError(f"could not start the {role}: {error} (is port {config.port} in "
                       f"use? choose another --port)") from error
     data_service.serve(server, on_ready=lambda: print(
-        f"tf.data service {args.role} running ({where}); stop with Ctrl-C or SIGTERM",
+        f"tf.data service {role} running ({where}); stop with Ctrl-C or SIGTERM",
         flush=True))
-    print(f"tf.data service {args.role} stopped", flush=True)
+    print(f"tf.data service {role} stopped", flush=True)
     return EXIT_OK
 
 

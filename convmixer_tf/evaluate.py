@@ -327,17 +327,17 @@ def _split_options(config, meta, size):
 
 def _test_data(config, meta, size):
     """(batches of (pixels, int labels), class names): the training wing's test pipeline
-    (`data.build_datasets`, the one preprocessing: short side to size / crop_pct, centre crop).
+    (`pipeline.build_datasets`, the one preprocessing: short side to size / crop_pct, centre crop).
     Decodes nothing yet."""
     import tensorflow as tf
 
-    from convmixer_tf.training import data
+    from convmixer_tf.training.data import pipeline
 
     # Batches of 1 here, rebatched below: build_datasets wants a full training batch, which
     # evaluation never uses (a small folder's train split may hold fewer than a batch).
-    datasets = data.build_datasets(config.dataset, global_batch_size=1,
-                                   eval_crop_pct=meta["crop_pct"],
-                                   **_split_options(config, meta, size))
+    datasets = pipeline.build_datasets(config.dataset, global_batch_size=1,
+                                       eval_crop_pct=meta["crop_pct"],
+                                       **_split_options(config, meta, size))
     test = datasets.test.unbatch().batch(config.batch_size)
     return test.map(lambda x, y: (x, tf.argmax(y, -1))), datasets.class_names
 

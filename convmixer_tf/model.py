@@ -195,52 +195,127 @@ def ConvMixer(
     return model
 
 
-def _variant(config_name, function_name, description):
-    """The keras.applications-style builder of a named variant (its docstring formatted)."""
+# The named variants (keras.applications style): one thin function per `presets.VARIANTS`
+# entry, each the general builder with its `presets.MODEL_CONFIGS` architecture.
+
+
+def ConvMixer1536_20(
+    include_top=True,
+    include_preprocessing=True,
+    weights=None,
+    input_tensor=None,
+    input_shape=None,
+    pooling=None,
+    classes=1000,
+    classifier_activation="softmax",
+    name="convmixer_1536_20",
+):
+    return ConvMixer(
+        **presets.MODEL_CONFIGS["convmixer_1536_20"],
+        include_top=include_top,
+        include_preprocessing=include_preprocessing,
+        weights=weights,
+        input_tensor=input_tensor,
+        input_shape=input_shape,
+        pooling=pooling,
+        classes=classes,
+        classifier_activation=classifier_activation,
+        name=name,
+    )
+
+
+def ConvMixer768_32(
+    include_top=True,
+    include_preprocessing=True,
+    weights=None,
+    input_tensor=None,
+    input_shape=None,
+    pooling=None,
+    classes=1000,
+    classifier_activation="softmax",
+    name="convmixer_768_32",
+):
+    return ConvMixer(
+        **presets.MODEL_CONFIGS["convmixer_768_32"],
+        include_top=include_top,
+        include_preprocessing=include_preprocessing,
+        weights=weights,
+        input_tensor=input_tensor,
+        input_shape=input_shape,
+        pooling=pooling,
+        classes=classes,
+        classifier_activation=classifier_activation,
+        name=name,
+    )
+
+
+def ConvMixer1024_20(
+    include_top=True,
+    include_preprocessing=True,
+    weights=None,
+    input_tensor=None,
+    input_shape=None,
+    pooling=None,
+    classes=1000,
+    classifier_activation="softmax",
+    name="convmixer_1024_20_ks9_p14",
+):
+    return ConvMixer(
+        **presets.MODEL_CONFIGS["convmixer_1024_20_ks9_p14"],
+        include_top=include_top,
+        include_preprocessing=include_preprocessing,
+        weights=weights,
+        input_tensor=input_tensor,
+        input_shape=input_shape,
+        pooling=pooling,
+        classes=classes,
+        classifier_activation=classifier_activation,
+        name=name,
+    )
+
+
+def ConvMixer256_8(
+    include_top=True,
+    include_preprocessing=True,
+    weights=None,
+    input_tensor=None,
+    input_shape=None,
+    pooling=None,
+    classes=1000,
+    classifier_activation="softmax",
+    name="convmixer_256_8_ks5_p2",
+):
+    return ConvMixer(
+        **presets.MODEL_CONFIGS["convmixer_256_8_ks5_p2"],
+        include_top=include_top,
+        include_preprocessing=include_preprocessing,
+        weights=weights,
+        input_tensor=input_tensor,
+        input_shape=input_shape,
+        pooling=pooling,
+        classes=classes,
+        classifier_activation=classifier_activation,
+        name=name,
+    )
+
+
+def _description(function_name):
+    """The variant's line of its docstring, from `presets.VARIANTS` and its config."""
+    config_name, classes, params = presets.VARIANTS[function_name]
     config = presets.MODEL_CONFIGS[config_name]
-
-    def builder(
-        include_top=True,
-        include_preprocessing=True,
-        weights=None,
-        input_tensor=None,
-        input_shape=None,
-        pooling=None,
-        classes=1000,
-        classifier_activation="softmax",
-        name=config_name,
-    ):
-        return ConvMixer(
-            **config,
-            include_top=include_top,
-            include_preprocessing=include_preprocessing,
-            weights=weights,
-            input_tensor=input_tensor,
-            input_shape=input_shape,
-            pooling=pooling,
-            classes=classes,
-            classifier_activation=classifier_activation,
-            name=name,
-        )
-
-    builder.__name__ = builder.__qualname__ = function_name
-    builder.__doc__ = BASE_DOCSTRING.format(name=function_name, description=description)
-    return builder
-
-
-def _describe(config, classes, params):
-    """One line of a variant's docstring, from its config."""
     act = {"gelu": "GELU", "relu": "ReLU"}[config["activation"]]
     return (f"h={config['dim']}, depth {config['depth']}, kernel {config['kernel_size']}, "
             f"patch {config['patch_size']}, {act}: {params} ({classes} classes).")
 
 
-# One builder per `presets.VARIANTS` entry: ConvMixer1536_20, ConvMixer768_32, ConvMixer1024_20,
-# ConvMixer256_8.
-for _function, (_config, _classes, _params) in presets.VARIANTS.items():
-    globals()[_function] = _variant(
-        _config, _function, _describe(presets.MODEL_CONFIGS[_config], _classes, _params))
-del _function, _config, _classes, _params
+ConvMixer1536_20.__doc__ = BASE_DOCSTRING.format(
+    name="ConvMixer1536_20", description=_description("ConvMixer1536_20"))
+ConvMixer768_32.__doc__ = BASE_DOCSTRING.format(
+    name="ConvMixer768_32", description=_description("ConvMixer768_32"))
+ConvMixer1024_20.__doc__ = BASE_DOCSTRING.format(
+    name="ConvMixer1024_20", description=_description("ConvMixer1024_20"))
+ConvMixer256_8.__doc__ = BASE_DOCSTRING.format(
+    name="ConvMixer256_8", description=_description("ConvMixer256_8"))
 
 
 def build_from_checkpoint(path, activation=None, prefer_ema=False, trust_checkpoint=False,

@@ -28,7 +28,7 @@ MODEL_CONFIGS = {
 
 # The exported builders (keras.applications style, `convmixer_tf.ConvMixer1536_20(...)`):
 # function name -> (MODEL_CONFIGS name, classes of the published model, its parameters).
-# A new variant is one MODEL_CONFIGS entry and one line here.
+# Each has its `def` in model.py (docs/architecture.md, "How to add a model variant").
 VARIANTS = {
     "ConvMixer1536_20": ("convmixer_1536_20", 1000, "51.6M"),
     "ConvMixer768_32": ("convmixer_768_32", 1000, "21.1M"),
@@ -40,8 +40,9 @@ VARIANTS = {
 # to size / crop_pct (bicubic, `preprocessing.INTERPOLATION`), centre-crop the size.
 IMAGENET_CROP_PCT = 0.96
 
-# Training recipes as TrainConfig field values (`convmixer-train --preset NAME`; explicit flags
-# win). Every number says where it comes from.
+# Training recipes as TrainConfig field values, the augmentation ones under "augment"
+# (`convmixer-train --preset NAME` makes them the flags' defaults, so explicit flags win). Every
+# number says where it comes from.
 TRAIN_PRESETS = {
     # The official CIFAR-10 script (github.com/locuslab/convmixer-cifar10, train.py + README):
     # its README's longer run, "more than 94%" in 100 epochs:
@@ -59,15 +60,17 @@ TRAIN_PRESETS = {
         adam_epsilon=1e-8,  # torch AdamW default
         label_smoothing=0.0,  # plain nn.CrossEntropyLoss()
         clip_norm=0.0,  # --clip-norm not passed in the README commands: no clipping
-        crop_scale=0.0,  # README --scale=1.0 with ratio (1, 1): RandomResizedCrop is identity
-        hflip=0.5,  # RandomHorizontalFlip(p=0.5)
-        # torchvision RandAugment(num_ops=2, magnitude=12) uses 31 bins: level 12/30 = 0.4,
-        # i.e. 4 on timm's 0-10 scale; torchvision applies every drawn op and adds no noise.
-        randaug_n=2, randaug_m=4.0, randaug_mstd=0.0, randaug_prob=1.0,
-        color_jitter=0.2,  # README --jitter=0.2: ColorJitter(0.2, 0.2, 0.2)
-        erase_prob=0.2,  # README --reprob=0.2: torchvision RandomErasing(p=0.2), value 0 after
-        erase_mode="mean",  # normalisation, i.e. the mean colour
-        mixup=0.0, cutmix=0.0,  # the script has no mixup/cutmix (its README says so)
+        augment=dict(  # AugmentConfig field values
+            crop_scale=0.0,  # README --scale=1.0 with ratio (1, 1): RandomResizedCrop is identity
+            hflip=0.5,  # RandomHorizontalFlip(p=0.5)
+            # torchvision RandAugment(num_ops=2, magnitude=12) uses 31 bins: level 12/30 = 0.4,
+            # i.e. 4 on timm's 0-10 scale; torchvision applies every drawn op and adds no noise.
+            randaug_n=2, randaug_m=4.0, randaug_mstd=0.0, randaug_prob=1.0,
+            color_jitter=0.2,  # README --jitter=0.2: ColorJitter(0.2, 0.2, 0.2)
+            erase_prob=0.2,  # README --reprob=0.2: torchvision RandomErasing(p=0.2), value 0
+            erase_mode="mean",  # after normalisation, i.e. the mean colour
+            mixup=0.0, cutmix=0.0,  # the script has no mixup/cutmix (its README says so)
+        ),
         eval_crop_pct=1.0,  # test: ToTensor + Normalize only
         name="convmixer_cifar10",
     ),
@@ -90,13 +93,15 @@ TRAIN_PRESETS = {
         adam_epsilon=1e-3,  # --opt-eps=1e-3
         label_smoothing=0.1,  # timm default --smoothing 0.1
         clip_norm=1.0,  # --clip-grad 1.0 (--clip-mode norm)
-        crop_scale=0.08, crop_ratio=4 / 3,  # timm defaults --scale 0.08 1.0 --ratio 3/4 4/3
-        hflip=0.5,  # timm default --hflip 0.5
-        randaug_n=2, randaug_m=9.0, randaug_mstd=0.5, randaug_prob=0.5,  # rand-m9-mstd0.5-inc1
-        color_jitter=0.0,  # timm skips --color-jitter when --aa is set
-        erase_prob=0.25, erase_mode="pixel",  # --reprob 0.25 --remode pixel
-        mixup=0.5, cutmix=0.5,  # --mixup 0.5 --cutmix 0.5 (Beta alphas)
-        mix_prob=1.0, mix_switch_prob=0.5,  # timm defaults --mixup-prob 1 --mixup-switch-prob 0.5
+        augment=dict(  # AugmentConfig field values
+            crop_scale=0.08, crop_ratio=4 / 3,  # timm defaults --scale 0.08 1.0 --ratio 3/4 4/3
+            hflip=0.5,  # timm default --hflip 0.5
+            randaug_n=2, randaug_m=9.0, randaug_mstd=0.5, randaug_prob=0.5,  # rand-m9-mstd0.5-inc1
+            color_jitter=0.0,  # timm skips --color-jitter when --aa is set
+            erase_prob=0.25, erase_mode="pixel",  # --reprob 0.25 --remode pixel
+            mixup=0.5, cutmix=0.5,  # --mixup 0.5 --cutmix 0.5 (Beta alphas)
+            mix_prob=1.0, mix_switch_prob=0.5,  # timm --mixup-prob 1 --mixup-switch-prob 0.5
+        ),
         eval_crop_pct=IMAGENET_CROP_PCT,  # timm default_cfg crop_pct 0.96, bicubic
         name="convmixer_imagenet",
     ),
@@ -115,3 +120,13 @@ def variant_name(dim, depth, kernel_size, patch_size, activation="gelu"):
     name += f"_ks{kernel_size}" if kernel_size != 9 else ""
     name += f"_p{patch_size}" if patch_size != 7 else ""
     return name + ("_relu" if activation == "relu" else "")
+
+
+def architecture(config):
+    """The ConvMixer shape a training config (or the config dict a run recorded) names: its
+    variant's MODEL_CONFIGS entry, else its own dim / depth / kernel_size / patch_size /
+    activation."""
+    get = config.get if isinstance(config, dict) else lambda k, d=None: getattr(config, k, d)
+    if get("variant"):
+        return dict(MODEL_CONFIGS[get("variant")])
+    return {k: get(k) for k in ("dim", "depth", "kernel_size", "patch_size", "activation")}

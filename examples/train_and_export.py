@@ -9,13 +9,16 @@ Writes <out>/digits.keras, <out>/digits/1/ (TF Serving), <out>/digits_tflite/1/ 
 """
 
 import argparse
+import logging
 import os
+import sys
 
 import keras
 import tensorflow as tf
 
 import convmixer_tf
-from convmixer_tf.training import data, distribute
+from convmixer_tf.training import distribute
+from convmixer_tf.training.data import sources
 
 parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
 parser.add_argument("--out", default="saved_models")
@@ -27,13 +30,15 @@ parser.add_argument("--mirrored", action="store_true", help="train under Mirrore
 parser.add_argument("--precision", default="float32", help="e.g. mixed_bfloat16 on a GPU")
 parser.add_argument("--tflite-modes", default="float32,float16,int8")
 args = parser.parse_args()
+# The library logs (loggers under "convmixer_tf"); show its lines as this script's output.
+logging.basicConfig(level=logging.INFO, stream=sys.stdout, format="%(message)s")
 
 # 1. A strategy first (without GPUs, `mirrored` splits the CPU before TF starts), a precision.
 strategy = distribute.make_strategy("mirrored" if args.mirrored else "default")
 keras.mixed_precision.set_global_policy(args.precision)
 
 # 2. Data: uint8 0-255 pixels (the model normalises them itself) and int labels.
-(x_train, y_train), (x_test, y_test) = data.load_digits(image_size=32)
+(x_train, y_train), (x_test, y_test) = sources.load_digits(image_size=32)
 train = tf.data.Dataset.from_tensor_slices((x_train, y_train)).shuffle(2000, seed=0).batch(64)
 test = tf.data.Dataset.from_tensor_slices((x_test, y_test)).batch(64)
 

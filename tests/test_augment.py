@@ -163,7 +163,12 @@ def test_presets_resolve_to_the_documented_numbers():
     assert (cifar.max_lr, cifar.batch_size, cifar.epochs, cifar.weight_decay) == (0.05, 512, 100,
                                                                                   0.005)
     assert cifar.label_smoothing == 0.1  # explicitly kept at the default
-    assert (cifar.randaug_n, cifar.color_jitter, cifar.erase_prob, cifar.mixup) == (2, 0.2, 0.2, 0)
+    aug = cifar.augment
+    assert (aug.randaug_n, aug.color_jitter, aug.erase_prob, aug.mixup) == (2, 0.2, 0.2, 0)
+    # augment knobs given as a dict win one by one over the recipe's; a whole config replaces it
+    flipless = TrainConfig.create(preset="cifar10", augment=dict(hflip=0.0)).augment
+    assert (flipless.hflip, flipless.randaug_n) == (0.0, 2)
+    assert TrainConfig.create(preset="cifar10", augment=AugmentConfig()).augment == AugmentConfig()
     with pytest.raises(ValueError, match="Unknown preset"):
         TrainConfig.create(preset="imagenet21k")
 

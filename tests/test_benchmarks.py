@@ -176,10 +176,10 @@ def test_quick_run_reports_every_section(tmp_path):
     assert all(r["per_s"] > 0 for r in train.values())
     assert "keras bf16 fast | depthwise conv | fwd+bwd" in results["layers"]
     # Every mode of the library's converter, from the library's runner and delegation report.
-    from convmixer_tf.deploy import tflite
+    from convmixer_tf.deploy import modes
 
     edge = results["tflite"]["16_1"]
-    assert set(edge["results"]) >= {f"litert {m}" for m in tflite.MODES}
+    assert set(edge["results"]) >= {f"litert {m}" for m in modes.MODES}
     assert edge["info"]["litert float32"][3:5] == [1, "none"]
     # Full int8 leaves its int8 GELUs to TFLite's own kernels, outside XNNPACK; with GELU
     # kept in float32 they stay inside.

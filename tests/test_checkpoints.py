@@ -353,3 +353,12 @@ def test_non_torch_files_say_what_they_are(tmp_path, timm_ckpt, capsys):
     (tmp_path / "damaged.pth").write_bytes(b"\x80\x02garbage that is not a pickle")
     with pytest.raises(ValueError, match="even with --trust-checkpoint"):
         checkpoints.load_state_dict(tmp_path / "damaged.pth", trust_checkpoint=True)
+
+
+def test_convert_config_names_a_bad_choice():
+    from convmixer_tf.checkpoints import ConvertConfig
+
+    with pytest.raises(ValueError, match=r"activation must be one of .*Received activation='tanh'"):
+        ConvertConfig(activation="tanh")
+    with pytest.raises(ValueError, match="classifier_activation must be one of"):
+        ConvertConfig(classifier_activation="sigmoid")

@@ -86,6 +86,80 @@ def test_every_config_field_has_help_text_and_help_needs_no_source(monkeypatch, 
     assert "--mix-switch-prob MIX_SWITCH_PROB with both on: probability of cutmix" in text
 
 
+# ---------------------------------------------------------------------------- train flags
+
+TRAIN_FLAG_VALUES = dict(  # a valid value other than the default, for the str fields
+    dataset="cifar10", data_dir="/tmp/tfds", cache="memory", data_service="grpc://host:5050",
+    variant="convmixer_768_32", activation="relu", precision="mixed_bfloat16",
+    output_dir="out", name="mine", verbose="2", strategy="mirrored", xla="on", run_dir="r",
+    erase_mode="mean")
+
+
+def _other_value(field):
+    default = field.default
+    if isinstance(default, bool):
+        return not default
+    if isinstance(default, int):
+        return default + 1
+    if isinstance(default, float):
+        return 2.0 if field.name == "crop_ratio" else default + 1 if default > 1 else 0.25
+    return TRAIN_FLAG_VALUES[field.name]
+
+
+def _train_fields():
+    import dataclasses
+
+    from convmixer_tf.training.config import AugmentConfig, TrainConfig
+
+    for field in dataclasses.fields(TrainConfig):
+        if field.name != "augment":
+            yield field, lambda config: config
+    for field in dataclasses.fields(AugmentConfig):
+        yield field, lambda config: config.augment
+
+
+def test_every_train_flag_parses_to_its_field():
+    """Flat flags, one per field (the augmentation ones too): each sets its own field alone."""
+    from convmixer_tf.training.config import TrainConfig
+
+    default = TrainConfig()
+    for field, part in _train_fields():
+        flag = "--" + field.name.replace("_", "-")
+        value = _other_value(field)
+        if isinstance(value, bool):
+            argv = [flag if value else "--no-" + flag[2:]]
+        else:
+            argv = [flag, str(value)]
+        config, export = cli.parse_train_args(argv)
+        assert getattr(part(config), field.name) == value, argv
+        assert export is True
+        others = [(f.name, getattr(p(config), f.name)) for f, p in _train_fields()
+                  if f.name not in (field.name, "name")]
+        assert others == [(f.name, getattr(p(default), f.name)) for f, p in _train_fields()
+                          if f.name not in (field.name, "name")], argv
+    assert cli.parse_train_args(["--no-export"])[1] is False
+
+
+def test_a_flag_beats_the_preset_wherever_it_stands():
+    from convmixer_tf.training.config import TrainConfig
+
+    expected = TrainConfig.create(preset="cifar10", epochs=3, augment=dict(hflip=0.0))
+    for argv in (["--preset", "cifar10", "--epochs", "3", "--hflip", "0"],
+                 ["--epochs", "3", "--hflip", "0", "--preset=cifar10"]):
+        config, _ = cli.parse_train_args(argv)
+        assert config == expected, argv
+        assert (config.epochs, config.augment.hflip) == (3, 0.0)  # the flags
+        assert (config.batch_size, config.augment.randaug_n) == (512, 2)  # the recipe
+    assert cli.parse_train_args(["--preset", "imagenet"])[0] == TrainConfig.create("imagenet")
+
+
+def test_train_help_shows_the_presets_values_as_defaults(capsys):
+    with pytest.raises(SystemExit):
+        cli.train_main(["--preset", "cifar10", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "(default: 512)" in text and "(default: convmixer_cifar10)" in text
+
+
 # ---------------------------------------------------------------------------- exit-code policy
 
 COMMANDS = ("train", "export", "convert", "evaluate", "predict", "data_service")
@@ -115,12 +189,55 @@ def test_exit_code_table(error, code, capsys):
 def test_exit_code_of_export_and_tensorflow_errors():
     import tensorflow as tf
 
-    from convmixer_tf.deploy.logits import ExportError
+    from convmixer_tf import errors
 
-    assert cli.exit_code(ExportError("validation failed")) == cli.EXIT_INPUT
+    assert cli.exit_code(errors.ExportError("validation failed")) == cli.EXIT_INPUT
+    assert cli.exit_code(errors.FinalSaveError("disk full")) == cli.EXIT_INPUT
     assert cli.exit_code(tf.errors.InvalidArgumentError(None, None, "bad image")) == 2
+    assert cli.exit_code(tf.errors.NotFoundError(None, None, "no file")) == 2
     assert cli.exit_code(tf.errors.InternalError(None, None, "?")) == cli.EXIT_INTERNAL
     assert cli.run("convmixer-x", lambda: cli.EXIT_PARTIAL) == 3
+
+
+EXIT_CODES_WITHOUT_TF = """
+import sys
+from convmixer_tf import cli, errors
+error = errors.ExportError("not exportable")
+type(error).__module__, type(error).__qualname__ = "elsewhere", "Renamed"  # moved and renamed
+print(cli.exit_code(error), cli.exit_code(KeyError("bug")), sorted(
+    name for name in sys.modules if name.split(".")[0] in ("tensorflow", "keras")))
+"""
+
+
+def test_exit_codes_hold_the_classes_and_need_no_tensorflow():
+    """The table holds the exception classes themselves: an ExportError maps to 2 whatever its
+    module or name, with no deploy module loaded; and cli imports without TensorFlow."""
+    proc = subprocess.run([sys.executable, "-c", EXIT_CODES_WITHOUT_TF], env=subprocess_env(),
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.split() == ["2", "1", "[]"]
+
+
+def test_run_prints_the_library_log_and_removes_its_handler(capsys):
+    """During `cli.run` a library logger's INFO line is printed on stdout (the message alone)
+    and a warning on stderr; outside it, the library's INFO log prints nothing."""
+    import logging
+
+    log = logging.getLogger("convmixer_tf.some_module")
+
+    def command():
+        log.info("exported %s", "model.tflite")
+        log.debug("not shown")
+        log.warning("a warning")
+        return cli.EXIT_OK
+
+    log.info("before: not printed")
+    assert cli.run("convmixer-x", command) == cli.EXIT_OK
+    log.info("after: not printed")
+    captured = capsys.readouterr()
+    assert captured.out == "exported model.tflite\n"
+    assert captured.err == "a warning\n"
+    assert logging.getLogger("convmixer_tf").handlers == []
 
 
 @pytest.mark.parametrize("command", COMMANDS)

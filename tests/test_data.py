@@ -1,3 +1,4 @@
+import logging
 import os
 import re
 import tempfile
@@ -9,7 +10,7 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 from PIL import Image
 
-from convmixer_tf.training import data
+from convmixer_tf.training.data import pipeline, sources
 from convmixer_tf.training.config import AugmentConfig, TrainConfig
 from convmixer_tf.training.train import train
 
@@ -34,8 +35,8 @@ def _all(ds):
 
 def test_image_folder_classes_splits_shapes_and_labels(tmp_path):
     root = _write_folder(tmp_path / "pets")
-    ds = data.build_datasets(f"folder:{root}", image_size=16, global_batch_size=4,
-                             validation_split=0.2)
+    ds = pipeline.build_datasets(f"folder:{root}", image_size=16, global_batch_size=4,
+                                 validation_split=0.2)
     assert ds.class_names == ("cat", "dog", "emu") and ds.num_classes == 3
     assert (ds.train_size, ds.test_size) == (12, 3)  # one image per class held out
     assert ds.steps_per_epoch == 3
@@ -54,31 +55,31 @@ def test_image_folder_classes_splits_shapes_and_labels(tmp_path):
 def test_image_folder_with_train_and_val_folders(tmp_path):
     _write_folder(tmp_path / "train", per_class=4)
     _write_folder(tmp_path / "val", per_class=2)
-    ds = data.build_datasets(str(tmp_path), image_size=8, global_batch_size=4)
+    ds = pipeline.build_datasets(str(tmp_path), image_size=8, global_batch_size=4)
     assert (ds.train_size, ds.test_size) == (12, 6)
 
 
 def test_image_folder_errors_are_clear(tmp_path):
     with pytest.raises(FileNotFoundError, match="not found"):
-        data.build_datasets(f"folder:{tmp_path / 'missing'}")
+        pipeline.build_datasets(f"folder:{tmp_path / 'missing'}")
     (tmp_path / "empty").mkdir()
     with pytest.raises(ValueError, match="at least 2 classes"):
-        data.build_datasets(f"folder:{tmp_path / 'empty'}")
+        pipeline.build_datasets(f"folder:{tmp_path / 'empty'}")
     one = tmp_path / "one" / "cat"
     one.mkdir(parents=True)
     Image.new("RGB", (8, 8)).save(one / "a.png")
     with pytest.raises(ValueError, match="at least 2 classes"):
-        data.build_datasets(f"folder:{tmp_path / 'one'}")
+        pipeline.build_datasets(f"folder:{tmp_path / 'one'}")
     root = _write_folder(tmp_path / "broken")
     (root / "dog" / "bad.jpg").write_bytes(b"this is not a jpeg")
     with pytest.raises(ValueError, match="(?s)--strict-images.*bad.jpg"):
-        data.build_datasets(f"folder:{root}", global_batch_size=2, strict_images=True)
+        pipeline.build_datasets(f"folder:{root}", global_batch_size=2, strict_images=True)
     (root / "dog" / "bad.jpg").unlink()
     (root / "emu" / "gone").mkdir()
     os.rename(root / "emu", root / "emu_old")
     (root / "emu").mkdir()
     with pytest.raises(ValueError, match="without images.*emu"):
-        data.build_datasets(f"folder:{root}", global_batch_size=2)
+        pipeline.build_datasets(f"folder:{root}", global_batch_size=2)
 
 
 class ConvmixerTestShapes(tfds.core.GeneratorBasedBuilder):
@@ -109,8 +110,8 @@ class ConvmixerTestShapes(tfds.core.GeneratorBasedBuilder):
 
 def test_tfds_builder_prepared_offline_loads(tmp_path):
     ConvmixerTestShapes(data_dir=str(tmp_path)).download_and_prepare()
-    ds = data.build_datasets("tfds:convmixer_test_shapes", image_size=8, global_batch_size=4,
-                             data_dir=str(tmp_path))
+    ds = pipeline.build_datasets("tfds:convmixer_test_shapes", image_size=8, global_batch_size=4,
+                                 data_dir=str(tmp_path))
     assert ds.class_names == ("dark", "light")
     assert (ds.train_size, ds.test_size, ds.steps_per_epoch) == (20, 6, 5)
     x, y = _all(ds.train)
@@ -123,17 +124,17 @@ def test_tfds_builder_prepared_offline_loads(tmp_path):
 def test_tfds_not_available_offline_fails_fast_and_clearly(tmp_path):
     start = time.monotonic()
     with pytest.raises(FileNotFoundError, match="not prepared.*never downloads.*tfds build"):
-        data.build_datasets("cifar10", data_dir=str(tmp_path))
+        pipeline.build_datasets("cifar10", data_dir=str(tmp_path))
     with pytest.raises(FileNotFoundError, match="manual download"):
-        data.build_datasets("tfds:imagenet2012", data_dir=str(tmp_path))
+        pipeline.build_datasets("tfds:imagenet2012", data_dir=str(tmp_path))
     with pytest.raises(ValueError, match="Unknown dataset 'no_such_set_xyz'"):
-        data.build_datasets("no_such_set_xyz", data_dir=str(tmp_path))
+        pipeline.build_datasets("no_such_set_xyz", data_dir=str(tmp_path))
     assert time.monotonic() - start < 20
     assert not any(tmp_path.iterdir())  # nothing downloaded or created
 
 
 @pytest.mark.parametrize("cache,crop", [("off", 0.0), ("off", 0.5), ("memory", 0.0)])
-def test_unreadable_images_are_skipped_and_named(tmp_path, cache, crop, capsys):
+def test_unreadable_images_are_skipped_and_named(tmp_path, cache, crop, caplog):
     """Without --strict-images a broken file costs nothing up front: the stream skips it and
     names it after the epoch (SkippedImages), the decode-once cache names it when decoding.
     With a random-resized crop the stream decodes a JPEG's crop window only, inside the same
@@ -143,8 +144,9 @@ def test_unreadable_images_are_skipped_and_named(tmp_path, cache, crop, capsys):
     (tmp_path / "train" / "dog" / "bad.jpg").write_bytes(b"this is not a jpeg")
     (tmp_path / "train" / "emu" / "cut.png").write_bytes(
         (tmp_path / "train" / "emu" / "0.png").read_bytes()[:40])  # truncated
-    ds = data.build_datasets(str(tmp_path), image_size=8, global_batch_size=2, cache=cache,
-                             augment=AugmentConfig(crop_scale=crop))
+    caplog.set_level(logging.INFO, logger="convmixer_tf")
+    ds = pipeline.build_datasets(str(tmp_path), image_size=8, global_batch_size=2, cache=cache,
+                                 augment=AugmentConfig(crop_scale=crop))
     assert ds.train_size == 14
     seen = sum(len(x) for x, _ in ds.train.take(6))
     assert seen == 12
@@ -152,18 +154,18 @@ def test_unreadable_images_are_skipped_and_named(tmp_path, cache, crop, capsys):
         # One batch into epoch 2: the filter has passed every file of epoch 1 (a broken file
         # after epoch 1's last good one is otherwise met only if prefetching got there).
         next(iter(ds.train_stream().skip(6)))
-        callback = data.SkippedImages(ds)
+        callback = pipeline.SkippedImages(ds)
         callback.on_epoch_end(0)
-        line = capsys.readouterr().out
+        line = caplog.text
         assert re.search(r"Epoch 1: skipped [2-6] unreadable image\(s\)", line), line
     else:
-        line = capsys.readouterr().out
+        line = caplog.text
         assert "Skipped 2 unreadable train image(s)" in line
     assert "bad.jpg" in line and "cut.png" in line
 
 
 def test_digits_build_datasets_shapes_batches_and_determinism():
-    ds = data.build_datasets("digits", image_size=16, global_batch_size=64)
+    ds = pipeline.build_datasets("digits", image_size=16, global_batch_size=64)
     assert (ds.train_size, ds.test_size, ds.steps_per_epoch) == (1438, 359, 22)
     batches = list(ds.train)
     assert len(batches) == 22
@@ -172,13 +174,13 @@ def test_digits_build_datasets_shapes_batches_and_determinism():
     np.testing.assert_array_equal(y.numpy().sum(1), 1)
     assert sum(len(b[0]) for b in ds.test) == 359  # test keeps its last partial batch
     with pytest.raises(ValueError, match="larger than the training set"):
-        data.build_datasets("digits", global_batch_size=4096)
+        pipeline.build_datasets("digits", global_batch_size=4096)
 
     config = AugmentConfig(crop_scale=0.35, hflip=0.5, randaug_n=2,
                                    erase_prob=0.25, mixup=0.8, cutmix=1.0)
 
     def first(seed):
-        built = data.build_datasets("digits", 16, 32, augment=config, seed=seed)
+        built = pipeline.build_datasets("digits", 16, 32, augment=config, seed=seed)
         return [b for b in built.train.take(2)]
 
     a, b, c = first(0), first(0), first(1)
@@ -191,17 +193,19 @@ def test_digits_build_datasets_shapes_batches_and_determinism():
     np.testing.assert_allclose(ya.numpy().sum(1), 1, atol=1e-6)
 
 
-def test_train_with_augmentation_and_a_folder(tmp_path, capsys):
+def test_train_with_augmentation_and_a_folder(tmp_path, caplog):
     root = _write_folder(tmp_path / "pets", per_class=6)
+    caplog.set_level(logging.INFO, logger="convmixer_tf")
     result = train(TrainConfig(
         dataset=str(root), image_size=16, dim=16, depth=1, epochs=2, batch_size=4,
-        hflip=0.5, randaug_n=1, mixup=0.2, erase_prob=0.5, crop_scale=0.5,
+        augment=AugmentConfig(hflip=0.5, randaug_n=1, mixup=0.2, erase_prob=0.5,
+                              crop_scale=0.5),
         output_dir=str(tmp_path / "out"), run_dir=str(tmp_path / "runs"), verbose=0,
     ))
     assert result["model"].output_shape == (None, 3)
     assert len(result["history"].history["loss"]) == 2
     assert os.path.exists(result["model_path"])
-    out = capsys.readouterr().out
+    out = caplog.text
     assert "Decoded 15 train images once" in out and "Input pipeline:" in out
 
 
@@ -259,8 +263,8 @@ def _epoch(ds):
 @pytest.mark.parametrize("cache", ["auto", "off"])  # "disk": the same reads (test below)
 def test_folder_epochs_are_full_uniform_shuffles(sorted_folder, cache, tmp_path):
     def build(seed):
-        return data.build_datasets(str(sorted_folder), image_size=4, global_batch_size=BATCH,
-                                   seed=seed, cache=cache, cache_dir=str(tmp_path))
+        return pipeline.build_datasets(str(sorted_folder), image_size=4, global_batch_size=BATCH,
+                                       seed=seed, cache=cache, cache_dir=str(tmp_path))
 
     ds = build(seed=0)
     assert (ds.train_size, ds.steps_per_epoch) == (CLASSES * PER_CLASS, 50)
@@ -293,7 +297,7 @@ def test_epoch_heads_follow_the_chi_square_law_over_many_epochs():
 
     labels = np.repeat(np.arange(CLASSES), PER_CLASS)
     values = np.array([
-        _chi2(labels[next(iter(data.epoch_order(CLASSES * PER_CLASS, 0, epoch).batch(
+        _chi2(labels[next(iter(pipeline.epoch_order(CLASSES * PER_CLASS, 0, epoch).batch(
             5 * BATCH))).numpy()]) for epoch in range(100)])
     assert abs(values.mean() - 8.1) < 1.5, values.mean()
     assert (values > stats.chi2.ppf(0.95, CLASSES - 1)).mean() < 0.1
@@ -308,32 +312,102 @@ def test_the_uniformity_bound_catches_a_buffered_shuffle():
     assert _chi2(head) > 10 * _chi2_bound()
 
 
-def test_disk_cache_matches_memory_and_is_reused(sorted_folder, tmp_path, capsys):
+def test_disk_cache_matches_memory_and_is_reused(sorted_folder, tmp_path, caplog):
     def first_batches(cache_dir=None, **kwargs):
-        ds = data.build_datasets(str(sorted_folder), image_size=4, global_batch_size=BATCH,
-                                 cache_dir=cache_dir and str(cache_dir), **kwargs)
+        ds = pipeline.build_datasets(str(sorted_folder), image_size=4, global_batch_size=BATCH,
+                                     cache_dir=cache_dir and str(cache_dir), **kwargs)
         return [x.numpy() for x, _ in ds.train.take(3)]
 
+    def log():
+        text = caplog.text
+        caplog.clear()
+        return text
+
+    caplog.set_level(logging.INFO, logger="convmixer_tf")
     memory = first_batches(cache="memory")
-    assert "in memory" in capsys.readouterr().out
+    assert "in memory" in log()
     # auto above the memory budget streams (no file) unless a disk budget allows a file:
     # the same pixels either way.
     for a, b in zip(memory, first_batches(tmp_path, cache="auto", cache_budget_mb=0)):
         np.testing.assert_array_equal(a, b)
-    assert "Input cache (train): stream" in capsys.readouterr().out
+    assert "Input cache (train): stream" in log()
     assert not os.listdir(tmp_path)
     for a, b in zip(memory, first_batches(tmp_path, cache="auto", cache_budget_mb=0,
                                           cache_disk_budget_gb=1)):
         np.testing.assert_array_equal(a, b)
-    assert "Input cache (train): disk" in capsys.readouterr().out
+    assert "Input cache (train): disk" in log()
     assert any(name.endswith(".u8") for name in os.listdir(tmp_path))
     first_batches(tmp_path, cache="disk")  # a resumed run reuses the complete file
-    assert "Reused 3,000 train images:" in capsys.readouterr().out
+    assert "Reused 3,000 train images:" in log()
     # Without a cache_dir the file is temporary: unlinked once mapped, nothing left behind.
     before = set(os.listdir(tempfile.gettempdir()))
     np.testing.assert_array_equal(first_batches(cache="disk")[0], memory[0])
     assert not any(n.startswith("convmixer_cache_")
                    for n in set(os.listdir(tempfile.gettempdir())) - before)
+
+
+
+@pytest.mark.parametrize("mode", ["memory", "disk"])
+def test_decode_once_holds_each_files_own_decode_and_names_the_unreadable(tmp_path, mode,
+                                                                         capsys):
+    """The cache holds, for every readable file in stored order, exactly what decoding that
+    file alone gives (mixed formats and sizes, chunk boundaries crossed), with its label;
+    unreadable files (not an image, truncated, missing) are skipped and named."""
+    from convmixer_tf import preprocessing
+    from convmixer_tf.training.data import cache, sources
+
+    _write_folder(tmp_path / "train", per_class=30)  # 90 files: two chunks of 64
+    _write_folder(tmp_path / "val", per_class=1)
+    (tmp_path / "train" / "dog" / "bad.jpg").write_bytes(b"this is not a jpeg")
+    (tmp_path / "train" / "emu" / "cut.png").write_bytes(
+        (tmp_path / "train" / "emu" / "0.png").read_bytes()[:40])
+    split = sources.load_source(str(tmp_path), image_size=8, seed=0, validation_split=0.1,
+                                data_dir=None).train
+    os.remove(split.paths[70])  # listed, then gone before decoding
+    cached = cache.decode_once(split, cache.Decision(mode, 0, ""), None, "train")
+    out = capsys.readouterr().out
+    assert "Skipped 3 unreadable train image(s)" in out, out
+    assert "bad.jpg" in out and "cut.png" in out and split.paths[70] in out
+    unreadable = {split.paths.index(str(tmp_path / "train" / "dog" / "bad.jpg")),
+                  split.paths.index(str(tmp_path / "train" / "emu" / "cut.png")), 70}
+    kept = [i for i in range(split.size) if i not in unreadable]
+    assert cached.size == len(kept) == 89
+    assert cached.nbytes == sum(preprocessing.decode_image(split.read(i)[0]).numpy().size
+                                for i in kept)
+    for position, index in enumerate(kept):
+        image, label = cached.read(position)
+        expected, expected_label = split.read(index)
+        np.testing.assert_array_equal(image.numpy(),
+                                      preprocessing.decode_image(expected).numpy())
+        assert int(label) == int(expected_label)
+    stored = [(x.numpy(), int(y)) for x, y in cached.examples()]
+    assert len(stored) == 89
+    for (x, y), position in zip(stored, range(89)):
+        image, label = cached.read(position)
+        np.testing.assert_array_equal(x, image.numpy())
+        assert y == int(label)
+
+
+
+def test_decode_once_of_a_stream_without_random_access_skips_and_names(capsys):
+    """A split read only in stored order (tfds before caching): the chunk holding a broken
+    image is decoded again image by image, so only that one is skipped, named by its index."""
+    from convmixer_tf.training.data import cache, sources
+
+    images = [np.full((4 + i % 3, 5, 3), i, np.uint8) for i in range(70)]
+    encoded = [tf.io.encode_png(x).numpy() for x in images]
+    encoded[66] = b"broken"
+    labels = np.arange(70, dtype=np.int32) % 3
+    split = sources.Split(70, lambda: tf.data.Dataset.from_tensor_slices((encoded, labels)),
+                          None, True, "stream")
+    cached = cache.decode_once(split, cache.Decision("memory", 0, ""), None, "train")
+    assert "Skipped 1 unreadable train image(s): example #66" in capsys.readouterr().out
+    kept = [i for i in range(70) if i != 66]
+    assert cached.size == len(kept)
+    for position, index in enumerate(kept):
+        image, label = cached.read(position)
+        np.testing.assert_array_equal(image.numpy(), images[index])
+        assert int(label) == labels[index]
 
 
 class ConvmixerTestSorted(tfds.core.GeneratorBasedBuilder):
@@ -368,9 +442,9 @@ class ConvmixerTestSorted(tfds.core.GeneratorBasedBuilder):
 
 def test_tfds_class_sorted_single_shard_is_shuffled_uniformly(tmp_path):
     ConvmixerTestSorted(data_dir=str(tmp_path)).download_and_prepare()
-    ds = data.build_datasets("tfds:convmixer_test_sorted", image_size=4, global_batch_size=50,
-                             data_dir=str(tmp_path), validation_split=0.2,
-                             cache_dir=str(tmp_path / "cache"))
+    ds = pipeline.build_datasets("tfds:convmixer_test_sorted", image_size=4, global_batch_size=50,
+                                 data_dir=str(tmp_path), validation_split=0.2,
+                                 cache_dir=str(tmp_path / "cache"))
     assert ds.train_size == 800  # train[:80%]: classes 0-7 only (sorted: the split shows it)
     numbers, labels = _epoch(ds.train)
     np.testing.assert_array_equal(np.sort(numbers), np.arange(800))
@@ -379,8 +453,8 @@ def test_tfds_class_sorted_single_shard_is_shuffled_uniformly(tmp_path):
     ds.epoch.assign(1)
     assert not np.array_equal(numbers, _epoch(ds.train)[0])
     # cache="off": the stream fallback (shuffled files + buffer) still yields every example.
-    off = data.build_datasets("tfds:convmixer_test_sorted", image_size=4, global_batch_size=50,
-                              data_dir=str(tmp_path), validation_split=0.2, cache="off")
+    off = pipeline.build_datasets("tfds:convmixer_test_sorted", image_size=4, global_batch_size=50,
+                                  data_dir=str(tmp_path), validation_split=0.2, cache="off")
     np.testing.assert_array_equal(np.sort(_epoch(off.train)[0]), np.arange(800))
 
 
@@ -390,11 +464,11 @@ FASHION_HOME = os.path.expanduser("~/.keras/datasets/fashion-mnist")
 
 
 @pytest.mark.skipif(not all(os.path.isfile(os.path.join(FASHION_HOME, os.path.basename(f)))
-                            for f in data.FASHION_MNIST_FILES),
+                            for f in sources.FASHION_MNIST_FILES),
                     reason="Fashion-MNIST not in ~/.keras/datasets (apt-get install "
                            "dataset-fashion-mnist; see docs/training.md)")
 def test_keras_fashion_mnist_real_files():
-    ds = data.build_datasets("keras:fashion_mnist", image_size=28, global_batch_size=500)
+    ds = pipeline.build_datasets("keras:fashion_mnist", image_size=28, global_batch_size=500)
     assert (ds.train_size, ds.test_size) == (60000, 10000)
     assert ds.class_names[0] == "T-shirt/top" and ds.class_names[-1] == "Ankle boot"
     x, y = next(iter(ds.train))
@@ -419,23 +493,23 @@ def test_keras_missing_files_fail_at_once_naming_them(tmp_path, monkeypatch):
     home = str(tmp_path / "keras_home" / "datasets")
     start = time.monotonic()
     with pytest.raises(FileNotFoundError) as error:
-        data.build_datasets("keras:fashion_mnist")
+        pipeline.build_datasets("keras:fashion_mnist")
     message = str(error.value)
     assert os.path.join(home, "fashion-mnist", "train-images-idx3-ubyte.gz") in message
     assert "apt-get install dataset-fashion-mnist" in message
     assert "/usr/share/datasets/fashion-mnist" in message
     with pytest.raises(FileNotFoundError, match="cifar-10-batches-py-target_archive"):
-        data.build_datasets("keras:cifar10")
+        pipeline.build_datasets("keras:cifar10")
     with pytest.raises(ValueError, match="Unknown Keras data set 'svhn'"):
-        data.build_datasets("keras:svhn")
+        pipeline.build_datasets("keras:svhn")
     assert time.monotonic() - start < 5
     assert not os.path.exists(home)  # nothing created, nothing fetched
-    assert len(data.KERAS_DATASETS["cifar100"]["class_names"]) == 100
+    assert len(sources.KERAS_DATASETS["cifar100"]["class_names"]) == 100
 
 
 def test_input_share_line():
-    assert "bottleneck" not in data.input_share_line(0.1, 1.0, 64)
-    line = data.input_share_line(0.9, 1.0, 64)
+    assert "bottleneck" not in pipeline.input_share_line(0.1, 1.0, 64)
+    line = pipeline.input_share_line(0.9, 1.0, 64)
     assert "~90% of a step" in line and "bottleneck" in line and "71 images/s alone" in line
 
 

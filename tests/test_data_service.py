@@ -2,6 +2,7 @@
 
 Every server here is bounded: subprocesses get timeouts and are killed in `finally`."""
 
+import logging
 import os
 import re
 import signal
@@ -16,8 +17,9 @@ import tensorflow as tf
 from PIL import Image
 
 from convmixer_tf import cli
-from convmixer_tf.training import data, data_service
-from convmixer_tf.training.config import AugmentConfig, TrainConfig
+from convmixer_tf.training import data_service
+from convmixer_tf.training.config import (AugmentConfig, DispatcherConfig, TrainConfig,
+                                          WorkerConfig)
 from convmixer_tf.training.data import pipeline, sources
 
 from helpers import subprocess_env
@@ -123,7 +125,7 @@ def _index_pipeline(size=12, batch=3, seed=5):
     split = sources.Split(size=size, examples=None, read=lambda i: (
         tf.fill([1, 1, 3], tf.cast(i, tf.uint8)), tf.cast(i % 2, tf.int32)))
     source = sources.Source(train=split, test=split, class_names=("even", "odd"))
-    return data.Datasets(
+    return pipeline.Datasets(
         pipeline._Pipeline(source, 1, batch, AugmentConfig(), seed, 1.0, "off", 0, 0, None),
         num_classes=2, class_names=source.class_names, train_size=size, test_size=size,
         steps_per_epoch=size // batch, image_size=1)
@@ -154,9 +156,9 @@ def test_service_stream_is_the_local_stream_and_reads_each_example_once_across_t
     np.testing.assert_array_equal(short, _indices(ds.train_stream(steps_per_epoch=2).take(
         (epochs + 1) * 2)))
 
-    dispatcher = data_service.start_dispatcher(_free_port())
+    dispatcher = data_service.start_dispatcher(DispatcherConfig(port=_free_port()))
     address = f"localhost:{dispatcher.target.rsplit(':', 1)[1]}"
-    workers = [data_service.start_worker(address) for _ in range(2)]
+    workers = [data_service.start_worker(WorkerConfig(dispatcher=address)) for _ in range(2)]
     try:
         served = ds.service_stream(steps, epochs, 0, send=lambda d: data_service.distribute(
             d, "grpc://" + address, job_name="test-once"))
@@ -171,7 +173,7 @@ def test_service_stream_is_the_local_stream_and_reads_each_example_once_across_t
         dispatcher.stop()
 
 
-def test_service_stream_skips_unreadable_files_graph_only_and_counts_them(tmp_path, capsys):
+def test_service_stream_skips_unreadable_files_graph_only_and_counts_them(tmp_path, caplog):
     """A folder with a broken JPEG under the ImageNet-style crop (each JPEG decodes only its
     crop window): the stream serializes (graph ops only), drops the broken file, and the
     trainer's side counts it (unnamed) for the epoch's log line."""
@@ -182,8 +184,8 @@ def test_service_stream_skips_unreadable_files_graph_only_and_counts_them(tmp_pa
                 Image.fromarray(np.full((20, 24, 3), 40 * i, np.uint8)).save(
                     tmp_path / split / name / f"{i}.jpg")
     (tmp_path / "train" / "dog" / "bad.jpg").write_bytes(b"this is not a jpeg")
-    ds = data.build_datasets(f"folder:{tmp_path}", image_size=8, global_batch_size=3,
-                             cache="off", augment=AugmentConfig(crop_scale=0.5, hflip=0.5))
+    ds = pipeline.build_datasets(f"folder:{tmp_path}", image_size=8, global_batch_size=3,
+                                 cache="off", augment=AugmentConfig(crop_scale=0.5, hflip=0.5))
     assert (ds.train_size, ds.steps_per_epoch) == (9, 3)  # every file read each epoch
     sent = []
 
@@ -197,14 +199,15 @@ def test_service_stream_skips_unreadable_files_graph_only_and_counts_them(tmp_pa
     images = np.concatenate([x.numpy() for x, _ in served])
     # 2 epochs (one spare) of 8 readable files = 16, in full batches of 3.
     assert sent and images.shape == (15, 8, 8, 3)
-    data.SkippedImages(ds).on_epoch_end(0)
-    line = capsys.readouterr().out  # the last epoch's may sit after its last kept image
+    caplog.set_level(logging.INFO, logger="convmixer_tf")
+    pipeline.SkippedImages(ds).on_epoch_end(0)
+    line = caplog.text  # the last epoch's may sit after its last kept image
     assert re.search(r"skipped [12] unreadable image\(s\)", line) and "names unknown" in line, line
 
 
 def test_a_tfds_stream_is_refused_with_one_line():
     split = sources.Split(size=10, examples=None, read=None, encoded=True)
-    ds = data.Datasets(pipeline._Pipeline(
+    ds = pipeline.Datasets(pipeline._Pipeline(
         sources.Source(train=split, test=split, class_names=("a", "b")), 8, 2, AugmentConfig(),
         0, 1.0, "off", 0, 0, None), num_classes=2, class_names=("a", "b"), train_size=10,
         test_size=10, steps_per_epoch=5, image_size=8)
@@ -281,23 +284,24 @@ def test_dispatcher_two_workers_and_trainer_match_the_local_pipeline(tmp_path):
     assert abs(served_acc - local_acc) <= 0.1, (served_acc, local_acc)
 
 
-def test_train_reads_its_batches_from_the_service(tmp_path, capsys):
+def test_train_reads_its_batches_from_the_service(tmp_path, caplog):
     """train() with data_service set: fit takes steps_per_epoch batches per epoch from the
     service's workers (the digits arrays travel in the graph), evaluation stays local."""
     from convmixer_tf.training.train import train
 
-    dispatcher = data_service.start_dispatcher(_free_port())
+    dispatcher = data_service.start_dispatcher(DispatcherConfig(port=_free_port()))
     address = f"localhost:{dispatcher.target.rsplit(':', 1)[1]}"
-    worker = data_service.start_worker(address)
+    worker = data_service.start_worker(WorkerConfig(dispatcher=address))
+    caplog.set_level(logging.INFO, logger="convmixer_tf")
     try:
         result = train(TrainConfig(
             data_service="grpc://" + address, dim=32, depth=2, epochs=3, batch_size=32,
-            steps_per_epoch=20, max_lr=0.01, mixup=0.2, verbose=0,
+            steps_per_epoch=20, max_lr=0.01, augment=AugmentConfig(mixup=0.2), verbose=0,
             output_dir=str(tmp_path / "out"), run_dir=str(tmp_path / "runs")))
     finally:
         worker.stop()
         dispatcher.stop()
-    out = capsys.readouterr().out
+    out = caplog.text
     assert "Training input from the tf.data service at grpc://localhost:" in out
     assert ": 20 steps per epoch" in out and "Input pipeline:" not in out
     assert len(result["history"].history["loss"]) == 3

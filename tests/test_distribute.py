@@ -19,7 +19,8 @@ import pytest
 import tensorflow as tf
 
 from convmixer_tf import cli
-from convmixer_tf.training import data, distribute
+from convmixer_tf.training import distribute
+from convmixer_tf.training.data import pipeline
 
 from helpers import ROOT, subprocess_env, worker
 # XLA vs no XLA after the same 12 AdamW steps (weights move by up to ~0.7): float32 only
@@ -245,7 +246,9 @@ def test_absent_peer_ends_the_wait_in_time_and_sigterm_ends_it_at_once(tmp_path)
 
 @pytest.mark.skipif(bool(tf.config.list_physical_devices("GPU")), reason="CPU-only behaviour")
 def test_mirrored_on_a_cpu_runs_two_replicas_and_says_so():
-    script = ("from convmixer_tf.training import distribute\n"
+    script = ("import logging, sys\n"
+              "logging.basicConfig(level=logging.INFO, stream=sys.stdout)  # the library logs\n"
+              "from convmixer_tf.training import distribute\n"
               "print('REPLICAS', distribute.make_strategy('mirrored').num_replicas_in_sync)")
     proc = subprocess.run([sys.executable, "-c", script], env=subprocess_env(), capture_output=True,
                           text=True, timeout=120)
@@ -303,11 +306,11 @@ def test_multi_worker_each_worker_reads_only_its_share(tmp_path):
 
     # What each worker should read: its slice of every global batch of epoch 0 (and, read
     # ahead by the prefetch, of the next epochs), from the (seed, epoch)-keyed permutation.
-    paths = data.build_datasets(str(root), global_batch_size=8, cache="off").\
+    paths = pipeline.build_datasets(str(root), global_batch_size=8, cache="off").\
         _pipeline.source.train.paths
     n = len(paths)
     positions = np.arange(6 * n)
-    order = [int(data.epoch_permutation(tf.constant(g, tf.int64), n, 0, n)) for g in positions]
+    order = [int(pipeline.epoch_permutation(tf.constant(g, tf.int64), n, 0, n)) for g in positions]
     share = {w: {paths[i] for g, i in zip(positions, order) if (g % 8) // 4 == w}
              for w in range(2)}
     epoch0 = {w: {paths[i] for g, i in zip(positions[:n], order[:n]) if (g % 8) // 4 == w}

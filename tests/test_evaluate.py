@@ -12,7 +12,7 @@ import pytest
 import convmixer_tf
 from convmixer_tf import artifacts, cli, evaluate
 from convmixer_tf.deploy import saved_model
-from convmixer_tf.training import data
+from convmixer_tf.training.data import pipeline, sources
 
 CONFIG = evaluate.EvaluateConfig
 
@@ -40,7 +40,7 @@ def test_keras_top1_top5_match_the_model_and_bad_files_fail_clearly(tmp_path, ca
     path = tmp_path / "m.keras"
     model.save(path)
     result = evaluate.evaluate(str(path))
-    _, (x_test, y_test) = data.load_digits(16)
+    _, (x_test, y_test) = sources.load_digits(16)
     logits = model.predict(x_test, verbose=0)
     assert result["count"] == len(y_test) and result["kind"] == "keras"
     assert result["top1"] == pytest.approx(np.mean(logits.argmax(-1) == y_test))
@@ -76,7 +76,7 @@ def test_bad_flags_and_missing_metadata_are_one_line_before_any_data(tmp_path, c
     def no_data(*args, **kwargs):
         raise AssertionError("data was loaded")
 
-    monkeypatch.setattr(data, "build_datasets", no_data)
+    monkeypatch.setattr(pipeline, "build_datasets", no_data)
     lone = tmp_path / "lone.tflite"
     lone.write_bytes(b"TFL3")
     assert cli.evaluate_main([str(lone)]) == 2
@@ -95,17 +95,19 @@ def digits_export(tmp_path_factory, tiny_model):
     digits' test split (at 16 px) as the gate's held-out images, and its .keras + metadata."""
     root = tmp_path_factory.mktemp("export")
     model = tiny_model(bn_stats=True)
-    (x_train, _), (x_test, y_test) = data.load_digits(16)
-    result = convmixer_tf.export(model, str(root), name="tiny", class_names=data.DIGITS_CLASS_NAMES,
+    (x_train, _), (x_test, y_test) = sources.load_digits(16)
+    result = convmixer_tf.export(model, str(root), name="tiny",
+                                 class_names=sources.DIGITS_CLASS_NAMES,
                                  calibration_images=x_train[:64], held_out=(x_test, y_test),
                                  tflite_modes=["float32", "full_int8"], max_accuracy_drop=1.0,
                                  int8_io="uint8", log=lambda line: None)
     model_path = str(root / "tiny.keras")
     artifacts.save_model(model, model_path)
-    artifacts.write_metadata(model_path, data.DIGITS_CLASS_NAMES, (16, 16))
+    artifacts.write_metadata(model_path, sources.DIGITS_CLASS_NAMES, (16, 16))
     return dict(root=root, result=result, model_path=model_path, labels=y_test)
 
 
+@pytest.mark.xdist_group("evaluate_digits_export")
 def test_tflite_accuracy_equals_the_export_gates_on_the_same_images(digits_export):
     """The gate (deploy/gate.py accuracy_report, as tflite_set runs it) measured every build on
     digits' test split; evaluate on --dataset digits gets the same top-1, build by build."""
@@ -122,6 +124,7 @@ def test_tflite_accuracy_equals_the_export_gates_on_the_same_images(digits_expor
         assert result["top1"] == entry["accuracy"], label
 
 
+@pytest.mark.xdist_group("evaluate_digits_export")
 def test_saved_model_through_its_signatures_agrees_with_keras(digits_export, capsys):
     """Base folder (its latest version) and version folder, every signature (the bytes one
     gets the test images PNG-encoded and preprocesses them itself): the SavedModel's metadata
@@ -139,6 +142,7 @@ def test_saved_model_through_its_signatures_agrees_with_keras(digits_export, cap
     assert "invalid choice" in capsys.readouterr().err
 
 
+@pytest.mark.xdist_group("evaluate_digits_export")
 def test_json_and_confusion_picture(digits_export, tmp_path, capsys):
     from PIL import Image
 

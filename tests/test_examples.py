@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from convmixer_tf.deploy import tflite
+from convmixer_tf.deploy import litert
 from convmixer_tf.deploy.logits import logits_model
-from convmixer_tf.training import data
+from convmixer_tf.training.data import sources
 
 from helpers import ROOT
 SMALL = ["--epochs", "1", "--steps", "5", "--dim", "16", "--depth", "1",
@@ -41,7 +41,7 @@ def test_train_and_export_example(tmp_path, extra):
     assert (out / "digits.export.log").is_file() and (out / "models.config").is_file()
 
     model = keras.saving.load_model(out / "digits.keras", compile=False)
-    _, (x_test, _) = data.load_digits(32)
+    _, (x_test, _) = sources.load_digits(32)
     images = x_test[:8]
     # The exports compute in float32 whatever the training policy: so does the reference.
     logits = logits_model(model).predict(images.astype(np.float32), verbose=0)
@@ -52,7 +52,7 @@ def test_train_and_export_example(tmp_path, extra):
         [str(i) for i in logits.argmax(-1)]
     version = out / "digits_tflite" / "1"
     for file in ("digits_float32.tflite", "digits_float32_dynamic.tflite"):
-        got = tflite.LiteRTModel(str(version / file)).predict(images)
+        got = litert.LiteRTModel(str(version / file)).predict(images)
         np.testing.assert_allclose(got, logits, atol=1e-4)
     meta = json.loads((version / "metadata.json").read_text())
     assert meta["class_names"] == [str(i) for i in range(10)] and meta["image_size"] == [32, 32]

@@ -257,7 +257,7 @@ def test_export_api_writes_the_set_from_a_model_in_memory(tmp_path, tiny_model):
     """`convmixer_tf.export` without any file: the names, size and crop given reach the
     SavedModel's signatures and the TFLite set's metadata, gated on the labelled images."""
     import convmixer_tf
-    from convmixer_tf.deploy import tflite
+    from convmixer_tf.deploy import litert
 
     model = tiny_model(4)
     rng = np.random.default_rng(0)
@@ -283,7 +283,7 @@ def test_export_api_writes_the_set_from_a_model_in_memory(tmp_path, tiny_model):
     assert meta["class_names"] == list("abcd") and meta["crop_pct"] == 0.875
     assert meta["image_size"] == [16, 16]
     assert meta["tflite"]["keras_accuracy"] == pytest.approx(np.mean(logits.argmax(-1) == labels))
-    lite = tflite.LiteRTModel(str(tmp_path / "mine_tflite" / "1" / "mine_float32.tflite"))
+    lite = litert.LiteRTModel(str(tmp_path / "mine_tflite" / "1" / "mine_float32.tflite"))
     np.testing.assert_allclose(lite.predict(images), logits, atol=1e-4)
 
 
@@ -304,12 +304,12 @@ def test_export_api_takes_the_trainer_a_user_fitted(tmp_path, tiny_model):
 
 
 def _bfloat16_graph_conversion(real):
-    """`tflite.convert_uncalibrated` with float16 converting a graph whose Mul computes
+    """`tflite.convert_mode` with float16 converting a graph whose Mul computes
     in bfloat16: the converter's real failure (ConverterError, MLIR diagnostics on fd 2)."""
 
-    def convert(saved_model_dir, mode):
+    def convert(mode, graphs, io_type):
         if mode != "float16":
-            return real(saved_model_dir, mode)
+            return real(mode, graphs, io_type)
 
         @tf.function(input_signature=[tf.TensorSpec([1, 4], tf.float32)])
         def square(x):
@@ -334,8 +334,7 @@ def test_failed_conversion_is_one_line_and_the_rest_of_the_set_is_written(tmp_pa
     rng = np.random.default_rng(0)
     artifacts.write_samples(path, rng.integers(0, 256, (16, 16, 16, 3)),
                             rng.integers(0, 256, (16, 16, 16, 3)), rng.integers(0, 4, 16))
-    monkeypatch.setattr(tflite, "convert_uncalibrated",
-                        _bfloat16_graph_conversion(tflite.convert_uncalibrated))
+    monkeypatch.setattr(tflite, "convert_mode", _bfloat16_graph_conversion(tflite.convert_mode))
     capfd.readouterr()  # the setup's own output (TF starting)
     stderr, fd2 = sys.stderr, os.fstat(2)
     code = cli.export_main([path, "--no-saved-model", "--tflite-modes", "float32,float16",

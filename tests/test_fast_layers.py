@@ -203,14 +203,6 @@ def test_accelerated_model_trains_under_mirrored_strategy():
     assert proc.returncode == 0 and "OK" in proc.stdout, proc.stderr[-3000:]
 
 
-def test_the_old_module_name_still_resolves_with_a_warning():
-    """`convmixer_tf.layers` (the name before 0.2) forwards to `fast_layers` for one release."""
-    import convmixer_tf.layers as old
-
-    with pytest.warns(DeprecationWarning, match="fast_layers"):
-        assert old.accelerate is fast_layers.accelerate
-
-
 def test_cpu_class_and_precision_warning_follow_the_flags_and_the_onednn_cap(monkeypatch):
     monkeypatch.delenv("ONEDNN_MAX_CPU_ISA", raising=False)
     zen3, zen5 = {"avx2", "fma"}, {"avx2", "avx512f", "avx512_bf16"}

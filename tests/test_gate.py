@@ -7,6 +7,7 @@ import pytest
 
 from convmixer_tf import timing
 from convmixer_tf.deploy import gate, litert, tflite
+from convmixer_tf.deploy.config import ExportConfig
 from convmixer_tf.model import ConvMixer
 
 
@@ -20,6 +21,23 @@ def test_gate_is_accuracy_within_one_point_when_labelled():
     unlabelled = dict(accuracy=None, agreement=0.95, max_logit_error=0.1)
     assert "no labelled" in gate.gate(unlabelled, keras_accuracy=None)
     assert gate.gate(dict(unlabelled, agreement=0.99), keras_accuracy=None) is None
+
+
+def test_gate_thresholds_are_the_export_configs_in_its_units():
+    """`max_accuracy_drop` in points, as `convmixer-export --max-accuracy-drop` takes it;
+    `min_int8_agreement` a fraction; the defaults are ExportConfig's."""
+    lossy = dict(accuracy=0.861, agreement=0.99, max_logit_error=0.1)  # 1.02 points below
+    assert gate.gate(lossy, 0.8712, ExportConfig(max_accuracy_drop=1.5)) is None
+    reason = gate.gate(lossy, 0.8712, ExportConfig(max_accuracy_drop=0.5))
+    assert "1.02 points below" in reason and "(allowed: 0.5)" in reason
+    unlabelled = dict(accuracy=None, agreement=0.95, max_logit_error=0.1)
+    assert gate.gate(unlabelled, None, ExportConfig(min_int8_agreement=0.9)) is None
+    assert "below 96%" in gate.gate(unlabelled, None, ExportConfig(min_int8_agreement=0.96))
+    assert gate.describe(ExportConfig(), labelled=True) == \
+        "held-out accuracy within 1 point(s) of Keras"
+    assert gate.describe(ExportConfig(), labelled=False) == \
+        "top-1 agreement >= 98% (no labels)"
+    assert gate.describe(ExportConfig(), labelled=True, gated=False).startswith("none")
 
 
 def test_choose_edge_build_is_the_fastest_that_passed():

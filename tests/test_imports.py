@@ -9,8 +9,8 @@ import os
 import pytest
 
 ROOT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "convmixer_tf")
-CORE = {"model", "presets", "imagenet", "layers", "fast_layers", "checkpoints", "artifacts", "knobs",
-        "preprocessing", "compat", "timing"}
+CORE = {"model", "presets", "imagenet", "errors", "fast_layers", "checkpoints", "artifacts",
+        "knobs", "preprocessing", "compat", "timing"}
 JOBS = {"evaluate"}  # convmixer_tf/evaluate.py: deploy artifacts on training data sources
 
 

@@ -35,6 +35,28 @@ def test_parameter_counts_match_the_paper(variant):
     assert params.startswith(str(millions))
 
 
+@pytest.mark.parametrize("variant", sorted(presets.VARIANTS))
+def test_every_variant_is_a_function_of_model_py_with_its_tables_architecture(variant):
+    """Each `presets.VARIANTS` name is a plain `def` in model.py (so "go to definition" finds
+    it), and the package's name is that function; it builds its table entry's architecture."""
+    import inspect
+
+    from convmixer_tf import model as model_lib
+
+    function = model_lib.__dict__[variant]
+    assert inspect.isfunction(function) and function.__module__ == "convmixer_tf.model"
+    assert inspect.getsource(function).startswith(f"def {variant}(")
+    assert getattr(convmixer_tf, variant) is function
+    config = presets.MODEL_CONFIGS[presets.VARIANTS[variant][0]]
+    model = function(input_shape=(28, 28, 3), classes=3)
+    blocks = [l for l in model.layers if l.name.endswith("_add")]
+    assert len(blocks) == config["depth"] and model.output_shape == (None, 3)
+    assert model.get_layer("stem_conv").filters == config["dim"]
+    assert model.get_layer("stem_conv").strides == (config["patch_size"],) * 2
+    assert model.get_layer("block0_depthwise").kernel_size == (config["kernel_size"],) * 2
+    assert model.get_layer("stem_act").get_config()["activation"] == config["activation"]
+
+
 def test_variants_carry_their_architecture():
     model = convmixer_tf.ConvMixer768_32(input_shape=(28, 28, 3))
     assert model.name == "convmixer_768_32"

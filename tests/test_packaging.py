@@ -17,7 +17,7 @@ from packaging.requirements import Requirement
 
 import convmixer_tf
 from convmixer_tf import _extras, checkpoints
-from convmixer_tf.training import data
+from convmixer_tf.training.data import pipeline
 
 import helpers
 
@@ -91,7 +91,7 @@ def test_missing_optional_package_names_the_extra(monkeypatch):
         checkpoints._import_torch()
     monkeypatch.setitem(sys.modules, "tensorflow_datasets", None)
     with pytest.raises(ImportError, match=r'tensorflow-datasets.*"convmixer_tf\[tfds\]"'):
-        data.build_datasets("tfds:cifar10")
+        pipeline.build_datasets("tfds:cifar10")
     monkeypatch.setitem(sys.modules, "ai_edge_litert", None)  # a core package, --no-deps
     monkeypatch.setitem(sys.modules, "ai_edge_litert.interpreter", None)  # imported earlier
     with pytest.raises(ImportError, match="Running a .tflite.*pip install ai-edge-litert"):

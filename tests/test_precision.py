@@ -26,9 +26,9 @@ def _env(**extra):
     return subprocess_env(TF_ENABLE_ONEDNN_OPTS="1", **extra)
 
 
-def _command(name, *args, timeout=600):
-    """Runs console command `name` (a cli function) in a fresh process."""
-    argv = [sys.executable, "-c", f"import sys; from convmixer_tf import cli; "
+def _command(name, *args, timeout=600, setup=""):
+    """Runs console command `name` (a cli function) in a fresh process, after `setup` code."""
+    argv = [sys.executable, "-c", f"import sys; from convmixer_tf import cli; {setup}"
             f"sys.exit(cli.{name}(sys.argv[1:]))", *map(str, args)]
     return subprocess.run(argv, env=_env(), capture_output=True, text=True, timeout=timeout,
                           cwd=ROOT)
@@ -105,18 +105,28 @@ CELLS = [cell for cell in itertools.product(PRECISIONS, (True, False), ("default
                                             ("off", "on"))]
 
 
+# The real export (`cli.train_main` calls `export.export_model`) with the float builds only.
+FLOAT_BUILDS_ONLY = ("import functools; from convmixer_tf.deploy import export; "
+                     "export.export_model = functools.partial(export.export_model, "
+                     "tflite_modes=('float32', 'float16')); ")
+
+
 @pytest.mark.parametrize("precision, fast, strategy, xla", [
     cell if cell in DEFAULT_CELLS else pytest.param(*cell, marks=pytest.mark.large)
     for cell in CELLS
 ])
 def test_train_and_export_every_precision(tmp_path, precision, fast, strategy, xla):
     """`convmixer-train` runs a tiny job end to end (train, SavedModel, TFLite set), exit 0;
-    the saved `.keras` computes in float32 and its metadata records the training policy."""
+    the saved `.keras` computes in float32 and its metadata records the training policy.
+    The TFLite set is the float builds (time): the saved model is stock float32 whatever
+    the policy, and its int8 builds through the CLI are those of
+    test_tflite.py::test_export_cli_finishes_and_exits_3_when_a_build_is_refused."""
     proc = _command(
         "train_main", "--epochs", 1, "--steps-per-epoch", 2, "--batch-size", 16, "--dim", 16,
         "--depth", 1, "--image-size", 16, "--name", "t", "--output-dir", tmp_path,
         "--run-dir", tmp_path / "runs", "--precision", precision, "--strategy", strategy,
-        "--xla", xla, "--fast-layers" if fast else "--no-fast-layers", "--verbose", 0)
+        "--xla", xla, "--fast-layers" if fast else "--no-fast-layers", "--verbose", 0,
+        setup=FLOAT_BUILDS_ONLY)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
     assert os.path.isdir(tmp_path / "t" / "1")
     builds = os.listdir(tmp_path / "t_tflite" / "1")
@@ -177,9 +187,9 @@ def _source(kind, policy, path):
 
 
 def _tflite_logits(path, images):
-    from convmixer_tf.deploy import tflite
+    from convmixer_tf.deploy import litert
 
-    return tflite.predict_batched(tflite.LiteRTModel(str(path)), images)
+    return litert.predict_batched(litert.LiteRTModel(str(path)), images)
 
 
 SOURCES = ("functional", "accelerated", "trainer", "user_script")

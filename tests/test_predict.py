@@ -57,6 +57,7 @@ def images(tmp_path_factory):
     return paths
 
 
+@pytest.mark.xdist_group("predict_exported")
 def test_high_bit_depth_and_palette_images_decode_correctly(exported, images):
     assert Image.open(images["grey16.png"]).mode.startswith("I")  # really 16-bit
     for model in (exported["tflite"], exported["saved"]):
@@ -69,6 +70,7 @@ def test_high_bit_depth_and_palette_images_decode_correctly(exported, images):
         assert not np.allclose(logits["grey8.png"], logits["rgb8.png"], atol=1e-3)
 
 
+@pytest.mark.xdist_group("predict_exported")
 def test_predict_cli_finds_metadata_in_the_versioned_layout(exported, images, capsys):
     tflite_path = exported["tflite"]
     assert tflite_path.endswith(os.path.join("tiny_tflite", "1", "tiny_float32.tflite"))
@@ -84,6 +86,7 @@ def test_predict_cli_finds_metadata_in_the_versioned_layout(exported, images, ca
     assert tflite_path in err
 
 
+@pytest.mark.xdist_group("predict_exported")
 def test_unreadable_files_exit_2_with_one_line(exported, tmp_path, capsys):
     png = tf.io.encode_png(np.zeros((16, 16, 3), np.uint8)).numpy()
     jpeg = tf.io.encode_jpeg(np.zeros((16, 16, 3), np.uint8)).numpy()

@@ -11,7 +11,7 @@ from PIL import Image
 
 from convmixer_tf import artifacts, preprocessing
 from convmixer_tf.deploy import predict, saved_model, tflite
-from convmixer_tf.training import data
+from convmixer_tf.training.data import pipeline
 
 SIZE, CROP = 16, 0.875
 
@@ -65,8 +65,8 @@ def test_same_jpeg_same_logits_in_eval_serving_and_predict(tmp_path, tiny_model)
     jpeg = str(folder / "test" / "b" / "1.jpg")
 
     # Evaluation: the training pipeline's test split (only that JPEG's row is compared).
-    datasets = data.build_datasets(f"folder:{folder}", image_size=SIZE, global_batch_size=2,
-                                   eval_crop_pct=CROP)
+    datasets = pipeline.build_datasets(f"folder:{folder}", image_size=SIZE, global_batch_size=2,
+                                       eval_crop_pct=CROP)
     test_images = np.concatenate([x.numpy() for x, _ in datasets.test])
     model = tiny_model(2, size=SIZE, bn_stats=True)
     eval_logits = model.predict(test_images, verbose=0)[-1]  # sorted: b/1.jpg is last

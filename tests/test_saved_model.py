@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from convmixer_tf import artifacts, cli
+from convmixer_tf import artifacts, cli, errors
 from convmixer_tf.deploy import logits, saved_model
 
 from helpers import ROOT, worker
@@ -37,6 +37,7 @@ def exported(tmp_path_factory, tiny_model):
     return dict(root=str(root), model=model, model_path=model_path, result=result, lines=lines)
 
 
+@pytest.mark.xdist_group("saved_model_exported")
 def test_layout_validation_warmup_and_configs(exported):
     from google.protobuf import text_format
     from tensorflow_serving.apis import prediction_log_pb2
@@ -70,6 +71,7 @@ def test_layout_validation_warmup_and_configs(exported):
         assert "max_batch_size { value: 32 }" in f.read()
 
 
+@pytest.mark.xdist_group("saved_model_exported")
 def test_saved_model_cli_show_all(exported):
     cli_path = os.path.join(os.path.dirname(sys.executable), "saved_model_cli")
     out = subprocess.run([cli_path, "show", "--all", "--dir", exported["result"]["path"]],
@@ -97,6 +99,7 @@ def test_saved_model_cli_show_all(exported):
         assert "tensorflow/serving/predict" in block
 
 
+@pytest.mark.xdist_group("saved_model_exported")
 def test_signatures_any_size_labels_and_bad_input(exported):
     loaded = tf.saved_model.load(exported["result"]["path"])
     model = exported["model"]
@@ -182,6 +185,7 @@ def _tree_digest(path):
     return digest.hexdigest()
 
 
+@pytest.mark.xdist_group("saved_model_exported")
 def test_new_version_per_export_and_failures_leave_versions_untouched(exported, capsys):
     root, model_path = exported["root"], exported["model_path"]
     model_dir = os.path.join(root, "tiny")
@@ -192,7 +196,7 @@ def test_new_version_per_export_and_failures_leave_versions_untouched(exported, 
     assert "version 2" in capsys.readouterr().out
 
     # A failing validation (a tolerance no export can meet) publishes nothing.
-    with pytest.raises(logits.ExportError, match="validation failed"):
+    with pytest.raises(errors.ExportError, match="validation failed"):
         saved_model.export_saved_model(model_path, root, "tiny", tolerance=-1.0, log=lambda _: None)
     # Metadata that contradicts the model fails before anything is written.
     bad_meta = os.path.join(root, "bad.keras")
@@ -226,6 +230,7 @@ def _load_client():
     return client
 
 
+@pytest.mark.xdist_group("saved_model_exported")
 def test_serving_client_requests_offline(exported, tmp_path, capsys):
     import base64
 
@@ -258,6 +263,7 @@ def test_serving_client_requests_offline(exported, tmp_path, capsys):
     assert client.main(["--rest", "http://127.0.0.1:9", paths[0]]) == 1
 
 
+@pytest.mark.xdist_group("saved_model_exported")
 def test_predict_cli_on_saved_model(exported, tmp_path, capsys):
     from PIL import Image
 
@@ -316,6 +322,7 @@ FUZZ_EXPECTED = {
 }
 
 
+@pytest.mark.xdist_group("saved_model_exported")
 def test_fuzz_malformed_requests_fail_cleanly_with_onednn(exported, tmp_path):
     """Every malformed request returns INVALID_ARGUMENT with its own message through both
     loaders, in a process with oneDNN on (a rank-3 tensor used to abort it in the oneDNN
@@ -400,6 +407,7 @@ PEAK_RSS_MARGIN_MB = 150
 LEGAL_40MP_MARGIN_MB = 300
 
 
+@pytest.mark.xdist_group("saved_model_exported")
 def test_oversized_requests_refused_before_decoding_within_memory(exported, tmp_path):
     """With the default budgets (40 MP per image, 160 MP per request), a 750 KB PNG declaring
     16,000 x 16,000 pixels and 5 blank 6000 x 6000 PNGs (36 MP each, 180 MP together) are
@@ -453,6 +461,7 @@ def _progressive_jpeg(height, width, seed=0):
     return data
 
 
+@pytest.mark.xdist_group("saved_model_exported")
 def test_export_cli_pixel_budgets(exported, tmp_path, capsys):
     """convmixer-export --max-image-pixels 1024 --max-request-pixels 2048: the limits are
     logged and stored in the SavedModel; every signature refuses an image over 1024 pixels

@@ -1,4 +1,5 @@
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -9,14 +10,15 @@ import pytest
 
 from convmixer_tf import artifacts, cli, compat
 from convmixer_tf.deploy import gate, litert, logits, modes, tflite, tflite_set
-from convmixer_tf.training import data
+from convmixer_tf.deploy.config import ExportConfig
+from convmixer_tf.training.data import sources
 from convmixer_tf.model import ConvMixer
 from helpers import worker
 
 
 @pytest.fixture(scope="module")
 def digits16():
-    return data.load_digits(16)
+    return sources.load_digits(16)
 
 
 @pytest.fixture(scope="module")
@@ -42,14 +44,15 @@ def _error_and_agreement(flat, model, images, batch_size=64):
     return report["max_logit_error"], report["agreement"]
 
 
+@pytest.mark.xdist_group("tflite_trained")
 def test_quantized_modes_builtin_ops_and_agreement(trained, digits16):
     (x_train, _), (x_test, _) = digits16
     held_out = x_test[:200]
-    flats = tflite.convert_builds(trained, tflite.MODES, representative_images=x_train[:64],
+    flats = tflite.convert_builds(trained, modes.MODES, representative_images=x_train[:64],
                                   input_shape=(1, 16, 16))
     results = {}
     for mode, flat in flats.items():
-        ops = tflite.op_counts(flat)
+        ops = litert.op_counts(flat)
         assert all(name.isupper() and not name.startswith("FLEX") for name in ops), ops
         runner = litert.LiteRTModel(flat)
         dtypes = {(d["name"], d["dtype"].__name__)
@@ -74,6 +77,7 @@ def test_quantized_modes_builtin_ops_and_agreement(trained, digits16):
     assert convs and all(op["result_types"][0].__name__ == "int8" for op in convs)
 
 
+@pytest.mark.xdist_group("tflite_trained")
 def test_int8_uint8_io_takes_raw_pixels(trained, digits16):
     (x_train, _), (x_test, _) = digits16
     flats = tflite.convert_builds(trained, ["full_int8", "int8_float_gelu"], x_train[:64],
@@ -101,7 +105,7 @@ def test_dynamic_int8_dense_layer_runs_on_old_runtimes(digits16):
     (x_train, _), _ = digits16
     model = ConvMixer(dim=128, depth=1, kernel_size=3, patch_size=4, input_shape=(16, 16, 3),
                       classes=10, classifier_activation=None)  # 1280 dense weights: quantized
-    flats = tflite.convert_builds(model, tflite.MODES, x_train[:8], input_shape=(1, 16, 16))
+    flats = tflite.convert_builds(model, modes.MODES, x_train[:8], input_shape=(1, 16, 16))
     versions = {mode: litert.min_runtime_version(flat) for mode, flat in flats.items()}
     assert all(_version(v) <= (2, 14) for v in versions.values()), versions
     hybrid = [op for op in compat.interpreter_ops(litert.LiteRTModel(flats["dynamic_int8"])
@@ -130,28 +134,13 @@ def test_expand_modes_skips_what_the_table_says():
         tflite_set.expand_modes(["int4"])
 
 
-def test_the_mode_table_drives_the_converter_the_cli_and_export(monkeypatch, capsys):
-    """One table: a new entry converts with its settings and nothing else to edit; the CLI's
-    choices and default, `export`'s default and every name check read it."""
-    import inspect
-
-    from convmixer_tf.deploy import export
-
-    monkeypatch.setitem(modes.TFLITE_MODES, "float16_unsplit", modes.Mode(
-        "float16 weights, 7x7 depthwise in one op", quantize=True, weight_type="float16",
-        split_depthwise=False))
-    keras.utils.set_random_seed(0)
-    model = ConvMixer(dim=8, depth=1, kernel_size=7, patch_size=4, input_shape=(16, 16, 3),
-                      classes=4, classifier_activation=None)
-    flats = tflite.convert_builds(model, ["float16", "float16_unsplit"], input_shape=(1, 16, 16))
-    assert tflite.op_counts(flats["float16"])["DEPTHWISE_CONV_2D"] == 3  # row groups
-    assert tflite.op_counts(flats["float16_unsplit"])["DEPTHWISE_CONV_2D"] == 1
-    dtypes = {d["dtype"].__name__ for d in
-              litert.LiteRTModel(flats["float16_unsplit"]).interpreter.get_tensor_details()}
-    assert "float16" in dtypes
-
-    assert inspect.signature(export.export).parameters["tflite_modes"].default == \
-        modes.DEFAULT_MODES == ("float32", "float16", "int8")
+def test_the_mode_table_drives_the_cli_and_export(capsys):
+    """One table of names: the CLI's choices and default, the export config's default and
+    every name check read it (each entry converts: test_quantized_modes_builtin_ops_and_agreement);
+    a name without a converter branch is refused naming where to add one."""
+    with pytest.raises(ValueError, match="no branch for TFLite mode 'float16_unsplit'"):
+        tflite.convert_mode("float16_unsplit", graphs=None)
+    assert ExportConfig().tflite_modes == modes.DEFAULT_MODES == ("float32", "float16", "int8")
     with pytest.raises(SystemExit):
         cli.export_main(["--help"])
     help_text = "".join(capsys.readouterr().out.split())  # argparse wraps anywhere
@@ -165,26 +154,16 @@ def test_the_mode_table_drives_the_converter_the_cli_and_export(monkeypatch, cap
         "float32", "int8"]
 
 
-def test_moved_names_keep_their_old_import_path():
-    """`tflite.<name>` of every moved name is the object in its new module (one release)."""
-    import importlib
-
-    for name, module in tflite.MOVED.items():
-        assert getattr(tflite, name) is getattr(importlib.import_module(module), name), name
-    from convmixer_tf.deploy.tflite import EDGE_BUILD, LiteRTModel, export_all  # noqa: F401
-    assert LiteRTModel is litert.LiteRTModel and export_all is tflite_set.export_all
-    with pytest.raises(AttributeError, match="no attribute 'nothing'"):
-        tflite.nothing  # noqa: B018
-
-
+@pytest.mark.xdist_group("tflite_trained")
 def test_int8_io_applies_to_the_int8_builds_only(trained, digits16, tmp_path):
     """`int8_io="uint8"` with float builds in the set: the int8 builds take pixel bytes, the
     float ones keep float32 I/O (it used to refuse the whole set)."""
     (x_train, _), (x_test, y_test) = digits16
+    config = ExportConfig(tflite_modes=("float32", "int8"), int8_io="uint8",
+                          max_accuracy_drop=100.0)
     report = tflite_set.export_all(trained, str(tmp_path), "tiny", x_train[:32], x_test[:40],
-                                   (16, 16), eval_labels=y_test[:40], modes=("float32", "int8"),
-                                   int8_io="uint8", log=lambda line: None, latency_rounds=2,
-                                   max_accuracy_drop=1.0)
+                                   (16, 16), eval_labels=y_test[:40], config=config,
+                                   latency_rounds=2)
     assert not report["failed"] and set(report["skipped"]) == {"dynamic_int8"}
     for build, dtype in (("float32", np.float32), ("full_int8", np.uint8),
                          ("int8_float_gelu", np.uint8)):
@@ -193,19 +172,22 @@ def test_int8_io_applies_to_the_int8_builds_only(trained, digits16, tmp_path):
             assert runner.input["dtype"] == dtype, (build, suffix)
 
 
-def test_export_all_measures_candidates_and_names_the_edge_build(trained, digits16, tmp_path):
+@pytest.mark.xdist_group("tflite_trained")
+def test_export_all_measures_candidates_and_names_the_edge_build(trained, digits16, tmp_path,
+                                                                caplog):
     (x_train, _), (x_test, y_test) = digits16
-    lines = []
+    caplog.set_level(logging.INFO, logger="convmixer_tf")
     # A dim-16 model loses a few points in int8 (~8 of 120 images); this test is about the
     # choice among passing builds, so its gate allows 10 points (the strict gate is below).
+    every = ExportConfig(tflite_modes=modes.EXPORT_MODES, max_accuracy_drop=10.0)
     report = tflite_set.export_all(trained, str(tmp_path), "tiny", x_train[:64], x_test[:120],
-                               (16, 16), eval_labels=y_test[:120], log=lines.append,
-                               latency_rounds=5, max_accuracy_drop=0.10)
+                                   (16, 16), eval_labels=y_test[:120], config=every,
+                                   latency_rounds=5)
     builds = report["builds"]
-    assert set(builds) == {m + s for m in tflite.MODES for s in ("", "_dynamic")}
+    assert set(builds) == {m + s for m in modes.MODES for s in ("", "_dynamic")}
     edge = report["edge_build"]
-    assert edge in tflite.INT8_MODES and not report["refused"]
-    fastest = min((builds[m]["latency_ms"], m) for m in tflite.INT8_MODES)[1]
+    assert edge in modes.INT8_MODES and not report["refused"]
+    fastest = min((builds[m]["latency_ms"], m) for m in modes.INT8_MODES)[1]
     assert edge == fastest  # every candidate passed here, so the fastest wins
     for label, entry in builds.items():
         assert entry["min_runtime_version"] and entry["size_bytes"] > 0
@@ -219,26 +201,34 @@ def test_export_all_measures_candidates_and_names_the_edge_build(trained, digits
     assert report["keras_accuracy"] == pytest.approx(np.mean(
         logits.logits_model(trained).predict(x_test[:120], verbose=0).argmax(-1)
         == y_test[:120]))
+    lines = [r.getMessage() for r in caplog.records if r.name == "convmixer_tf.deploy.tflite_set"]
     assert any(f"tiny_int8.tflite = {edge}" in line for line in lines)
     assert any("runtime >= 2." in line for line in lines)
+    assert report["gate"] == "held-out accuracy within 10 point(s) of Keras"
 
     # A gate nothing passes: every build is refused and reported, nothing is written.
+    caplog.clear()
+    strict = ExportConfig(tflite_modes=("float32", "int8"), max_accuracy_drop=-100.0)
     refused = tflite_set.export_all(trained, str(tmp_path / "strict"), "tiny", x_train[:64],
-                                x_test[:60], (16, 16), eval_labels=y_test[:60],
-                                modes=("float32", "int8"), log=lines.append,
-                                max_accuracy_drop=-1.0, latency_rounds=2)
+                                    x_test[:60], (16, 16), eval_labels=y_test[:60],
+                                    config=strict, latency_rounds=2)
     assert refused["edge_build"] is None and "int8" in refused["refused"]
     assert set(refused["refused"]) >= {"full_int8", "int8_float_gelu", "dynamic_int8"}
     assert "points below" in refused["refused"]["full_int8"]
     assert not (tmp_path / "strict" / "tiny_int8.tflite").exists()
+    assert not list((tmp_path / "strict").glob("*.tflite"))
+    warned = {r.getMessage().split()[1] for r in caplog.records if r.levelno == logging.WARNING}
+    assert warned >= set(refused["refused"]), warned
     # No held-out images at all (synthetic eval images): measured and reported, not gated.
     ungated = tflite_set.export_all(trained, str(tmp_path / "ungated"), "tiny", x_train[:64],
-                                x_test[:30], (16, 16), modes=("int8",), log=lines.append,
-                                min_int8_agreement=1.01, latency_rounds=2, gated=False)
+                                    x_test[:30], (16, 16), latency_rounds=2, gated=False,
+                                    config=ExportConfig(tflite_modes=("int8",),
+                                                        min_int8_agreement=1.01))
     assert not ungated["refused"] and ungated["gate"].startswith("none")
     assert (tmp_path / "ungated" / "tiny_int8.tflite").is_file()
 
 
+@pytest.mark.xdist_group("tflite_trained")
 def test_export_cli_finishes_and_exits_3_when_a_build_is_refused(trained, digits16, tmp_path,
                                                                  capsys, monkeypatch):
     (x_train, _), (x_test, y_test) = digits16
@@ -285,7 +275,7 @@ def test_large_depthwise_kernels_are_split_for_xnnpack():
     np.testing.assert_allclose(split.predict(x, verbose=0), reference, atol=1e-5)
     for shape in ((1, 32, 32), (None, None, None)):
         flat = tflite.convert(model, "float32", input_shape=shape)
-        assert tflite.op_counts(flat)["DEPTHWISE_CONV_2D"] == 6  # 3 per block
+        assert litert.op_counts(flat)["DEPTHWISE_CONV_2D"] == 6  # 3 per block
         runner = litert.LiteRTModel(flat)
         np.testing.assert_allclose(runner.predict(x), reference, atol=1e-4)
     dynamic = litert.LiteRTModel(tflite.convert(model, "float32", input_shape=(None,) * 3))
@@ -293,15 +283,16 @@ def test_large_depthwise_kernels_are_split_for_xnnpack():
     np.testing.assert_allclose(dynamic.predict(other), logits.logits_model(model)(other),
                                atol=1e-4)  # any size: the row slices follow the input height
     unsplit = tflite.convert(model, "float32", input_shape=(1, 32, 32), split_depthwise=False)
-    assert tflite.op_counts(unsplit)["DEPTHWISE_CONV_2D"] == 2
+    assert litert.op_counts(unsplit)["DEPTHWISE_CONV_2D"] == 2
     hybrid = tflite.convert_builds(model, ["dynamic_int8", "float16"], input_shape=(1, 32, 32))
-    assert tflite.op_counts(hybrid["dynamic_int8"])["DEPTHWISE_CONV_2D"] == 2  # not split
-    assert tflite.op_counts(hybrid["float16"])["DEPTHWISE_CONV_2D"] == 6
+    assert litert.op_counts(hybrid["dynamic_int8"])["DEPTHWISE_CONV_2D"] == 2  # not split
+    assert litert.op_counts(hybrid["float16"])["DEPTHWISE_CONV_2D"] == 6
     assert list(hybrid) == ["dynamic_int8", "float16"]
     k5 = ConvMixer(dim=16, depth=1, kernel_size=5, patch_size=4, input_shape=(32, 32, 3))
     assert tflite.split_large_depthwise(k5) is k5
 
 
+@pytest.mark.xdist_group("tflite_trained")
 def test_predict_cli_on_tflite(trained, digits16, tmp_path, capsys):
     from PIL import Image
 
@@ -347,15 +338,15 @@ def test_digits_job_exports_the_edge_build_within_one_point(tmp_path, capsys):
     assert os.path.isfile(tmp_path / "convmixer_digits" / "1" / "saved_model.pb")
     tflite_dir = tmp_path / "convmixer_digits_tflite" / "1"
     assert (tflite_dir / "metadata.json").is_file()
-    for mode in tflite.MODES + (tflite.EDGE_BUILD,):
+    for mode in modes.MODES + (modes.EDGE_BUILD,):
         assert (tflite_dir / f"convmixer_digits_{mode}.tflite").is_file()
         assert (tflite_dir / f"convmixer_digits_{mode}_dynamic.tflite").is_file()
     report = json.loads((tflite_dir / "metadata.json").read_text())["tflite"]
     edge = report["edge_build"]
-    assert edge in tflite.INT8_MODES and not report["refused"]
+    assert edge in modes.INT8_MODES and not report["refused"]
     assert all(b["min_runtime_version"] for b in report["builds"].values())
     model = keras.saving.load_model(tmp_path / "convmixer_digits.keras", compile=False)
-    _, (x_test, y_test) = data.load_digits(32)
+    _, (x_test, y_test) = sources.load_digits(32)
     keras_accuracy = np.mean(model.predict(x_test, verbose=0).argmax(-1) == y_test)
     runner = litert.LiteRTModel(str(tflite_dir / "convmixer_digits_int8.tflite"))
     accuracy = np.mean(runner.predict(x_test).argmax(-1) == y_test)
@@ -407,11 +398,12 @@ def test_every_exported_file_runs_on_tflite_runtime_2_14(digits16, tmp_path):
     model.fit(x_train, y_train, batch_size=64, epochs=2, verbose=0)
     # This test is about the runtime, not the gate: every build is written (a 2-epoch model
     # may lose more than a point in int8; the gate has its own tests).
-    report = tflite_set.export_all(model, str(tmp_path), "m", x_train[:64], x_test[:100], (16, 16),
-                               eval_labels=y_test[:100], log=lambda line: None, latency_rounds=2,
-                               max_accuracy_drop=1.0)
+    every = ExportConfig(tflite_modes=modes.EXPORT_MODES, max_accuracy_drop=100.0)
+    report = tflite_set.export_all(model, str(tmp_path), "m", x_train[:64], x_test[:100],
+                                   (16, 16), eval_labels=y_test[:100], config=every,
+                                   latency_rounds=2)
     files = sorted(str(tmp_path / f) for f in os.listdir(tmp_path) if f.endswith(".tflite"))
-    assert len(files) == 2 * (len(tflite.MODES) + 1)
+    assert len(files) == 2 * (len(modes.MODES) + 1)
     for entry in report["builds"].values():
         assert _version(entry["min_runtime_version"]) <= (2, 14), entry
     images = x_test[:16]

@@ -9,14 +9,15 @@ import keras
 import numpy as np
 import pytest
 
-from convmixer_tf import artifacts, cli
-from convmixer_tf.training import data, schedules, train as train_lib
+from convmixer_tf import artifacts, cli, errors
+from convmixer_tf.training import schedules, train as train_lib
+from convmixer_tf.training.data import sources
 from convmixer_tf.training.config import TrainConfig
 from convmixer_tf.training.train import train
 
 
 def test_digits_ship_offline_as_uint8_rgb():
-    (x_train, y_train), (x_test, y_test) = data.load_digits(image_size=24)
+    (x_train, y_train), (x_test, y_test) = sources.load_digits(image_size=24)
     assert x_train.dtype == np.uint8 and x_train.shape[1:] == (24, 24, 3)
     assert len(x_train) + len(x_test) == 1797 and set(np.unique(y_test)) == set(range(10))
     assert x_train.max() > 200
@@ -46,7 +47,7 @@ def test_short_training_run_learns(tmp_path):
     stock = {"InputLayer", "Rescaling", "Conv2D", "Activation", "BatchNormalization",
              "DepthwiseConv2D", "Add", "GlobalAveragePooling2D", "Dense"}
     assert {layer["class_name"] for layer in saved["config"]["layers"]} <= stock
-    (_, _), (x_test, _) = data.load_digits(16)
+    (_, _), (x_test, _) = sources.load_digits(16)
     np.testing.assert_allclose(
         loaded.predict(x_test[:8], verbose=0), result["model"].predict(x_test[:8], verbose=0),
         rtol=1e-4, atol=1e-4,
@@ -123,7 +124,7 @@ def test_failed_final_save_keeps_backup_and_says_where_the_weights_are(tmp_path,
         return original(model, path)
 
     monkeypatch.setattr(train_lib, "save_trained_model", disk_full_at_the_end)
-    with pytest.raises(train_lib.FinalSaveError) as error:
+    with pytest.raises(errors.FinalSaveError) as error:
         train(config)
     run_dir = os.path.join(config.run_dir, config.name)
     last = os.path.join(run_dir, "checkpoints", "last.keras")

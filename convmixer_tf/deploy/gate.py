@@ -1,12 +1,14 @@
 """Whether a TFLite build may ship, and which int8 build is the edge build: accuracy against
 the Keras model on held-out images (`accuracy_report`, `gate`), batch-1 latency on this machine
 (`interleaved_latency_ms`, the one interleaved timer `convmixer_tf.timing`) and the choice
-(`choose_edge_build`: the fastest int8 build the gate passed).
+(`choose_edge_build`: the fastest int8 build the gate passed). The thresholds are the export's
+(`deploy.config.ExportConfig`: `max_accuracy_drop` in points, `min_int8_agreement` a fraction).
 """
 
 import numpy as np
 
 from convmixer_tf import timing
+from convmixer_tf.deploy.config import ExportConfig
 from convmixer_tf.deploy.litert import LiteRTModel, fit_size, predict_batched
 from convmixer_tf.deploy.modes import INT8_MODES
 
@@ -25,22 +27,35 @@ def accuracy_report(flat, reference_logits, images, labels=None, batch_size=64):
     return report
 
 
-def gate(report, keras_accuracy=None, max_accuracy_drop=0.01, min_agreement=0.98):
-    """None if a build may ship, else why not. With labels: held-out top-1 accuracy at most
-    `max_accuracy_drop` (1 point) below the Keras model's on the same images (agreement and
-    logit error are reported, not gated: a low-margin model flips many near-ties without
-    losing accuracy). Without labels the only evidence is top-1 agreement >= `min_agreement`."""
+def gate(report, keras_accuracy=None, config=None):
+    """None if a build may ship, else why not, with the thresholds of `config` (an
+    `ExportConfig`; default its defaults). With labels: held-out top-1 accuracy at most
+    `config.max_accuracy_drop` points (default 1) below the Keras model's on the same images
+    (agreement and logit error are reported, not gated: a low-margin model flips many
+    near-ties without losing accuracy). Without labels the only evidence is top-1 agreement
+    >= `config.min_int8_agreement` (a fraction, default 0.98)."""
+    config = config or ExportConfig()
     if report.get("accuracy") is not None and keras_accuracy is not None:
-        drop = keras_accuracy - report["accuracy"]
-        if drop > max_accuracy_drop + 1e-9:
-            return (f"held-out accuracy {report['accuracy']:.2%} is {100 * drop:.2f} points "
+        drop = 100 * (keras_accuracy - report["accuracy"])  # points
+        if drop > config.max_accuracy_drop + 1e-7:
+            return (f"held-out accuracy {report['accuracy']:.2%} is {drop:.2f} points "
                     f"below the Keras model's {keras_accuracy:.2%} (allowed: "
-                    f"{100 * max_accuracy_drop:g})")
+                    f"{config.max_accuracy_drop:g})")
         return None
-    if report["agreement"] < min_agreement:
+    if report["agreement"] < config.min_int8_agreement:
         return (f"top-1 agreement with Keras {report['agreement']:.2%} is below "
-                f"{min_agreement:.0%} (no labelled held-out images to measure accuracy)")
+                f"{config.min_int8_agreement:.0%} (no labelled held-out images to measure "
+                "accuracy)")
     return None
+
+
+def describe(config, labelled, gated=True):
+    """The gate `gate` applies, in words (the report's "gate" entry)."""
+    if not gated:
+        return "none: no held-out images (numbers on synthetic images)"
+    if labelled:
+        return f"held-out accuracy within {config.max_accuracy_drop:g} point(s) of Keras"
+    return f"top-1 agreement >= {config.min_int8_agreement:.0%} (no labels)"
 
 
 def interleaved_latency_ms(flats, image, rounds=20, num_threads=None):

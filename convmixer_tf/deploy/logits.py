@@ -8,15 +8,12 @@ import keras
 
 from convmixer_tf import fast_layers
 from convmixer_tf.deploy.modes import SERVING_PRECISIONS  # noqa: F401 (named here too)
+from convmixer_tf.errors import ExportError
 
 # Default max abs logit error of a SavedModel against the Keras model, by the dtype it computes
 # in, relative to the largest logit (at least 1): a float32 export reproduces the model, a
 # reduced-precision one rounds differently where TF's graph fuses ops differently.
 TOLERANCES = {"float32": 1e-4, "float16": 1e-2, "bfloat16": 5e-2}
-
-
-class ExportError(RuntimeError):
-    """An export failed or did not validate; what was published before is untouched."""
 
 
 def output_activation(model):

@@ -1,9 +1,11 @@
 """The export's named choices, without importing TensorFlow, so a command lists them in
-`--help` and checks its flags before TensorFlow loads: the TFLite modes as one table
-(`deploy.tflite` converts from it, `deploy.tflite_set` expands and gates it), the serving
-precisions (`deploy.logits`) and the SavedModel's pixel budgets (`deploy.saved_model`).
+`--help` and checks its flags before TensorFlow loads: the TFLite modes as one table of data
+(names, descriptions, flags; what each does to the converter is its branch in
+`deploy.tflite.convert_mode`), the serving precisions (`deploy.logits`) and the SavedModel's
+pixel budgets (`deploy.saved_model`).
 
-A new TFLite mode is one `TFLITE_MODES` entry (+ its test in tests/test_tflite.py).
+A new TFLite mode is one `TFLITE_MODES` entry, its branch in `tflite.convert_mode` and its
+test in tests/test_tflite.py.
 """
 
 from dataclasses import dataclass
@@ -11,43 +13,30 @@ from dataclasses import dataclass
 
 @dataclass(frozen=True)
 class Mode:
-    """How the converter makes one TFLite build, and where the build fits. Builtin ops only,
-    never Flex/Select TF ops."""
+    """Where one TFLite build fits: what the export checks, skips and chooses among before and
+    after converting it (`deploy.tflite.convert_mode` says how it is converted)."""
 
     about: str  # one line for the docs and `--help`
-    quantize: bool = False  # converter.optimizations = [Optimize.DEFAULT]
-    weight_type: str = ""  # target_spec.supported_types, e.g. "float16" weights
-    calibrated: bool = False  # full integer: ranges recorded on representative training images
+    calibrated: bool = False  # needs representative training images (full integer)
     io_types: tuple = ("float32",)  # input/output types it can take (the export's --int8-io)
-    float_ops: tuple = ()  # TFLite ops kept in float32 (the converter's denylist) ...
-    base: str = ""  # ... else the same file as this mode: skipped for a model without them
-    per_tensor_dense: bool = False  # dynamic-range dense layers quantized per tensor
-    split_depthwise: bool = True  # large depthwise kernels as row groups XNNPACK runs fast
+    requires: str = ""  # a layer activation the build differs by (lower case) ...
+    base: str = ""  # ... else it is the same file as this mode: skipped for such a model
     edge_candidate: bool = False  # an int8 build the export's edge build is chosen among
-    runtime: str = ""  # what keeps the file loadable on old runtimes (min_runtime_version)
 
 
 INT8_IO = ("float32", "int8", "uint8")  # uint8 input is exactly the raw pixel bytes
 
 TFLITE_MODES = {
     "float32": Mode("plain float model"),
-    "float16": Mode("float16 weights, float compute (half the size)", quantize=True,
-                    weight_type="float16"),
-    "dynamic_int8": Mode(
-        "int8 weights, activations quantized on the fly (dynamic range)", quantize=True,
-        per_tensor_dense=True, edge_candidate=True,
-        # XNNPACK never takes its hybrid depthwise convolutions, and on TFLite's builtin
-        # kernel one 7x7 layer is faster than three row groups (BENCHMARKS.md).
-        split_depthwise=False,
-        # Per-channel hybrid FULLY_CONNECTED is op version 12 (min runtime 2.17: tflite-runtime
-        # 2.14 refuses the file); a per-tensor dense layer keeps version <= 9 (runtime 2.9).
-        runtime="per-tensor dense layers: FULLY_CONNECTED <= v9 (runtime 2.9+)"),
-    "full_int8": Mode(
-        "int8 weights and activations, calibrated on training images",
-        quantize=True, calibrated=True, io_types=INT8_IO, edge_candidate=True),
+    "float16": Mode("float16 weights, float compute (half the size)"),
+    "dynamic_int8": Mode("int8 weights, activations quantized on the fly (dynamic range)",
+                         edge_candidate=True),
+    "full_int8": Mode("int8 weights and activations, calibrated on training images",
+                      calibrated=True, io_types=INT8_IO, edge_candidate=True),
     "int8_float_gelu": Mode(
-        "full_int8 with the GELUs in float32 (XNNPACK has no int8 GELU: one partition)", quantize=True, calibrated=True, io_types=INT8_IO,
-        float_ops=("GELU",), base="full_int8", edge_candidate=True),
+        "full_int8 with the GELUs in float32 (XNNPACK has no int8 GELU: one partition)",
+        calibrated=True, io_types=INT8_IO, requires="gelu", base="full_int8",
+        edge_candidate=True),
 }
 MODES = tuple(TFLITE_MODES)
 INT8_MODES = tuple(m for m, mode in TFLITE_MODES.items() if mode.edge_candidate)

@@ -36,8 +36,9 @@ import tensorflow as tf
 from convmixer_tf import artifacts, preprocessing
 from convmixer_tf.deploy import tf_serving
 from convmixer_tf.deploy.modes import MAX_IMAGE_PIXELS, REQUEST_IMAGES
-from convmixer_tf.deploy.logits import (ExportError, default_tolerance, logits_model,
-                                        min_image_size, output_activation)
+from convmixer_tf.deploy.logits import (default_tolerance, logits_model, min_image_size,
+                                        output_activation)
+from convmixer_tf.errors import ExportError
 
 SIGNATURE_FLOAT = "serving_default"
 SIGNATURE_UINT8 = "serving_uint8"

@@ -1,22 +1,19 @@
-"""TFLite conversion for edge CPUs: each mode of `modes.TFLITE_MODES` (the one table of them)
-from a Keras classifier to a `.tflite` flatbuffer returning logits, builtin ops only.
+"""TFLite conversion for edge CPUs: a Keras classifier to a `.tflite` flatbuffer returning
+logits, in each mode of `modes.TFLITE_MODES`, builtin ops only (never Flex/Select TF ops).
 
     from convmixer_tf.deploy import tflite
     flat = tflite.convert(model, "int8_float_gelu", representative_images=x_train[:200])
     tflite.save(flat, "out/digits_int8_float_gelu.tflite")
 
-Modes (`TFLITE_MODES`, all builtin ops only, never Flex/Select TF ops):
+Modes (what each does to the converter: its branch in `convert_mode`):
 {modes}
 Full-integer modes take `io_type` float32 (default: drop-in), int8 or uint8 (uint8 input is
 exactly the raw pixel bytes: scale 1, zero point 0). Running and reading the files:
 `deploy.litert`; the accuracy gate and the edge-build choice: `deploy.gate`; the export's whole
 TFLite set (every build converted, gated, timed, written): `deploy.tflite_set.export_all`.
-
-The names below `# Moved` are this module's old contents, re-exported for one release
-(docs/architecture.md lists where each one lives now).
 """
 
-import importlib
+import os
 import re
 import tempfile
 import traceback
@@ -29,7 +26,7 @@ import tensorflow as tf
 from convmixer_tf import artifacts, compat
 from convmixer_tf.deploy.litert import fit_size, op_counts
 from convmixer_tf.deploy.logits import logits_model
-from convmixer_tf.deploy.modes import INT8_IO, MODES, TFLITE_MODES, check_modes  # noqa: F401
+from convmixer_tf.deploy.modes import INT8_IO, TFLITE_MODES, check_modes
 
 if __doc__:  # the modes listed from the table (python -OO drops docstrings)
     __doc__ = __doc__.format(modes="\n".join(f"    {name:<16} {mode.about}"
@@ -44,8 +41,9 @@ def convert(model, mode="float32", representative_images=None, input_shape=(1, N
     `input_shape` is `(batch, height, width)` of the TFLite input; `None` entries stay
     dynamic. `representative_images` (uint8/float pixels) are required for the calibrated
     modes (`full_int8`, `int8_float_gelu`). `split_depthwise`: depthwise kernels larger than
-    5x5 are converted as row groups XNNPACK runs fast (`RowSplitDepthwiseConv2D`; in the modes
-    whose `Mode.split_depthwise` is set: all but `dynamic_int8`).
+    5x5 are converted as row groups XNNPACK runs fast (`RowSplitDepthwiseConv2D`, in the modes
+    whose branch of `convert_mode` asks for them: all but `dynamic_int8`); False keeps them
+    whole in every mode.
     """
     return convert_builds(model, [mode], representative_images, input_shape, io_type,
                           split_depthwise)[mode]
@@ -56,7 +54,7 @@ def convert_builds(model, modes, representative_images=None, input_shape=(1, Non
     """{mode: flatbuffer} for several modes (arguments as `convert`); the calibrated modes
     share one calibration run. With a `failures` dict, a mode the converter cannot convert is
     left out and recorded there as `{mode: one-line reason}` (its traceback and the converter's
-    diagnostics go to stderr) instead of raising."""
+    diagnostics go to stderr: the export's log file) instead of raising."""
     modes = check_modes(modes, "mode", edge_build=False)
     takes = [m for m, settings in TFLITE_MODES.items() if len(settings.io_types) > 1]
     if io_type not in IO_TYPES or any(io_type not in TFLITE_MODES[m].io_types for m in modes):
@@ -67,46 +65,95 @@ def convert_builds(model, modes, representative_images=None, input_shape=(1, Non
     calibrated_modes = [m for m in modes if TFLITE_MODES[m].calibrated]
     if calibrated_modes and (representative_images is None or len(representative_images) == 0):
         raise ValueError(f"modes {calibrated_modes} need `representative_images` (training images)")
-    plain = logits_model(model, fixed_shape=input_shape)
-    split = split_large_depthwise(plain) if split_depthwise else plain
     flats = {}
-    groups = [(split, [m for m in modes if split is plain or TFLITE_MODES[m].split_depthwise]),
-              (plain, [m for m in modes if split is not plain
-                       and not TFLITE_MODES[m].split_depthwise])]
-    for logits, group in groups:
-        if not group:
-            continue
-        with tempfile.TemporaryDirectory(prefix="convmixer-tflite-") as tmp:
-            _write_signature(logits, tmp)
-            calibrated = []  # the calibration run, or the error it raised
+    with tempfile.TemporaryDirectory(prefix="convmixer-tflite-") as tmp:
+        graphs = Graphs(model, input_shape, representative_images, split_depthwise, tmp)
+        for mode in modes:
+            try:
+                flat = convert_mode(mode, graphs, IO_TYPES[io_type])
+                custom = [name for name in op_counts(flat) if not name.isupper()]
+                if custom:
+                    raise RuntimeError(f"conversion to {mode} produced non-builtin ops {custom}")
+                flats[mode] = flat
+            except CONVERSION_ERRORS as error:
+                if failures is None:
+                    raise
+                traceback.print_exc()  # beside the converter's C++ diagnostics on fd 2
+                failures[mode] = "conversion failed (" + conversion_failure(error) + ")"
+    return flats
 
-            def build(mode):
-                if mode not in calibrated_modes:
-                    return convert_uncalibrated(tmp, mode)
-                if not calibrated:
-                    try:
-                        calibrated.append(_calibrate(tmp, representative_images,
-                                                     logits.input_shape))
-                    except CONVERSION_ERRORS as error:
-                        calibrated.append(error)
-                if isinstance(calibrated[0], Exception):
-                    raise calibrated[0]
-                return _quantize_calibrated(calibrated[0], mode, IO_TYPES[io_type])
 
-            for mode in group:
-                try:
-                    flat = build(mode)
-                    custom = [name for name in op_counts(flat) if not name.isupper()]
-                    if custom:
-                        raise RuntimeError(f"conversion to {mode} produced non-builtin ops "
-                                           f"{custom}")
-                    flats[mode] = flat
-                except CONVERSION_ERRORS as error:
-                    if failures is None:
-                        raise
-                    traceback.print_exc()
-                    failures[mode] = "conversion failed (" + conversion_failure(error) + ")"
-    return {mode: flats[mode] for mode in modes if mode in flats}
+def convert_mode(mode, graphs, io_type=tf.float32):
+    """One mode's flatbuffer from `graphs` (a `Graphs`): the whole of what each mode does to
+    the converter, one branch per `TFLITE_MODES` name. `io_type`: the input/output tf.DType of
+    the full-integer modes (float32, int8, or uint8: the raw pixel bytes); `convert_builds`
+    checks it against the mode's `io_types`."""
+    if mode == "float32":  # the plain float model
+        return _converter(graphs.saved_model(split=True)).convert()
+    if mode == "float16":  # float16 weights (half the size), dequantized to float32 compute
+        converter = _converter(graphs.saved_model(split=True), optimize=True)
+        converter.target_spec.supported_types = [tf.float16]
+        return converter.convert()
+    if mode == "dynamic_int8":  # int8 weights, activations quantized on the fly
+        # Depthwise kernels whole: XNNPACK never takes hybrid depthwise convolutions, and on
+        # TFLite's builtin kernel one 7x7 layer is faster than three row groups (BENCHMARKS.md).
+        converter = _converter(graphs.saved_model(split=False), optimize=True)
+        # Per-channel hybrid FULLY_CONNECTED is op version 12 (min runtime 2.17: tflite-runtime
+        # 2.14 refuses the file); a per-tensor dense layer keeps version <= 9 (runtime 2.9+).
+        compat.per_tensor_dense_quantization(converter)
+        return converter.convert()
+    if mode == "full_int8":
+        # int8 weights (per channel) and activations, ranges calibrated on training images.
+        # I/O `io_type`: float32 (a drop-in), int8, or uint8 (input scale 1, zero point 0: the
+        # raw pixel bytes, as the pixels' calibrated range is 0-255).
+        return compat.mlir_quantize(graphs.calibrated(), io_type)
+    if mode == "int8_float_gelu":
+        # full_int8 from the same calibration, every GELU kept in float32 between
+        # DEQUANTIZE/QUANTIZE (the quantizer's denylist, as QuantizationDebugger applies it):
+        # XNNPACK has no int8 GELU, so the int8 graph would leave its partition at each one.
+        # Its `TFLITE_MODES` entry skips it for a model without GELU (the file of full_int8).
+        return compat.mlir_quantize(graphs.calibrated(), io_type, denylisted_ops=["GELU"])
+    raise ValueError(f"`tflite.convert_mode` has no branch for TFLite mode {mode!r}: add one "
+                     f"beside its TFLITE_MODES entry")
+
+
+class Graphs:
+    """What the modes convert from, each made once on first use and shared: the logits
+    SavedModel (`saved_model`, with or without the large depthwise kernels split) and the
+    calibrated float model (`calibrated`; a calibration error is raised again to every mode
+    that asks)."""
+
+    def __init__(self, model, input_shape, representative_images, split_depthwise, folder):
+        self.plain = logits_model(model, fixed_shape=input_shape)
+        self.split = split_large_depthwise(self.plain) if split_depthwise else self.plain
+        self.images, self.folder = representative_images, folder
+        self._dirs, self._calibrated = {}, []
+
+    def saved_model(self, split):
+        logits = self.split if split else self.plain
+        if id(logits) not in self._dirs:
+            path = os.path.join(self.folder, f"saved_model_{len(self._dirs)}")
+            _write_signature(logits, path)
+            self._dirs[id(logits)] = path
+        return self._dirs[id(logits)]
+
+    def calibrated(self):
+        """The float model with activation ranges recorded on the representative images (the
+        converter's own calibration step), from the split graph."""
+        if not self._calibrated:
+            try:
+                converter = compat.calibrate_only(
+                    _converter(self.saved_model(split=True), optimize=True))
+                converter.representative_dataset = _representative(self.images,
+                                                                   self.split.input_shape)
+                with warnings.catch_warnings():  # the calibrator's tf.lite.Interpreter warning
+                    warnings.filterwarnings("ignore", message=".*tf.lite.Interpreter is deprec")
+                    self._calibrated.append(converter.convert())
+            except CONVERSION_ERRORS as error:
+                self._calibrated.append(error)
+        if isinstance(self._calibrated[0], Exception):
+            raise self._calibrated[0]
+        return self._calibrated[0]
 
 
 # What the converter raises for a graph it cannot convert (ConverterError: an op TFLite lacks,
@@ -208,42 +255,13 @@ def _write_signature(logits, path):
     archive.write_out(path, verbose=False)
 
 
-def _converter(saved_model_dir, quantize=False):
+def _converter(saved_model_dir, optimize=False):
+    """The converter every mode starts from: builtin ops only, optionally quantizing."""
     converter = tf.lite.TFLiteConverter.from_saved_model(saved_model_dir)
     converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS]
-    if quantize:
+    if optimize:
         converter.optimizations = [tf.lite.Optimize.DEFAULT]
     return converter
-
-
-def convert_uncalibrated(saved_model_dir, mode):
-    """A mode without calibration, converted from `saved_model_dir` (`_write_signature`) with
-    its `TFLITE_MODES` settings."""
-    settings = TFLITE_MODES[mode]
-    converter = _converter(saved_model_dir, settings.quantize)
-    if settings.weight_type:
-        converter.target_spec.supported_types = [tf.as_dtype(settings.weight_type)]
-    if settings.per_tensor_dense:
-        compat.per_tensor_dense_quantization(converter)  # see the mode's `runtime` note
-    return converter.convert()
-
-
-def _calibrate(saved_model_dir, images, input_shape):
-    """The float model with activation ranges recorded on `images` (the converter's own
-    calibration step, run once for every calibrated mode)."""
-    converter = compat.calibrate_only(_converter(saved_model_dir, quantize=True))
-    converter.representative_dataset = _representative(images, input_shape)
-    with warnings.catch_warnings():  # the calibrator's own tf.lite.Interpreter warning
-        warnings.filterwarnings("ignore", message=".*tf.lite.Interpreter is deprecated")
-        return converter.convert()
-
-
-def _quantize_calibrated(calibrated, mode, io_dtype):
-    """Full-integer quantization of a calibrated model, as `TFLiteConverter.convert` does it
-    (per-channel weights); the mode's `float_ops` stay in float32 between DEQUANTIZE/QUANTIZE
-    (the converter's denylist, as `tf.lite.experimental.QuantizationDebugger` applies it)."""
-    return compat.mlir_quantize(calibrated, io_dtype,
-                                denylisted_ops=list(TFLITE_MODES[mode].float_ops) or None)
 
 
 def _representative(images, input_shape):
@@ -261,23 +279,3 @@ def save(flat, path):
     """Writes a flatbuffer atomically, so a failed run never leaves half a model."""
     return artifacts.write_bytes(path, flat)
 
-
-# Moved out of this module: old name -> its module now. `tflite.<name>` and `from
-# convmixer_tf.deploy.tflite import <name>` keep working for one release (docs/architecture.md);
-# resolved on first use, so this module imports none of them (no import cycle).
-MOVED = {
-    **dict.fromkeys(("LiteRTModel", "delegation_table", "min_runtime_version",
-                     "predict_batched"), "convmixer_tf.deploy.litert"),
-    **dict.fromkeys(("accuracy_report", "gate", "interleaved_latency_ms",
-                     "choose_edge_build"), "convmixer_tf.deploy.gate"),
-    **dict.fromkeys(("expand_modes", "export_all"), "convmixer_tf.deploy.tflite_set"),
-    **dict.fromkeys(("EDGE_BUILD", "INT8_MODES"),
-                    "convmixer_tf.deploy.modes"),
-}
-FLOAT_OPS = TFLITE_MODES["int8_float_gelu"].float_ops  # ops int8_float_gelu keeps in float32
-
-
-def __getattr__(name):
-    if name in MOVED:
-        return getattr(importlib.import_module(MOVED[name]), name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -1,11 +1,5 @@
-"""Fault-tolerant run directory for `model.fit`: resumable backups, checkpoints, logs.
-
-    runs/<name>/run_config.json  the config the run started with: `claim_run_dir` refuses
-                                 another architecture or data set under the same name
-    runs/<name>/backup/          BackupAndRestore state (weights + optimizer + epoch), atomic
-    runs/<name>/checkpoints/     last.keras, best.keras (+ best.json): plain functional models
-    runs/<name>/logs/            TensorBoard
-    runs/<name>/history.csv      one row per finished epoch, kept consistent across restarts
+"""The run folder's callbacks for `model.fit` (its layout and rules: `run_folder`): resumable
+backups, checkpoints, history, TensorBoard logs.
 
 Killing a run at any moment and rerunning the same command resumes after the last finished
 epoch: every file is written to a temporary name and renamed (`os.replace` is atomic), and the
@@ -16,18 +10,17 @@ import csv
 import glob
 import hashlib
 import json
+import logging
 import math
 import os
-import shutil
-import tempfile
 
 import keras
 
 from convmixer_tf import compat
 from convmixer_tf.artifacts import atomic_write, write_json
-from convmixer_tf.training import distribute
+from convmixer_tf.training import distribute, run_folder
 
-_METADATA = "training_metadata.json"
+logger = logging.getLogger(__name__)
 
 
 def _finite(logs):
@@ -56,7 +49,7 @@ class AtomicBackupAndRestore(compat.BackupAndRestoreBase):
 
     def __init__(self, backup_dir, save_freq="epoch", delete_checkpoint=True):
         super().__init__(backup_dir, save_freq=save_freq, delete_checkpoint=delete_checkpoint)
-        self.metadata_path = os.path.join(backup_dir, _METADATA)
+        self.metadata_path = os.path.join(backup_dir, run_folder.BACKUP_METADATA)
         self._finished = False
 
     def read_metadata(self):
@@ -163,7 +156,7 @@ class AtomicModelCheckpoint(compat.ModelCheckpointBase):
                 {"monitor": self.monitor, "best": float(self.best), "epoch": epoch + 1},
             )
         if self.verbose > 0:
-            print(f"\nEpoch {epoch + 1}: saved {filepath}")
+            logger.info(f"Epoch {epoch + 1}: saved {filepath}")
 
 
 class ResumableCSVLogger(keras.callbacks.CSVLogger):
@@ -195,108 +188,23 @@ class ResumableCSVLogger(keras.callbacks.CSVLogger):
             self.append_header = False
 
 
-# ---------------------------------------------------------------------------- before the run
-
-RUN_CONFIG = "run_config.json"  # <run_dir>/<name>/run_config.json: the config a run started with
-
-
-def check_writable(path, flag):
-    """Creates folder `path` if needed and proves it writable by writing a temporary file in it;
-    a ValueError naming `flag` and the fix otherwise. Run before the first step, so a bad output
-    location fails in a second, not after training. (`os.access` alone would miss read-only
-    mounts; root passes permission bits, so only a path under a file or a read-only mount
-    fails for root.)"""
-    path = os.fspath(path)
-    fix = f"pass {flag} a folder you can write to"
-    if os.path.exists(path) and not os.path.isdir(path):
-        raise ValueError(f"{flag} {path!r} is a file, not a folder: {fix}.")
-    parent = path
-    while parent and not os.path.exists(parent):
-        parent = os.path.dirname(parent)
-    if parent and not os.path.isdir(parent):
-        raise ValueError(f"{flag} {path!r} cannot be created: {parent!r} is a file: {fix}.")
-    try:
-        os.makedirs(path, exist_ok=True)
-        fd, probe = tempfile.mkstemp(dir=path, prefix=".write-test-")
-        os.close(fd)
-        os.remove(probe)
-    except OSError as error:
-        raise ValueError(f"{flag} {path!r} is not writable ({error.strerror or error}): "
-                         f"{fix}.") from None
-    return path
-
-
-def claim_run_dir(run_dir, identity, config, overwrite=False):
-    """Makes `run_dir` (`<run_dir>/<name>/`) this run's: records `{"identity", "config"}` in
-    `run_config.json` when it starts, and refuses a folder holding another run (other
-    architecture or data set: the differing fields are named), or a run without a record,
-    unless `overwrite`, which deletes the folder and starts afresh. So the backup, the
-    checkpoints and the history always belong to one run; a rerun with the same identity
-    resumes."""
-    if os.path.exists(run_dir) and not os.path.isdir(run_dir):
-        raise ValueError(f"--run-dir holds a file {run_dir!r} where the run's folder belongs: "
-                         "remove it or pass another --run-dir.")
-    record_path = os.path.join(run_dir, RUN_CONFIG)
-    if overwrite and os.path.isdir(run_dir):
-        shutil.rmtree(run_dir)
-    elif os.path.isdir(run_dir) and os.listdir(run_dir):
-        recorded = None
-        if os.path.exists(record_path):
-            with open(record_path) as f:
-                recorded = json.load(f).get("identity")
-        if recorded != identity:
-            what = ("has no run_config.json (a run by an older version, or other files)"
-                    if recorded is None else
-                    "holds another run: " + describe_differences(recorded, identity))
-            raise ValueError(f"{run_dir} {what}. Pass --overwrite to delete it and start "
-                             "afresh, or choose another --name.")
-    os.makedirs(run_dir, exist_ok=True)
-    if not os.path.exists(record_path):
-        write_json(record_path, {"identity": identity, "config": config})
-    return run_dir
-
-
-def describe_differences(old, new):
-    """`"dim 32 -> 8, dataset 'digits' -> 'cifar10'"`: the fields of two identities that differ."""
-    keys = sorted(set(old) | set(new))
-    return ", ".join(f"{k} {old.get(k)!r} -> {new.get(k)!r}" for k in keys
-                     if old.get(k) != new.get(k))
-
-
-# ---------------------------------------------------------------------------- callbacks
-
-
-def worker_run_dir(run_dir, is_chief=True, task_id=0):
-    """Where a task writes: `run_dir` for the chief, `<run_dir>/workers/<task_id>` otherwise."""
-    return run_dir if is_chief else os.path.join(run_dir, "workers", str(task_id))
-
-
-def delete_backup(run_dir):
-    """Removes `<run_dir>/backup/` (once the trained model is safely saved)."""
-    shutil.rmtree(os.path.join(run_dir, "backup"), ignore_errors=True)
-
-
-def make_callbacks(run_dir, save_model, monitor="val_accuracy", tensorboard=True, is_chief=True,
-                   task_id=0, delete_backup_at_end=True):
-    """The run directory's callbacks, in the order their `on_epoch_end` must run: the backup
-    last, so a kill before it only makes the restart redo (and re-log) that epoch.
-    `delete_backup_at_end=False` keeps the backup after the last epoch (the training job
-    deletes it only once its final save succeeded: `delete_backup`).
-
-    Non-chief workers of a multi-worker run write under `<run_dir>/workers/<task_id>/` so
-    workers never write the same file (their state is identical to the chief's).
-    """
-    run_dir = worker_run_dir(run_dir, is_chief, task_id)
-    os.makedirs(run_dir, exist_ok=True)
-    backup = AtomicBackupAndRestore(os.path.join(run_dir, "backup"),
+def make_callbacks(folder, save_model, monitor="val_accuracy", tensorboard=True,
+                   delete_backup_at_end=True):
+    """The callbacks writing this task's run folder `folder` (`run_folder.task_folder`), in
+    the order their `on_epoch_end` must run: the backup last, so a kill before it only makes
+    the restart redo (and re-log) that epoch. `delete_backup_at_end=False` keeps the backup
+    after the last epoch (the training job deletes it only once its final save succeeded:
+    `run_folder.delete_backup`)."""
+    os.makedirs(folder, exist_ok=True)
+    backup = AtomicBackupAndRestore(os.path.join(folder, run_folder.BACKUP),
                                     delete_checkpoint=delete_backup_at_end)
-    checkpoints = os.path.join(run_dir, "checkpoints")
+    checkpoints = os.path.join(folder, run_folder.CHECKPOINTS)
     callbacks = [
         keras.callbacks.TerminateOnNaN(),
-        ResumableCSVLogger(os.path.join(run_dir, "history.csv"), backup=backup),
+        ResumableCSVLogger(os.path.join(folder, run_folder.HISTORY), backup=backup),
     ]
     if tensorboard:
-        callbacks.append(keras.callbacks.TensorBoard(os.path.join(run_dir, "logs")))
+        callbacks.append(keras.callbacks.TensorBoard(os.path.join(folder, run_folder.LOGS)))
     callbacks += [
         AtomicModelCheckpoint(os.path.join(checkpoints, "last.keras"), save_model),
         AtomicModelCheckpoint(

@@ -1,8 +1,10 @@
 """The training job's configuration as data: every knob, its default and why, its checks.
 
 Pure Python (no TensorFlow import), so `convmixer-train --help` answers at once.
-`TrainConfig.create(preset=..., **values)` is the one place a `presets.TRAIN_PRESETS` recipe is
-resolved; `__post_init__` is the one validation.
+`TrainConfig.create(preset=..., **values)` resolves a `presets.TRAIN_PRESETS` recipe for Python
+callers (the CLI makes a recipe its flags' defaults); each `__post_init__` is its config's one
+validation. The tf.data service's two servers have their own small configs (`DispatcherConfig`,
+`WorkerConfig`).
 """
 
 import dataclasses
@@ -121,9 +123,10 @@ class AugmentConfig:
 
 
 @dataclasses.dataclass(frozen=True)
-class TrainConfig(AugmentConfig):
-    """Every knob of a run (the augmentation knobs are `augment.AugmentConfig`'s); each default
-    says why it is what it is. `TrainConfig.create(preset=..., **values)` fills in a recipe."""
+class TrainConfig:
+    """Every knob of a run; each default says why it is what it is. The augmentation knobs are
+    one `AugmentConfig` (`augment`; on the command line its flags stay flat: `--hflip 0.5`).
+    `TrainConfig.create(preset=..., **values)` fills in a recipe."""
 
     dataset: str = knob("digits",
         "digits: offline (ships with scikit-learn), learns in a minute; or a prepared tfds name "
@@ -172,6 +175,7 @@ class TrainConfig(AugmentConfig):
         "the run: <output_dir>/<name>.keras, <run_dir>/<name>/; empty = convmixer_<data set> "
         "(convmixer_digits, convmixer_fashion_mnist, convmixer_<folder name>, ...)")
     verbose: str = knob("auto", "Keras progress bar")
+    augment: AugmentConfig = knob(AugmentConfig(), "augmentation")
     # Distribution and fault tolerance (docs/distributed.md). batch_size is the GLOBAL batch.
     strategy: str = knob("default", "or mirrored (all local GPUs) / multi_worker (TF_CONFIG)")
     xla: str = knob("auto", "on / off; auto = on when a GPU is visible (slow on CPU)")
@@ -192,7 +196,8 @@ class TrainConfig(AugmentConfig):
     )
 
     def __post_init__(self):
-        super().__post_init__()  # the augmentation knobs
+        if not isinstance(self.augment, AugmentConfig):
+            raise ValueError(f"augment is an AugmentConfig. Received augment={self.augment!r}")
         for name, choices in self.CHOICES.items():
             if getattr(self, name) not in choices:
                 raise ValueError(f"{name} must be one of {choices}. "
@@ -234,14 +239,55 @@ class TrainConfig(AugmentConfig):
     @classmethod
     def create(cls, preset="", **values):
         """The config of recipe `preset` (a `presets.TRAIN_PRESETS` name; "" = none) with
-        `values` winning over it: the one place presets are resolved."""
+        `values` winning over it. `augment` may be a dict of knobs, which win over the
+        recipe's one by one (`create(preset="cifar10", augment=dict(hflip=0.0))`), or a whole
+        `AugmentConfig`, which replaces the recipe's."""
         if preset and preset not in presets.TRAIN_PRESETS:
             raise ValueError(f"Unknown preset; choose one of {sorted(presets.TRAIN_PRESETS)}. "
                              f"Received preset={preset!r}")
-        return cls(**{**presets.TRAIN_PRESETS.get(preset, {}), **values})
+        recipe = presets.TRAIN_PRESETS.get(preset, {})
+        augment = values.pop("augment", {})
+        if not isinstance(augment, AugmentConfig):
+            augment = AugmentConfig(**{**recipe.get("augment", {}), **augment})
+        return cls(**{**recipe, **values, "augment": augment})
 
-    @property
-    def augment(self):
-        """The augmentation part alone (what the input pipeline needs)."""
-        return AugmentConfig(**{f.name: getattr(self, f.name)
-                                for f in dataclasses.fields(AugmentConfig)})
+
+# ---------------------------------------------------------------- the tf.data service's servers
+
+
+def _check_port(port, role, free_ok):
+    low = 0 if free_ok else 1
+    if not low <= port <= 65535:
+        raise ValueError(f"--port must be in {low}-65535" + (" (0 = any free)" if free_ok else "")
+                         + f" for the {role}. Received port={port!r}")
+
+
+@dataclasses.dataclass(frozen=True)
+class DispatcherConfig:
+    """`convmixer-data-service dispatcher`: hands out the work; trainers and workers connect."""
+
+    port: int = knob(0, "port to listen on, 1-65535 (required)")
+    work_dir: str = knob("",
+        "journal its state here and recover it after a restart (fault-tolerant mode); "
+        "empty = in memory")
+
+    def __post_init__(self):
+        _check_port(self.port, "dispatcher", free_ok=False)
+
+
+@dataclasses.dataclass(frozen=True)
+class WorkerConfig:
+    """`convmixer-data-service worker`: reads, decodes and augments; one or more per CPU host."""
+
+    dispatcher: str = knob("", "the dispatcher's HOST:PORT (required)")
+    port: int = knob(0, "port to listen on; 0 = any free")
+    address: str = knob("",
+        "the host name trainers reach this worker by; empty = localhost for a local "
+        "dispatcher, else this machine's name")
+
+    def __post_init__(self):
+        if not self.dispatcher:
+            raise ValueError("the worker needs --dispatcher HOST:PORT (the dispatcher's "
+                             "address). Received dispatcher=''")
+        parse_service_address(self.dispatcher)
+        _check_port(self.port, "worker", free_ok=True)

@@ -39,20 +39,17 @@ import time
 
 import tensorflow as tf
 
-from convmixer_tf.training import config
+from convmixer_tf.training.config import parse_service_address
 
 PROCESSING_MODE = tf.data.experimental.service.ShardingPolicy.DYNAMIC  # "distributed_epoch"
 CONNECT_TIMEOUT = 10.0  # seconds to wait for a dispatcher that is still starting
-
-
-parse_address = config.parse_service_address  # (host, port) of "grpc://HOST:PORT"
 
 
 def check_reachable(address, timeout=CONNECT_TIMEOUT):
     """Raises ConnectionError (one line, naming the fix) unless a TCP connection to the
     dispatcher at `address` opens within `timeout` seconds: tf.data itself would retry for
     ever, so an unreachable dispatcher would hang the trainer or a worker."""
-    host, port = parse_address(address)
+    host, port = parse_service_address(address)
     deadline = time.monotonic() + timeout
     while True:
         try:
@@ -73,7 +70,7 @@ def distribute(dataset, address, job_name, timeout=CONNECT_TIMEOUT):
     `distributed_epoch` mode (each element processed once, by one worker); consumers with the
     same `job_name` share the job. Checks the dispatcher is reachable first (bounded wait)."""
     check_reachable(address, timeout)
-    host, port = parse_address(address)
+    host, port = parse_service_address(address)
     return dataset.apply(tf.data.experimental.service.distribute(
         processing_mode=PROCESSING_MODE, service=f"grpc://{host}:{port}", job_name=job_name))
 
@@ -81,27 +78,27 @@ def distribute(dataset, address, job_name, timeout=CONNECT_TIMEOUT):
 # ---------------------------------------------------------------- the servers
 
 
-def start_dispatcher(port, work_dir=""):
-    """A started dispatcher on `port`; with `work_dir` it journals its state there and
-    recovers it on restart (fault-tolerant mode)."""
-    config = tf.data.experimental.service.DispatcherConfig(
-        port=port, work_dir=work_dir or None, fault_tolerant_mode=bool(work_dir))
-    return tf.data.experimental.service.DispatchServer(config)
+def start_dispatcher(config):
+    """A started dispatcher (`config.DispatcherConfig`) on its port; with a `work_dir` it
+    journals its state there and recovers it on restart (fault-tolerant mode)."""
+    return tf.data.experimental.service.DispatchServer(
+        tf.data.experimental.service.DispatcherConfig(
+            port=config.port, work_dir=config.work_dir or None,
+            fault_tolerant_mode=bool(config.work_dir)))
 
 
-def start_worker(dispatcher, port=0, worker_address="", timeout=CONNECT_TIMEOUT):
-    """A started worker on `port`, registered with the dispatcher at `dispatcher` (HOST:PORT),
-    advertising `worker_address` (HOST; default: localhost for a local dispatcher, else this
-    machine's name) so the trainer can reach it."""
-    host, dispatcher_port = parse_address(dispatcher)
-    check_reachable(dispatcher, timeout)
-    if not worker_address:
-        local = host in ("localhost", "127.0.0.1", "::1")
-        worker_address = "localhost" if local else socket.getfqdn()
-    config = tf.data.experimental.service.WorkerConfig(
-        dispatcher_address=f"{host}:{dispatcher_port}", worker_address=f"{worker_address}:%port%",
-        port=port)
-    return tf.data.experimental.service.WorkerServer(config)
+def start_worker(config, timeout=CONNECT_TIMEOUT):
+    """A started worker (`config.WorkerConfig`) on its port, registered with its dispatcher
+    (HOST:PORT), advertising its `address` (HOST; default: localhost for a local dispatcher,
+    else this machine's name) so the trainer can reach it."""
+    host, dispatcher_port = parse_service_address(config.dispatcher)
+    check_reachable(config.dispatcher, timeout)
+    address = config.address
+    if not address:
+        address = "localhost" if host in ("localhost", "127.0.0.1", "::1") else socket.getfqdn()
+    return tf.data.experimental.service.WorkerServer(tf.data.experimental.service.WorkerConfig(
+        dispatcher_address=f"{host}:{dispatcher_port}", worker_address=f"{address}:%port%",
+        port=config.port))
 
 
 def serve(server, on_ready=None):

@@ -15,6 +15,7 @@ replica runs an XLA-compiled stateless forward/backward pass; the cross-replica 
 """
 
 import json
+import logging
 import math
 import os
 import signal
@@ -26,6 +27,8 @@ import keras
 
 from convmixer_tf import compat
 from convmixer_tf.training.config import STRATEGIES, XLA_MODES
+
+logger = logging.getLogger(__name__)
 
 
 def _tf():
@@ -60,8 +63,8 @@ def make_strategy(name="default", cluster_timeout=CLUSTER_TIMEOUT, cpu_replicas=
                     "distributed path, not for speed; distribute.make_strategy('mirrored', "
                     "cpu_replicas=N) before any TF op sets their number")
         devices = ", ".join(strategy.extended.worker_devices)
-        print(f"mirrored: {strategy.num_replicas_in_sync} replica(s) on {devices} ({more})",
-              flush=True)
+        logger.info(f"mirrored: {strategy.num_replicas_in_sync} replica(s) on {devices} "
+                    f"({more})")
         return strategy
     if name == "multi_worker":
         cluster, task_type, task_index = parse_tf_config(os.environ.get("TF_CONFIG"))
@@ -176,8 +179,8 @@ def wait_for_peers(cluster, task_type, task_index, timeout, poll=0.25):
     try:
         missing = [p for p in peers if not _answers(p[2])]
         if missing:
-            print(f"multi_worker: waiting up to {timeout:g} s (--cluster-timeout) for "
-                  f"{_names(missing)}", flush=True)
+            logger.info(f"multi_worker: waiting up to {timeout:g} s (--cluster-timeout) for "
+                        f"{_names(missing)}")
         while missing:
             if time.monotonic() >= deadline:
                 raise TimeoutError(
@@ -213,16 +216,6 @@ def _join_cluster(tf, timeout):
     if main and previous_term is not None:
         signal.signal(signal.SIGTERM, previous_term)
     return strategy
-
-
-def task_info(strategy):
-    """`(is_chief, task_id)` of this process: `(True, 0)` unless `strategy` is multi-worker."""
-    resolver = getattr(strategy, "cluster_resolver", None)
-    if resolver is None or not resolver.task_type:
-        return True, 0
-    has_chief = "chief" in resolver.cluster_spec().as_dict()
-    kind, index = resolver.task_type, int(resolver.task_id)
-    return kind == "chief" or (not has_chief and kind == "worker" and index == 0), index
 
 
 def worker_count(strategy):

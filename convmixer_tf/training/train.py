@@ -6,10 +6,19 @@ trained-model file set (`artifacts`: model, metadata, sample images) that deploy
     from convmixer_tf.training.config import TrainConfig
     from convmixer_tf.training.train import train
     result = train(TrainConfig.create(preset="cifar10", epochs=5))
+
+`train` runs these steps, top to bottom, each a public function (the config passed whole):
+
+    preflight      checks before any work; claims the run folder (`run_folder`)
+    start          the tf.distribute strategy (before any other TF op), seed, precision
+    build_input    the input pipelines (`data.pipeline.build_datasets`)
+    build_trainer  the ConvMixer, its fast layers, AdamW on the one-cycle schedule, compiled
+    resume         the run folder's callbacks and the epoch a killed run resumes after
+    fit            fit on the training input (local, sharded or the tf.data service), evaluate
+    save           the model file set; then the resume backup goes
 """
 
 import dataclasses
-import json
 import logging
 import os
 import uuid
@@ -19,73 +28,193 @@ import keras
 import numpy as np
 
 from convmixer_tf import artifacts, fast_layers, model as model_lib, presets
-from convmixer_tf.training import (callbacks as callbacks_lib, data, data_service, distribute,
-                                   schedules)
+from convmixer_tf.errors import FinalSaveError
+from convmixer_tf.training import (callbacks as callbacks_lib, data_service, distribute,
+                                   run_folder, schedules)
+from convmixer_tf.training.data import pipeline
+
+logger = logging.getLogger(__name__)
 
 
-class FinalSaveError(OSError):
-    """Training finished but writing the model file set failed (the message says where the
-    trained weights are)."""
-
-
-def architecture(config):
-    """The ConvMixer shape a config (or a config dict from metadata) names: its variant's, else
-    its own dim/depth/kernel_size/patch_size/activation."""
-    get = config.get if isinstance(config, dict) else lambda k, d=None: getattr(config, k, d)
-    if get("variant"):
-        return dict(presets.MODEL_CONFIGS[get("variant")])
-    return {k: get(k) for k in ("dim", "depth", "kernel_size", "patch_size", "activation")}
-
-
-def run_identity(config):
-    """What makes two runs the same run: architecture, data set, image size, held-out split.
-    A rerun with the same identity resumes; another one is refused (or `overwrite`)."""
-    get = config.get if isinstance(config, dict) else lambda k, d=None: getattr(config, k, d)
-    return dict(architecture(config), dataset=get("dataset"), image_size=get("image_size"),
-                validation_split=get("validation_split"))
+def model_path(config):
+    """`<output_dir>/<name>.keras`: where the trained model goes."""
+    return os.path.join(config.output_dir, config.name + ".keras")
 
 
 def preflight(config, is_chief=True, task_id=0):
     """Checks, before any work: every output location is writable (`--output-dir`, where the
     export goes too, and `--run-dir`), the run folder and the output model belong to this run
-    (`run_identity`; `overwrite` starts afresh). Returns this task's run folder."""
-    callbacks_lib.check_writable(config.output_dir, "--output-dir")
-    callbacks_lib.check_writable(config.run_dir, "--run-dir")
-    identity = run_identity(config)
-    model_path = os.path.join(config.output_dir, config.name + ".keras")
-    if os.path.isdir(model_path):
-        raise ValueError(f"{model_path!r} is a folder where the model file goes: remove it or "
-                         "pass another --name / --output-dir.")
-    if os.path.exists(model_path) and not config.overwrite:
-        meta_path = artifacts.metadata_path(model_path)
-        previous = None
-        if os.path.exists(meta_path):
-            with open(meta_path) as f:
-                previous = json.load(f).get("config")
-        if previous is None or run_identity(previous) != identity:
-            what = ("has no training metadata (not written by convmixer-train)" if previous is None
-                    else "is the model of another run: "
-                    + callbacks_lib.describe_differences(run_identity(previous), identity))
-            raise ValueError(f"{model_path} {what}. Pass --overwrite to replace it, or choose "
-                             "another --name or --output-dir.")
-    run_dir = os.path.join(config.run_dir, config.name)
+    (`run_folder.run_identity`; `overwrite` starts afresh). Returns this task's run folder
+    (`run_folder.task_folder`), which every later step writes to."""
+    run_folder.check_writable(config.output_dir, "--output-dir")
+    run_folder.check_writable(config.run_dir, "--run-dir")
+    identity = run_folder.run_identity(config)
+    run_folder.check_output_model(model_path(config), identity, config.overwrite)
+    folder = run_folder.path(config.run_dir, config.name)
     if is_chief:  # the chief owns the run folder; workers write below it
-        callbacks_lib.claim_run_dir(run_dir, identity, dataclasses.asdict(config),
-                                    overwrite=config.overwrite)
+        run_folder.claim(folder, identity, dataclasses.asdict(config), overwrite=config.overwrite)
     # A worker creates nothing here: the chief may be deleting (--overwrite) or claiming the
-    # run folder right now; its own folder is made once the cluster has formed.
-    return callbacks_lib.worker_run_dir(run_dir, is_chief, task_id)
+    # run folder right now; its own folder is made once the cluster has formed (`resume`).
+    return run_folder.task_folder(folder, is_chief, task_id)
+
+
+def start(config):
+    """(strategy, xla): the `config.strategy` strategy, made first (MultiWorkerMirroredStrategy
+    must exist before any other TF op runs), whether to compile with XLA, and the seed and
+    precision policy everything after it uses."""
+    strategy = distribute.make_strategy(config.strategy, cluster_timeout=config.cluster_timeout)
+    xla = distribute.resolve_xla(config.xla)
+    distribute.global_batch_size(config.batch_size, strategy)
+    keras.utils.set_random_seed(config.seed)
+    keras.mixed_precision.set_global_policy(config.precision)
+    return strategy, xla
+
+
+def build_input(config):
+    """The `data.pipeline.Datasets` of `config.dataset` (nothing decoded yet). With a data
+    service, its dispatcher must answer first (seconds, before any decoding), and its workers
+    read the training set: no local cache."""
+    if config.data_service:
+        data_service.check_reachable(config.data_service)
+    return pipeline.build_datasets(
+        config.dataset, image_size=config.image_size, global_batch_size=config.batch_size,
+        augment=config.augment, data_dir=config.data_dir or None, seed=config.seed,
+        validation_split=config.validation_split, eval_crop_pct=config.eval_crop_pct,
+        cache="off" if config.data_service else config.cache,
+        cache_budget_mb=config.cache_budget_mb,
+        cache_dir=run_folder.cache_folder(config.run_dir, config.name),
+        cache_disk_budget_gb=config.cache_disk_budget_gb, strict_images=config.strict_images,
+    )
+
+
+def steps_per_epoch(config, datasets):
+    """Training steps per epoch: the whole split's, or `config.steps_per_epoch` if fewer."""
+    return min(datasets.steps_per_epoch, config.steps_per_epoch or datasets.steps_per_epoch)
 
 
 def build_model(config, num_classes, input_shape):
     """The ConvMixer the config names, returning logits (the loss applies the softmax)."""
     return model_lib.ConvMixer(
-        **architecture(config),
+        **presets.architecture(config),
         input_shape=input_shape,
         classes=num_classes,
         classifier_activation=None,
         name=config.name,
     )
+
+
+def build_trainer(config, strategy, num_classes, steps, xla, model=None):
+    """(model, trainer, fast layers applied), built under `strategy`: `model` (default: the
+    ConvMixer `config` names, `build_model`) with the fast layers measured faster on this
+    device and precision, wrapped by `distribute.make_trainer`, compiled with AdamW on the
+    one-cycle schedule over `steps` optimizer steps and the label-smoothed loss."""
+    with strategy.scope():
+        if model is None:
+            model = build_model(config, num_classes, (config.image_size, config.image_size, 3))
+        fast = {swap: False for swap in fast_layers.SWAPS}
+        if config.fast_layers:  # only the swaps measured faster on this device and precision
+            fast = fast_layers.fast_layers_for(config.precision)
+            model = fast_layers.accelerate(model, **fast)
+            logger.info(fast_layers.describe_fast_layers(fast, config.precision))
+        warning = (fast_layers.precision_warning(config.precision)
+                   if fast_layers.device_kind() == "CPU" else None)
+        if warning:  # before the first step: a slow precision on this CPU is said at once
+            logger.warning(warning)
+        trainer = distribute.make_trainer(model)
+        optimizer = keras.optimizers.AdamW(
+            schedules.OneCycle(config.max_lr, steps),
+            weight_decay=config.weight_decay,
+            epsilon=config.adam_epsilon,
+            global_clipnorm=config.clip_norm or None,
+        )
+        if not config.decay_all_weights:
+            optimizer.exclude_from_weight_decay(
+                var_list=[v for v in model.trainable_variables if len(v.shape) <= 1]
+            )
+        trainer.compile(
+            optimizer=optimizer,
+            loss=keras.losses.CategoricalCrossentropy(
+                from_logits=True, label_smoothing=config.label_smoothing
+            ),
+            metrics=["accuracy"],
+            jit_compile=xla,
+        )
+    return model, trainer, fast
+
+
+def resume(folder):
+    """(callbacks, start epoch): the callbacks writing the task's run folder `folder`
+    (backup and restore, checkpoints, history, TensorBoard; the backup is kept at the end, for
+    `save` to delete), and the epoch a killed run resumes after (0 for a fresh one). The
+    restore itself happens as `fit` begins."""
+    callbacks = callbacks_lib.make_callbacks(folder, save_model=save_trained_model,
+                                             delete_backup_at_end=False)
+    return callbacks, run_folder.resume_epoch(folder)
+
+
+def training_input(datasets, strategy, steps, batch_size, service=None):
+    """(train input, test input, this process's training dataset or None): the one place the
+    training dataset is finished. An endless epoch-keyed stream (`train_stream`) of
+    `steps` batches per epoch; under several workers each reads only its share
+    (`distribute_datasets_from_function`), the test split too; with `service` (dict(address,
+    epochs, start_epoch, job)) the tf.data service's workers run the same stream
+    (`service_stream`) and no local training dataset exists."""
+    if service:
+        train_ds = datasets.service_stream(
+            steps, service["epochs"], service["start_epoch"],
+            send=lambda ds: data_service.distribute(ds, service["address"], service["job"]))
+        return train_ds, distribute.shardable(datasets.test, batch_size), None
+    made = []
+
+    def train_for(context=None):
+        made.append(datasets.train_stream(context, steps))
+        return made[-1]
+
+    if distribute.worker_count(strategy) > 1:
+        train_ds = strategy.distribute_datasets_from_function(train_for)
+        test_ds = strategy.distribute_datasets_from_function(datasets.test_shard)
+    else:
+        train_ds, test_ds = train_for(), distribute.shardable(datasets.test, batch_size)
+    return train_ds, test_ds, made[0].take(steps)
+
+
+def data_callbacks(datasets, local_train, batch_size):
+    """The input pipeline's callbacks: the epoch key (resume-exact order), the skipped-image
+    line and the input-share line (timing this process's own training input, if it has one:
+    not under the data service)."""
+    share = [pipeline.InputShare(local_train, batch_size)] if local_train is not None else []
+    return [pipeline.EpochKey(datasets), pipeline.SkippedImages(datasets)] + share
+
+
+def fit(config, strategy, trainer, datasets, callbacks, start_epoch=0):
+    """(history, held-out accuracy): `trainer` fit for `config.epochs` on the training input
+    (local, one share per worker, or the tf.data service's, whose stream begins at
+    `start_epoch`, where a resumed run goes on), then evaluated on the test split."""
+    steps = steps_per_epoch(config, datasets)
+    service = None
+    if config.data_service:  # one stream over every epoch from the last finished one
+        service = dict(address=config.data_service, epochs=config.epochs,
+                       start_epoch=start_epoch,
+                       job=f"{config.name}-{uuid.uuid4().hex[:8]}")  # never a stale job
+        logger.info(
+            f"Training input from the tf.data service at {config.data_service} "
+            f"(distributed_epoch, job {service['job']}, from epoch {start_epoch + 1}): {steps} "
+            f"steps per epoch; the first step waits for workers (convmixer-data-service worker "
+            f"--dispatcher HOST:PORT); unreadable images are skipped there and counted without "
+            f"names")
+    train_ds, test_ds, local_train = training_input(
+        datasets, strategy, steps, config.batch_size, service)
+    history = trainer.fit(
+        train_ds,
+        epochs=config.epochs,
+        steps_per_epoch=steps,
+        validation_data=test_ds,
+        shuffle=False,  # the tf.data pipeline shuffles
+        verbose=int(config.verbose) if str(config.verbose).isdigit() else config.verbose,
+        callbacks=callbacks + data_callbacks(datasets, local_train, config.batch_size),
+    )
+    _, test_accuracy = trainer.evaluate(test_ds, verbose=0)
+    return history, test_accuracy
 
 
 def save_trained_model(model, path):
@@ -118,173 +247,52 @@ def export_samples(datasets, calibration_count=256, held_out_count=1000, budget_
     return calibration, held_out, labels
 
 
-def training_input(datasets, strategy, steps_per_epoch, batch_size, service=None):
-    """(train input, test input, fit's steps_per_epoch, this process's training dataset): the
-    one place the training dataset is finished. Our `data.Datasets`: an endless epoch-keyed
-    stream (`train_stream`) of `steps_per_epoch` batches per epoch; under several workers each
-    reads only its share (`distribute_datasets_from_function`), the test split too; with
-    `service` (dict(address, epochs, start_epoch, job)) the tf.data service's workers run the
-    same stream (`service_stream`) and no local training dataset exists. Any other
-    `datasets` (benchmarks/parity.py) is used as given, one pass per epoch."""
-    if service:
-        if not getattr(datasets, "streams", False):
-            raise ValueError("--data-service needs the pipelines convmixer-train builds "
-                             "(data.build_datasets), not fixed batches.")
-        train_ds = datasets.service_stream(
-            steps_per_epoch, service["epochs"], service["start_epoch"],
-            send=lambda ds: data_service.distribute(ds, service["address"], service["job"]))
-        return train_ds, distribute.shardable(datasets.test, batch_size), steps_per_epoch, None
-    if not getattr(datasets, "streams", False):
-        train_ds = datasets.train
-        if steps_per_epoch < datasets.steps_per_epoch:
-            train_ds = train_ds.take(steps_per_epoch)
-        return train_ds, distribute.shardable(datasets.test, batch_size), None, train_ds
-    made = []
-
-    def train_for(context=None):
-        made.append(datasets.train_stream(context, steps_per_epoch))
-        return made[-1]
-
-    if distribute.worker_count(strategy) > 1:
-        train_ds = strategy.distribute_datasets_from_function(train_for)
-        test_ds = strategy.distribute_datasets_from_function(datasets.test_shard)
-    else:
-        train_ds, test_ds = train_for(), distribute.shardable(datasets.test, batch_size)
-    return train_ds, test_ds, steps_per_epoch, made[0].take(steps_per_epoch)
-
-
-def data_callbacks(datasets, local_train, batch_size):
-    """The input pipeline's callbacks: the epoch key (resume-exact order), the skipped-image
-    line and the input-share line (timing this process's own training input, if it has one:
-    not under the data service)."""
-    share = [data.InputShare(local_train, batch_size)] if local_train is not None else []
-    if not getattr(datasets, "streams", False):
-        return share
-    return [data.EpochKey(datasets), data.SkippedImages(datasets)] + share
-
-
-def train(config, datasets=None):
-    """Runs `config`; returns dict(model, history, test_accuracy, model_path, class_names,
-    is_chief).
-
-    `datasets` (a `data.Datasets`) replaces the pipelines `config.dataset` names, e.g. with
-    batches in a fixed order (benchmarks/parity.py); its `train` may be anything `fit` takes.
-
-    Writes `<output_dir>/<name>.keras`, its metadata `.json` and `.samples.npz`. Rerunning the
-    same config after a crash resumes from `<run_dir>/<name>/backup/`, which is deleted only
-    once that file set is saved."""
-    is_chief, task_id = True, 0
-    if config.strategy == "multi_worker":
-        is_chief, task_id = distribute.chief_from_tf_config(os.environ.get("TF_CONFIG"))
-    run_dir = preflight(config, is_chief, task_id)  # plain Python: no TF op yet
-    # MultiWorkerMirroredStrategy must exist before any other TF op runs.
-    strategy = distribute.make_strategy(config.strategy, cluster_timeout=config.cluster_timeout)
-    xla = distribute.resolve_xla(config.xla)
-    distribute.global_batch_size(config.batch_size, strategy)
-    keras.utils.set_random_seed(config.seed)
-    keras.mixed_precision.set_global_policy(config.precision)
-    if config.data_service:  # fail in seconds, before any decoding, if nobody is there
-        data_service.check_reachable(config.data_service)
-    if datasets is None:
-        datasets = data.build_datasets(
-            config.dataset, image_size=config.image_size, global_batch_size=config.batch_size,
-            augment=config.augment, data_dir=config.data_dir or None, seed=config.seed,
-            validation_split=config.validation_split, eval_crop_pct=config.eval_crop_pct,
-            # With a data service the workers read the training set: no local decode pass.
-            cache="off" if config.data_service else config.cache,
-            cache_budget_mb=config.cache_budget_mb,
-            cache_dir=os.path.join(config.run_dir, config.name, "cache"),
-            cache_disk_budget_gb=config.cache_disk_budget_gb, strict_images=config.strict_images,
-        )
-    steps_per_epoch = datasets.steps_per_epoch
-    if config.steps_per_epoch:
-        steps_per_epoch = min(steps_per_epoch, config.steps_per_epoch)
-    service = None
-    if config.data_service:  # one stream over every epoch from the last finished one
-        backup = callbacks_lib.AtomicBackupAndRestore(os.path.join(run_dir, "backup"))
-        service = dict(address=config.data_service, epochs=config.epochs,
-                       start_epoch=(backup.read_metadata() or {}).get("epoch", 0),
-                       job=f"{config.name}-{uuid.uuid4().hex[:8]}")  # never a stale job
-    train_ds, test_ds, fit_steps, local_train = training_input(
-        datasets, strategy, steps_per_epoch, config.batch_size, service)
-    if service:
-        print(f"Training input from the tf.data service at {config.data_service} "
-              f"(distributed_epoch, job {service['job']}, from epoch {service['start_epoch'] + 1})"
-              f": {steps_per_epoch} steps per epoch; the first step waits for workers "
-              f"(convmixer-data-service worker --dispatcher HOST:PORT); unreadable images are "
-              f"skipped there and counted without names", flush=True)
-    steps = config.epochs * steps_per_epoch
-    with strategy.scope():
-        model = build_model(
-            config, datasets.num_classes, (config.image_size, config.image_size, 3)
-        )
-        fast = {swap: False for swap in fast_layers.SWAPS}
-        if config.fast_layers:  # only the swaps measured faster on this device and precision
-            fast = fast_layers.fast_layers_for(config.precision)
-            model = fast_layers.accelerate(model, **fast)
-            print(fast_layers.describe_fast_layers(fast, config.precision), flush=True)
-        warning = (fast_layers.precision_warning(config.precision)
-                   if fast_layers.device_kind() == "CPU" else None)
-        if warning:  # before the first step: a slow precision on this CPU is said at once
-            logging.getLogger(__name__).warning(warning)
-        trainer = distribute.make_trainer(model)
-        optimizer = keras.optimizers.AdamW(
-            schedules.OneCycle(config.max_lr, steps),
-            weight_decay=config.weight_decay,
-            epsilon=config.adam_epsilon,
-            global_clipnorm=config.clip_norm or None,
-        )
-        if not config.decay_all_weights:
-            optimizer.exclude_from_weight_decay(
-                var_list=[v for v in model.trainable_variables if len(v.shape) <= 1]
-            )
-        trainer.compile(
-            optimizer=optimizer,
-            loss=keras.losses.CategoricalCrossentropy(
-                from_logits=True, label_smoothing=config.label_smoothing
-            ),
-            metrics=["accuracy"],
-            jit_compile=xla,
-        )
-    is_chief, task_id = distribute.task_info(strategy)
-    history = trainer.fit(
-        train_ds,
-        epochs=config.epochs,
-        steps_per_epoch=fit_steps,
-        validation_data=test_ds,
-        shuffle=False,  # the tf.data pipeline shuffles
-        verbose=int(config.verbose) if str(config.verbose).isdigit() else config.verbose,
-        callbacks=callbacks_lib.make_callbacks(
-            os.path.join(config.run_dir, config.name), save_model=save_trained_model,
-            is_chief=is_chief, task_id=task_id, delete_backup_at_end=False,
-        ) + data_callbacks(datasets, local_train, config.batch_size),
-    )
-    _, test_accuracy = trainer.evaluate(test_ds, verbose=0)
-    # Every worker writes (atomically, the same values); the chief alone exports.
-    model_path = os.path.join(config.output_dir, config.name + ".keras")
+def save(config, model, datasets, test_accuracy, fast, folder):
+    """Writes the model file set (`<output_dir>/<name>.keras`, its metadata `.json`, its export
+    samples `.samples.npz`), then deletes the resume backup in the task's run folder `folder`;
+    returns the model's path. A failed write keeps the backup and names where the trained
+    weights are (`FinalSaveError`)."""
+    path = model_path(config)
     try:
-        save_trained_model(model, model_path)
+        save_trained_model(model, path)
         artifacts.write_metadata(
-            model_path, datasets.class_names, (config.image_size, config.image_size),
+            path, datasets.class_names, (config.image_size, config.image_size),
             crop_pct=config.eval_crop_pct, dataset=config.dataset,
             test_accuracy=float(test_accuracy), config=dataclasses.asdict(config),
             training_precision=config.precision, serving_precision="float32",
             fast_layers_applied=[swap for swap, on in fast.items() if on],
         )
-        artifacts.write_samples(model_path, *export_samples(datasets))
+        artifacts.write_samples(path, *export_samples(datasets))
     except OSError as error:
         raise FinalSaveError(
-            f"Training finished, but saving {model_path} failed ({error}). The trained model "
-            f"is in {os.path.join(run_dir, 'checkpoints', 'last.keras')} and the resume backup "
-            f"in {os.path.join(run_dir, 'backup')} is kept: fix the problem and rerun the same "
-            "command, which resumes after the last epoch and saves again."
+            f"Training finished, but saving {path} failed ({error}). The trained model is in "
+            f"{os.path.join(folder, run_folder.CHECKPOINTS, 'last.keras')} and the resume "
+            f"backup in {os.path.join(folder, run_folder.BACKUP)} is kept: fix the problem "
+            "and rerun the same command, which resumes after the last epoch and saves again."
         ) from error
-    callbacks_lib.delete_backup(run_dir)
-    return dict(
-        model=model,
-        history=history,
-        test_accuracy=test_accuracy,
-        model_path=model_path,
-        class_names=datasets.class_names,
-        is_chief=is_chief,
-    )
+    run_folder.delete_backup(folder)
+    return path
+
+
+def train(config):
+    """Runs `config` (a `config.TrainConfig`); returns dict(model, history, test_accuracy,
+    model_path, class_names, is_chief).
+
+    Writes `<output_dir>/<name>.keras`, its metadata `.json` and `.samples.npz`. Rerunning the
+    same config after a crash resumes from `<run_dir>/<name>/backup/`, which is deleted only
+    once that file set is saved."""
+    is_chief, task_id = True, 0  # decided once: from TF_CONFIG, before any TF op
+    if config.strategy == "multi_worker":
+        is_chief, task_id = distribute.chief_from_tf_config(os.environ.get("TF_CONFIG"))
+    folder = preflight(config, is_chief, task_id)  # plain Python: no TF op yet
+    strategy, xla = start(config)
+    datasets = build_input(config)
+    model, trainer, fast = build_trainer(
+        config, strategy, datasets.num_classes,
+        config.epochs * steps_per_epoch(config, datasets), xla)
+    callbacks, start_epoch = resume(folder)
+    history, test_accuracy = fit(config, strategy, trainer, datasets, callbacks, start_epoch)
+    # Every worker writes (atomically, the same values); the chief alone exports.
+    path = save(config, model, datasets, test_accuracy, fast, folder)
+    return dict(model=model, history=history, test_accuracy=test_accuracy, model_path=path,
+                class_names=datasets.class_names, is_chief=is_chief)

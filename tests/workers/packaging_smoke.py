@@ -48,9 +48,9 @@ def tiny_job():
         assert any(mode in n and n.endswith(".tflite") for n in names), (mode, names)
     from PIL import Image
 
-    from convmixer_tf.training import data
+    from convmixer_tf.training.data import sources
 
-    (_, _), (x_test, _) = data.load_digits(image_size=32)
+    (_, _), (x_test, _) = sources.load_digits(image_size=32)
     Image.fromarray(np.asarray(x_test[0], np.uint8)).save("digit.png")
     int8 = [n for n in names if n.endswith("int8.tflite") and "dynamic" not in n][0]
     out = run("convmixer-predict", os.path.join(tflite_dir, int8), "digit.png")
@@ -60,7 +60,7 @@ def tiny_job():
 def tiny_tfds():
     import tensorflow_datasets as tfds
 
-    from convmixer_tf.training import data
+    from convmixer_tf.training.data import pipeline
 
     class ConvmixerSmokeShapes(tfds.core.GeneratorBasedBuilder):
         VERSION = tfds.core.Version("1.0.0")
@@ -79,8 +79,8 @@ def tiny_tfds():
                           "label": i % 2}
 
     ConvmixerSmokeShapes(data_dir="tfds").download_and_prepare()
-    ds = data.build_datasets("tfds:convmixer_smoke_shapes", image_size=8, global_batch_size=4,
-                             data_dir="tfds")
+    ds = pipeline.build_datasets("tfds:convmixer_smoke_shapes", image_size=8, global_batch_size=4,
+                                 data_dir="tfds")
     assert ds.class_names == ("dark", "light") and (ds.train_size, ds.test_size) == (8, 4)
     x, y = next(iter(ds.train))
     assert tuple(x.shape) == (4, 8, 8, 3) and tuple(y.shape) == (4, 2)

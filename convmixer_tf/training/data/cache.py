@@ -1,12 +1,16 @@
 """The decoded-image cache: decide memory / disk / stream BEFORE decoding anything, from the
-file count and a small sample of image headers; then decode once into one preallocated buffer
-(memory) or a file (disk, only within an explicit budget), or decode every epoch (stream).
+file count and a small sample of image headers; then decode once, in chunks of images from one
+flat parallel map, kept in memory or written to a file (disk, only within an explicit budget),
+or decode every epoch (stream).
 
-Unreadable images are skipped and named, never a crash mid-run: `decode_flagged` decodes each
-image with a validity flag (tf.data's `ignore_errors` would drop the name)."""
+Unreadable images are skipped and named, never a crash mid-run: the stream's `decode_flagged`
+decodes each image with a validity flag (tf.data's `ignore_errors` would drop the name); the
+decode-once cache carries each image's index through `ignore_errors`, so an absent index names
+the file."""
 
 import dataclasses
 import hashlib
+import logging
 import os
 import tempfile
 import time
@@ -15,7 +19,9 @@ import numpy as np
 import tensorflow as tf
 
 from convmixer_tf import preprocessing
-from convmixer_tf.training.data.sources import AUTOTUNE, Split, log, plain as _plain
+from convmixer_tf.training.data.sources import AUTOTUNE, Split, plain as _plain
+
+logger = logging.getLogger(__name__)
 
 SAMPLE = 64  # headers read for the size estimate (a few KB each, in parallel)
 _PLACEHOLDER = np.zeros((1, 1, 3), np.uint8)
@@ -129,22 +135,52 @@ class CachedSplit(Split):
     in_memory: bool = True
 
 
-def _exact_shapes(split):
-    """Every image's decoded shape from its header (folders; parallel), else None."""
-    if not split.paths:
-        return None
-    from convmixer_tf.training.data.sources import header_shapes
+CHUNK = 64  # images per decoded chunk: one tf.data element, one numpy array (ImageNet: ~30 MB)
 
-    return header_shapes(split.paths)
+
+def decode_chunks(split, indices=None, chunk=CHUNK):
+    """`split` (or only its examples `indices`) decoded in stored order, `chunk` images per
+    element: (their flat uint8 pixels, shapes [k, 3], indices [k], labels [k]). Each element
+    reads and decodes its files in one `tf.map_fn` inside a parallel map: no Python and no
+    thread hand-off per file, which cost ~1 ms a file on a shared 2-core machine
+    (benchmarks/results/cache-start-AVX2.log). A chunk holding an unreadable file is dropped
+    whole by `ignore_errors` (its indices are absent): decode those files with `chunk=1`."""
+    def decode(encoded, label):
+        image = preprocessing.decode_image(encoded)
+        return tf.reshape(image, [-1]), tf.shape(image, tf.int64), label
+
+    spec = (tf.RaggedTensorSpec([None], tf.uint8, 0), tf.TensorSpec([3], tf.int64),
+            tf.TensorSpec([], tf.int32))
+
+    def decoded(index, one):  # one(k): the k-th file's decode
+        pixels, shapes, labels = tf.map_fn(one, tf.range(tf.size(index)),
+                                           fn_output_signature=spec)
+        return pixels.flat_values, shapes, index, labels
+
+    if split.read is not None:  # folders: each element reads its own files
+        wanted = tf.data.Dataset.range(split.size) if indices is None else (
+            tf.data.Dataset.from_tensor_slices(np.asarray(indices, np.int64)))
+        ds = wanted.batch(chunk).map(
+            _plain(lambda i: decoded(i, lambda k: decode(*split.read(i[k])))),
+            num_parallel_calls=AUTOTUNE)
+    else:  # tfds: stored order, no random access
+        ds = split.examples().enumerate()
+        if indices is not None:
+            wanted = tf.constant(np.asarray(indices, np.int64))
+            ds = ds.filter(_plain(lambda i, xy: tf.reduce_any(tf.equal(i, wanted))))
+        ds = ds.batch(chunk).map(
+            _plain(lambda i, xy: decoded(i, lambda k: decode(xy[0][k], xy[1][k]))),
+            num_parallel_calls=AUTOTUNE)
+    return ds.ignore_errors().prefetch(2)
 
 
 def decode_once(split, decision, cache_dir, which):
     """`split` decoded once to uint8 in stored order (unreadable images skipped, named), held
-    in ONE preallocated numpy buffer filled in place and read by `tf.numpy_function` (memory:
-    peak ~1x the pixels; a captured tensor or tf.Variable would cost another full copy, and
-    `Variable` slice assignment copies on write), or a file
-    `<cache_dir>/<which>-<content hash>.u8` read through a memory map (disk). A complete file
-    from an earlier run of the same content is reused."""
+    in memory as the decoded chunks themselves (`CHUNK` images each, no copy into a second
+    buffer: peak ~1x the pixels; a captured tensor or tf.Variable would cost another full
+    copy), or written to a file `<cache_dir>/<which>-<content hash>.u8` read through a memory
+    map (disk); both read by `tf.numpy_function`. A complete file from an earlier run of the
+    same content is reused."""
     start = time.monotonic()
     name = hashlib.sha1(f"{split.key}|{split.size}".encode()).hexdigest()[:16]
     temporary = cache_dir is None
@@ -152,86 +188,77 @@ def decode_once(split, decision, cache_dir, which):
     path = os.path.join(cache_dir or "", f"{which}-{name}")
     reused = (not in_memory and not temporary and split.key and os.path.exists(path + ".npz")
               and os.path.exists(path + ".u8"))
-    skipped = []
+    chunks = []  # memory: the decoded chunks; disk: the file's memory map (one chunk)
+    chunk_of = np.zeros(split.size, np.int64)  # the chunk holding each image ...
     if reused:
         with np.load(path + ".npz") as index:
-            offsets, shapes, labels = index["offsets"], index["shapes"], index["labels"]
-        valid = index_valid = None
+            offsets, shapes, labels, valid = (index[k] for k in ("offsets", "shapes", "labels",
+                                                                  "valid"))
     else:
-        shapes = _exact_shapes(split)
-        grow = shapes is None  # tfds: sizes unknown until decoded (the buffer doubles)
-        if grow:
-            shapes = [(0, 0, 3)] * split.size
-        shapes = np.asarray([s or (0, 0, 3) for s in shapes], np.int64).reshape(-1, 3)
-        offsets = np.concatenate([[0], np.cumsum(np.prod(shapes, axis=1))]).astype(np.int64)
-        total = int(offsets[-1]) if not grow else max(decision.estimate, 1)
-        if in_memory:
-            buffer = np.empty(total, np.uint8)
-        else:
+        offsets = np.zeros(split.size + 1, np.int64)  # ... and where it starts there
+        shapes = np.zeros((split.size, 3), np.int64)  # (0, 0, 0): skipped
+        labels = np.zeros(split.size, np.int32)
+        valid = np.zeros(split.size, bool)
+        if not in_memory:
             if temporary:
                 cache_dir = tempfile.mkdtemp(prefix="convmixer_cache_")
                 path = os.path.join(cache_dir, f"{which}-{name}")
             os.makedirs(cache_dir, exist_ok=True)
             file = open(path + ".u8.tmp", "wb")
-        indexed = split.examples().enumerate().map(_plain(lambda i, xy: (xy[0], (i, xy[1]))))
-        labels = np.zeros(split.size, np.int32)
-        valid = np.zeros(split.size, bool)
-        position = 0
-        for image, ok, (index, label) in decode_flagged(indexed).as_numpy_iterator():
-            labels[index] = label
-            if not ok or (not grow and image.shape != tuple(shapes[index])):
-                skipped.append(index)
-                if grow:  # stored order: the next image starts where this one would have
-                    offsets[index + 1] = offsets[index]
-                continue
-            valid[index] = True
-            if grow:  # offsets follow the decoded sizes; the buffer doubles when full
-                shapes[index] = image.shape
-                offsets[index + 1] = offsets[index] + image.size
-                if in_memory and offsets[index + 1] > len(buffer):
-                    buffer = np.resize(buffer, 2 * int(offsets[index + 1]))
-            if in_memory:
-                buffer[offsets[index]:offsets[index + 1]] = image.reshape(-1)
-            else:
-                file.seek(int(offsets[index]) - position, 1)
-                file.write(image.tobytes())
-                position = int(offsets[index + 1])
+        written = 0
+
+        def store(decoded):
+            nonlocal written
+            for pixels, shape, index, label in decoded.as_numpy_iterator():
+                valid[index], shapes[index], labels[index] = True, shape, label
+                within = np.concatenate([[0], np.cumsum(np.prod(shape, axis=1))[:-1]])
+                if in_memory:
+                    chunk_of[index], offsets[index] = len(chunks), within
+                    chunks.append(pixels)
+                else:
+                    offsets[index] = written + within
+                    file.write(pixels)
+                written += pixels.size
+
+        store(decode_chunks(split))
+        failed = np.flatnonzero(~valid)  # chunks with an unreadable file: one file at a time
+        if len(failed):
+            store(decode_chunks(split, failed, chunk=1))
+        offsets[-1] = written
         if not in_memory:
-            file.truncate(int(offsets[-1]))
             file.close()
             np.savez(path + ".npz.tmp.npz", offsets=offsets, shapes=shapes, labels=labels,
                      valid=valid)
             os.replace(path + ".u8.tmp", path + ".u8")
             os.replace(path + ".npz.tmp.npz", path + ".npz")  # last: marks the cache complete
-        index_valid = valid
-    if index_valid is None:
-        with np.load(path + ".npz") as index:
-            index_valid = index["valid"]
-    kept = np.flatnonzero(index_valid)
+    kept = np.flatnonzero(valid)
+    skipped = [] if reused else np.flatnonzero(~valid)
     nbytes = int(np.prod(shapes[kept], axis=1).sum()) if len(kept) else 0
     where = "memory" if in_memory else path + ".u8" + (" (temporary)" if temporary else "")
-    log(f"{'Reused' if reused else 'Decoded'} {len(kept):,} {which} images"
-        f"{'' if reused else ' once'}: {nbytes / 2**20:,.0f} MB of uint8 pixels in {where} "
-        f"({time.monotonic() - start:.1f} s)")
+    logger.info(f"{'Reused' if reused else 'Decoded'} {len(kept):,} {which} images"
+                f"{'' if reused else ' once'}: {nbytes / 2**20:,.0f} MB of uint8 pixels in "
+                f"{where} ({time.monotonic() - start:.1f} s)")
     if skipped:
         names = [split.paths[i] if split.paths else f"example #{i}" for i in skipped]
-        log(f"Skipped {len(skipped):,} unreadable {which} image(s): {', '.join(names[:10])}"
-            + (f" ... and {len(names) - 10} more" if len(names) > 10 else ""))
+        logger.info(f"Skipped {len(skipped):,} unreadable {which} image(s): "
+                    f"{', '.join(names[:10])}"
+                    + (f" ... and {len(names) - 10} more" if len(names) > 10 else ""))
 
     kept_t = tf.constant(kept.astype(np.int64))
     labels_t = tf.constant(labels[kept])
-    if in_memory:
-        mapped = buffer
-    else:
+    if not in_memory:  # one chunk: the whole file
         total = int(offsets[-1])
-        mapped = np.memmap(path + ".u8", np.uint8, "r") if total else np.zeros(0, np.uint8)
+        chunks = [np.memmap(path + ".u8", np.uint8, "r") if total else np.zeros(0, np.uint8)]
         if temporary:  # the mapping stays valid; the file goes when the process ends
             for suffix in (".u8", ".npz"):
                 os.remove(path + suffix)
             os.rmdir(cache_dir)
+    sizes = np.prod(shapes, axis=1)
 
     def fetch(index):
-        return np.array(mapped[offsets[index]:offsets[index + 1]]).reshape(shapes[index])
+        start = offsets[index]
+        return np.array(chunks[chunk_of[index]][start:start + sizes[index]]).reshape(
+            shapes[index])
 
     def pixels(index):
         return tf.numpy_function(fetch, [index], tf.uint8, stateful=False)

@@ -11,6 +11,7 @@ positions before any file is read.
 """
 
 import functools
+import logging
 import time
 
 import keras
@@ -20,7 +21,9 @@ import tensorflow as tf
 from convmixer_tf import preprocessing
 from convmixer_tf.training import augment as augment_lib, config
 from convmixer_tf.training.data import cache as cache_lib, sources
-from convmixer_tf.training.data.sources import AUTOTUNE, log, plain as _plain
+from convmixer_tf.training.data.sources import AUTOTUNE, plain as _plain
+
+logger = logging.getLogger(__name__)
 
 DEFAULT_CACHE_BUDGET_MB = config.TrainConfig.cache_budget_mb  # MB of decoded pixels in memory
 _NO_CONTEXT = tf.distribute.InputContext()  # one pipeline, one replica
@@ -45,9 +48,7 @@ class Datasets:
 
     `train` (one epoch: `epoch`, a tf.Variable), `test` and `calibration` are built on first
     use, so a caller that only evaluates never decodes the training set. `train_stream` and
-    `test_shard` are the per-input-pipeline versions for `distribute_datasets_from_function`.
-    `pipeline` may also be a function `make(which)` returning each split's dataset as given
-    (benchmarks/parity.py: fixed batches; then `streams` is False and fit reads `train` per epoch)."""
+    `test_shard` are the per-input-pipeline versions for `distribute_datasets_from_function`."""
 
     def __init__(self, pipeline, num_classes, class_names, train_size, test_size,
                  steps_per_epoch, image_size):
@@ -58,9 +59,8 @@ class Datasets:
         self.test_size = test_size
         self.steps_per_epoch = steps_per_epoch  # train_size // global batch (rest dropped)
         self.image_size = image_size
-        self.streams = isinstance(pipeline, _Pipeline)
-        self.epoch = pipeline.epoch if self.streams else None  # where `train` starts
-        self.skipped = pipeline.skipped if self.streams else None  # unreadable images met
+        self.epoch = pipeline.epoch  # where `train` starts
+        self.skipped = pipeline.skipped  # unreadable images met
 
     def train_stream(self, input_context=None, steps_per_epoch=None):
         """Every epoch from `epoch` on, without end: `steps_per_epoch` batches each (default
@@ -84,20 +84,18 @@ class Datasets:
     @functools.cached_property
     def train(self):
         """One epoch (`epoch`): a fresh full permutation, augmented, one-hot, full batches."""
-        if not self.streams:
-            return self._pipeline("train")
         return self.train_stream().take(self.steps_per_epoch)
 
     @functools.cached_property
     def test(self):
         """Every test image once, in order, eval-preprocessed."""
-        return self.test_shard() if self.streams else self._pipeline("test")
+        return self.test_shard()
 
     @functools.cached_property
     def calibration(self):
         """Training images in a seeded uniform random order, eval-preprocessed (int8
         calibration takes the first few hundred)."""
-        return self._pipeline.calibration() if self.streams else self._pipeline("calibration")
+        return self._pipeline.calibration()
 
 
 class _Pipeline:
@@ -125,7 +123,7 @@ class _Pipeline:
                             if isinstance(s, cache_lib.CachedSplit) and s.in_memory)
                 decision = cache_lib.decide(self.cache, raw, max(0, self.memory_budget - spent),
                                             self.disk_budget, self.seed)
-                log(f"Input cache ({which}): {decision.mode} -- {decision.reason}")
+                logger.info(f"Input cache ({which}): {decision.mode} -- {decision.reason}")
                 self._splits[which] = (raw if decision.mode == "stream" else
                                        cache_lib.decode_once(raw, decision, self.cache_dir, which))
         return self._splits[which]
@@ -390,13 +388,14 @@ class SkippedImages(keras.callbacks.Callback):
     def on_epoch_end(self, epoch, logs=None):
         names, unnamed = self.skipped.take(), self.skipped.take_unnamed()
         if unnamed:
-            log(f"Epoch {epoch + 1}: the data service's workers skipped {unnamed:,} unreadable "
-                "image(s) (graph-only filter: counted, names unknown; --strict-images "
-                "checks every file before training)")
+            logger.info(f"Epoch {epoch + 1}: the data service's workers skipped {unnamed:,} "
+                        "unreadable image(s) (graph-only filter: counted, names unknown; "
+                        "--strict-images checks every file before training)")
         if names:
-            log(f"Epoch {epoch + 1}: skipped {len(names):,} unreadable image(s): "
-                f"{', '.join(sorted(set(names))[:10])}"
-                + (f" ... and {len(set(names)) - 10} more" if len(set(names)) > 10 else ""))
+            logger.info(f"Epoch {epoch + 1}: skipped {len(names):,} unreadable image(s): "
+                        f"{', '.join(sorted(set(names))[:10])}"
+                        + (f" ... and {len(set(names)) - 10} more" if len(set(names)) > 10
+                           else ""))
 
 
 class InputShare(keras.callbacks.Callback):
@@ -419,7 +418,7 @@ class InputShare(keras.callbacks.Callback):
         # The first step compiles; time the ones after it.
         step = (self.times[-1] - self.times[0]) / (len(self.times) - 1)
         pipeline = measure_pipeline(self.dataset, self.batches)
-        log(input_share_line(pipeline, step, self.batch_size))
+        logger.info(input_share_line(pipeline, step, self.batch_size))
 
 
 def measure_pipeline(dataset, batches=20):

@@ -6,6 +6,7 @@ sets, image folders and tensorflow-datasets names. Every source gives a train an
 import dataclasses
 import functools
 import hashlib
+import logging
 import os
 import random
 import tempfile
@@ -16,6 +17,8 @@ import tensorflow as tf
 
 from convmixer_tf import _extras, compat, preprocessing
 from convmixer_tf.training.config import DATASET_PREFIXES, parse_dataset
+
+logger = logging.getLogger(__name__)
 
 DIGITS_CLASS_NAMES = tuple(str(i) for i in range(10))
 IMAGE_EXTENSIONS = preprocessing.IMAGE_EXTENSIONS
@@ -60,11 +63,6 @@ def plain(fn):
     """`fn` for tf.data without AutoGraph: the pipeline's functions have no tensor-dependent
     Python control flow, and converting them (parsing their source) cost ~10 s of startup."""
     return tf.autograph.experimental.do_not_convert(fn)
-
-
-def log(message):
-    """One line of the run log (stdout, flushed so it interleaves with Keras's progress)."""
-    print(message, flush=True)
 
 
 def load_digits(image_size=32, test_fraction=0.2, seed=0):
@@ -400,7 +398,7 @@ def tfds_stream_shuffled(split, seed, buffer=16384):
     """A tfds training split read without the cache: files shuffled per epoch, interleaved,
     then a `buffer`-element shuffle. Approximate: with few files or a class-sorted file, the
     head of an epoch is not a uniform sample (use the cache for that)."""
-    log(
+    logger.info(
         f"Warning: cache='off' reads tfds examples in stored order with a {buffer:,}-example "
         f"shuffle buffer; an epoch's first batches are not a uniform sample when the files are "
         f"few or class-sorted. Use --cache auto/disk for a full shuffle.")
