@@ -213,8 +213,9 @@ def test_edge_peers_rejects_bad_flags_before_building_anything():
 def test_edge_peers_quick_run_measures_every_peer_family(tmp_path):
     pytest.importorskip("onnxruntime")
     out = tmp_path / "peers.json"
-    code, stdout, stderr = _run("benchmarks.edge_peers", "--quick", "--rounds", 1, "--epochs", 1,
-                                "--calibration", 4, "--test-images", 8, "--json", out)
+    code, stdout, stderr = _run("benchmarks.edge_peers", "--quick", "--rounds", 1,
+                                "--fit-images", 64, "--calibration", 4, "--test-images", 8,
+                                "--json", out)
     assert code == 0, stderr[-3000:]
     results = json.loads(out.read_text())
     assert results["machine"]["cpu_class"] in ("AMX", "AVX512-BF16", "AVX-512", "AVX2", "older")
