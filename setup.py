@@ -62,10 +62,16 @@ TORCH = [
     # Checkpoint conversion (torch.serialization.safe_globals: 2.5+). Not in the min check.
     "torch>=2.5",
 ]
-# `python -m benchmarks` (a checkout tool, not in the wheel): beyond the core, only the PyTorch
-# side (benchmarks/reference_torch.py, parity). torch.compile also needs a C++ compiler; the
-# GPU run (`--backend jax`) needs jax for your accelerator, installed as JAX documents.
-BENCH = TORCH
+# `python -m benchmarks` (a checkout tool, not in the wheel): beyond the core, the PyTorch side
+# (benchmarks/reference_torch.py, parity) and the edge peers (benchmarks/edge_peers.py: torch ->
+# ONNX -> ONNX Runtime fp32 and static int8). torch.compile also needs a C++ compiler; the GPU
+# run (`--backend jax`) needs jax for your accelerator, installed as JAX documents. The ONNX
+# side is not in the min check (tested with the lock's versions only, as torch).
+BENCH = TORCH + [
+    "onnx>=1.23.2",  # onnxruntime.quantization reads and writes the graphs with it
+    "onnxscript>=0.7.2",  # torch.onnx.export's default exporter (dynamo=True) needs it
+    "onnxruntime>=1.32.0",  # the CPU runtime and its static int8 quantization
+]
 TEST = [
     "pytest>=7.0",  # pytest.ini's `pythonpath` (7.0+)
     # pytest.ini's `-n auto --dist loadgroup` (two workers on two cores). 2.5.0: the first with
@@ -89,7 +95,7 @@ setup(
         "torch": TORCH,  # PyTorch checkpoints (convmixer-convert, weights="....pth")
         "bench": BENCH,  # python -m benchmarks (from a checkout)
         "test": TEST,
-        "all": TFDS + SERVING + TORCH + TEST,
+        "all": TFDS + SERVING + BENCH + TEST,
     },
     entry_points={
         "console_scripts": [

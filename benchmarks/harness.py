@@ -90,6 +90,8 @@ def mfu(per_s, flops_per_item, peak):
 
 
 def machine_info(args):
+    """The machine a run measured: CPU model, ISA flags and class, cores, load average at the
+    start (callers add `loadavg_end`), threads, framework versions."""
     info = dict(python=platform.python_version(), machine=platform.machine())
     try:
         with open("/proc/cpuinfo", encoding="utf-8") as f:
@@ -99,8 +101,11 @@ def machine_info(args):
         pass
     from convmixer_tf import fast_layers
 
-    info["cpu_flags"] = sorted(fast_layers.cpu_flags() & {"avx2", "avx512f", "avx512_bf16",
-                                                     "avx512_vnni", "amx_bf16"})
+    isa = {"avx2", "avx512f", "avx512_bf16", "avx512_vnni", "amx_bf16"}
+    info["cpu_flags"] = sorted(fast_layers.cpu_flags() & isa)
+    # What oneDNN uses (ONEDNN_MAX_CPU_ISA honoured), and the class each figure is filed under.
+    info["usable_cpu_flags"] = sorted(fast_layers.usable_cpu_flags() & isa)
+    info["cpu_class"] = fast_layers.cpu_class()
     info["cores"] = os.cpu_count()
     if args.backend == "jax":
         import jax
@@ -115,7 +120,8 @@ def machine_info(args):
     info["threads"] = args.threads
     from importlib import metadata
 
-    for dist in ("tensorflow", "keras", "torch", "ai-edge-litert", "jax", "jaxlib"):
+    for dist in ("tensorflow", "keras", "torch", "ai-edge-litert", "onnx", "onnxruntime", "jax",
+                 "jaxlib"):
         try:  # read from the installed metadata: importing TF would claim a GPU's memory
             info[dist] = metadata.version(dist)
         except metadata.PackageNotFoundError:

@@ -14,6 +14,7 @@ A crash or kill at any instant leaves every file either old or new, never half w
 """
 
 import contextlib
+import dataclasses
 import json
 import os
 import shutil
@@ -187,38 +188,90 @@ def load_model(path):
 
 
 def metadata_path(model_path):
-    """`saved_models/<name>.keras` -> `saved_models/<name>.json`."""
+    """`saved_models/<name>.keras` -> `saved_models/<name>.json` (a `.json` path: itself)."""
     return os.path.splitext(os.fspath(model_path))[0] + ".json"
 
 
-def write_metadata(model_path, class_names, image_size, crop_pct=1.0, **extra):
-    """Writes the metadata file next to a `.keras` model; returns its path. `crop_pct` is the
-    evaluation preprocessing (short side to size / crop_pct, centre crop) that serving and
-    prediction repeat."""
-    meta = dict(class_names=[str(c) for c in class_names], image_size=[int(s) for s in image_size],
-                crop_pct=float(crop_pct), **extra)
-    return write_json(metadata_path(model_path), meta)
+@dataclasses.dataclass
+class Metadata:
+    """What an artifact's metadata file says: what serving and prediction need (`class_names`,
+    the training `image_size` (h, w), evaluation's `crop_pct`: short side to size / crop_pct,
+    centre crop; the model normalises 0-255 pixels itself), what training records about the
+    run, and a TFLite set's `tflite` report. Training writes it beside the `.keras` model as
+    `<name>.json`, the export as each TFLite version's `metadata.json`; keys this version does
+    not know are kept in `extra` (and written back), so other files still load."""
+
+    class_names: list
+    image_size: tuple
+    crop_pct: float = 1.0
+    dataset: str = None  # the training data set (`--dataset`)
+    test_accuracy: float = None  # held-out accuracy at the end of training
+    config: dict = None  # the training config (`dataclasses.asdict(TrainConfig)`)
+    training_precision: str = None
+    serving_precision: str = None
+    fast_layers_applied: list = None
+    source_weights: dict = None  # a fine-tune's `--weights` file: {"path", "sha256"}
+    tflite: dict = None  # a TFLite set's report (`tflite_set.export_all`)
+    extra: dict = dataclasses.field(default_factory=dict)
+
+    def __post_init__(self):
+        self.class_names = [str(c) for c in self.class_names]
+        self.image_size = tuple(int(s) for s in self.image_size)
+        self.crop_pct = float(self.crop_pct)
+
+    def to_json(self):
+        """The JSON object of the file: the fields that are set, then `extra`."""
+        data = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
+                if f.name != "extra" and getattr(self, f.name) is not None}
+        return dict(data, image_size=list(self.image_size), **self.extra)
+
+    @classmethod
+    def from_json(cls, data, source="the metadata"):
+        """The metadata of a file's JSON object; a ValueError naming `source` when it lacks
+        class_names or image_size."""
+        missing = [k for k in ("class_names", "image_size") if not data.get(k)]
+        if missing:
+            raise ValueError(f"{source} has no {' or '.join(missing)}: give a metadata JSON "
+                             "with class_names, image_size and crop_pct (the <name>.json "
+                             "convmixer-train wrote)")
+        names = {f.name for f in dataclasses.fields(cls)} - {"extra"}
+        return cls(**{k: v for k, v in data.items() if k in names},
+                   extra={k: v for k, v in data.items() if k not in names})
+
+
+def write_metadata(model_path, metadata):
+    """Writes `metadata` (a `Metadata`) as the metadata file next to a `.keras` model (or to
+    `<folder>/metadata.json`, given that path); returns its path."""
+    return write_json(metadata_path(model_path), metadata.to_json())
+
+
+def read_json(path):
+    """The JSON object in the file `path`; a one-line ValueError when it is not JSON."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except ValueError as error:
+        raise ValueError(f"{path} is not valid JSON ({error}); delete or fix it") from None
+
+
+def load_metadata(path):
+    """The `Metadata` in the JSON file `path` (a `<name>.json` or a `metadata.json`)."""
+    return Metadata.from_json(read_json(path), source=path)
 
 
 def read_metadata(model, model_path=None):
-    """The metadata of `model`: from `<name>.json` when there is one, else class names
-    "0".."N-1", the model's input size (224 for a size-agnostic model) and crop_pct 1."""
-    meta = {}
+    """The `Metadata` of `model`: from `<name>.json` when there is one, with class names
+    "0".."N-1", the model's input size (224 for a size-agnostic model) and crop_pct 1 where it
+    says nothing; a ValueError when its class names do not fit the model."""
     path = None if model_path is None else metadata_path(model_path)
-    if path is not None and os.path.exists(path):
-        try:
-            with open(path, encoding="utf-8") as f:
-                meta = json.load(f)
-        except ValueError as error:
-            raise ValueError(f"{path} is not valid JSON ({error}); delete or fix it") from None
+    data = read_json(path) if path is not None and os.path.exists(path) else {}
     num_classes = int(model.output_shape[-1])
-    names = [str(c) for c in meta.get("class_names") or range(num_classes)]
-    if len(names) != num_classes:
-        raise ValueError(f"{path} lists {len(names)} class names but the model has "
-                         f"{num_classes} outputs")
-    size = meta.get("image_size") or [d or 224 for d in model.input_shape[1:3]]
-    return dict(meta, class_names=names, image_size=[int(s) for s in size],
-                crop_pct=float(meta.get("crop_pct", 1.0)))
+    data = dict(data, class_names=data.get("class_names") or list(range(num_classes)),
+                image_size=data.get("image_size") or [d or 224 for d in model.input_shape[1:3]])
+    if len(data["class_names"]) != num_classes:
+        raise ValueError(f"{path} lists {len(data['class_names'])} class names but the model "
+                         f"has {num_classes} outputs")
+    return Metadata.from_json(data, source=path)
 
 
 # ---------------------------------------------------------------------------- sample images

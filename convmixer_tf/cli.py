@@ -15,6 +15,7 @@ Exit status, the same for every command (`run` applies `EXIT_CODES`):
 """
 
 import argparse
+import contextlib
 import dataclasses
 import logging
 import os
@@ -77,10 +78,11 @@ def start_tensorflow():
 
 
 def add_config_flags(parser, config_cls):
-    """One `--flag` per dataclass field, typed by its default, described by its
-    `metadata["help"]` (knobs.knob). A field holding a config of its own (`TrainConfig.augment`)
-    gives its fields flat flags, under a section titled by its help. Build the config back
-    with `config_from_args`."""
+    """One `--flag` per dataclass field, described by its `metadata["help"]` (knobs.knob) and
+    typed by its default, or by its annotation where the default is None; a tuple field takes
+    one comma-separated value (the config splits it), a bool one is `--x/--no-x`. A field
+    holding a config of its own (`TrainConfig.augment`) gives its fields flat flags, under a
+    section titled by its help. Build the config back with `config_from_args`."""
     choices = getattr(config_cls, "CHOICES", {})
     for field in dataclasses.fields(config_cls):
         default = field.default
@@ -88,12 +90,14 @@ def add_config_flags(parser, config_cls):
             add_config_flags(parser.add_argument_group(field.metadata["help"]), type(default))
             continue
         flag = "--" + field.name.replace("_", "-")
+        kind = field.type if default is None and isinstance(field.type, type) else type(default)
+        if kind is tuple:
+            kind, default = str, ",".join(default)
         kwargs = dict(default=default, help=field.metadata["help"].replace("%", "%%"))
-        if isinstance(default, bool):
+        if kind is bool:
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, **kwargs)
         else:
-            parser.add_argument(flag, type=type(default), choices=choices.get(field.name),
-                                **kwargs)
+            parser.add_argument(flag, type=kind, choices=choices.get(field.name), **kwargs)
     return parser
 
 
@@ -115,17 +119,6 @@ def _flat(values):
     for name, value in values.items():
         flat.update(_flat(value) if isinstance(value, dict) else {name: value})
     return flat
-
-
-def _positive_int(text):
-    """argparse type: an integer >= 1 (a pixel budget)."""
-    try:
-        value = int(text.replace("_", ""))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number of pixels, got {text!r}")
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
 
 
 def _error(command, error):
@@ -284,7 +277,8 @@ def _train(argv):
         return EXIT_OK
     from convmixer_tf.deploy import export
 
-    return _report_export("convmixer-train", export.export_model(result["model_path"]))
+    exported = export.export_model(result["model_path"])
+    return _report_export("convmixer-train", exported)
 
 
 # ---------------------------------------------------------------------------- export
@@ -300,9 +294,7 @@ def export_main(argv=None):
 
 
 def _export(argv):
-    from convmixer_tf.deploy.modes import (DEFAULT_MODES, EDGE_BUILD, EXPORT_MODES,
-                                           INT8_IO, MAX_IMAGE_PIXELS, REQUEST_IMAGES,
-                                           SERVING_PRECISIONS, check_modes)
+    from convmixer_tf.deploy.config import ExportConfig
 
     parser = argparse.ArgumentParser(
         prog="convmixer-export", description=export_main.__doc__,
@@ -311,60 +303,20 @@ def _export(argv):
     parser.add_argument("model", help="a .keras file (its <name>.json metadata and "
                                       "<name>.samples.npz images are read when present)")
     parser.add_argument("--export-dir", default=None,
-                        help="TF Serving model base dir root (default: the model's folder)")
-    parser.add_argument("--name", default=None, help="model name (default: the file name)")
-    parser.add_argument("--saved-model", default=True, action=argparse.BooleanOptionalAction)
-    parser.add_argument("--tflite-modes", default=",".join(DEFAULT_MODES),
-                        help="comma-separated, from " + ",".join(EXPORT_MODES)
-                             + f" ({EDGE_BUILD}: "
-                             "every int8 build, the fastest that passes the gate also written "
-                             f"as <name>_{EDGE_BUILD}.tflite), or none")
-    parser.add_argument("--calibration-dir", default=None,
-                        help="images for int8 calibration/validation (default: the samples "
-                             "training stored beside the model)")
-    parser.add_argument("--int8-io", default="float32", choices=INT8_IO,
-                        help="input/output type of the int8 files (uint8 = raw pixel bytes)")
-    parser.add_argument("--tolerance", type=float, default=None,
-                        help="max abs logit error allowed for the SavedModel (default: 1e-4 "
-                             "in float32; with --serving-precision policy, 1e-2 (float16) or "
-                             "5e-2 (bfloat16) times the largest logit)")
-    parser.add_argument("--serving-precision", default="float32",
-                        choices=SERVING_PRECISIONS,
-                        help="what the SavedModel computes in: float32 (a float32 rebuild of "
-                             "any mixed-precision model) or policy (the dtype policy it was "
-                             "saved with, e.g. bfloat16 for GPU serving); TFLite is always "
-                             "converted from float32")
-    parser.add_argument("--max-accuracy-drop", type=float, default=1.0,
-                        help="the TFLite gate: points of held-out top-1 accuracy a build may "
-                             "lose against the Keras model on the same labelled images")
-    parser.add_argument("--min-int8-agreement", type=float, default=0.98,
-                        help="the TFLite gate without labels (--calibration-dir): top-1 "
-                             "agreement with Keras")
-    parser.add_argument("--max-image-pixels", type=_positive_int, default=MAX_IMAGE_PIXELS,
-                        help="the SavedModel refuses (INVALID_ARGUMENT, before decoding) an "
-                             "image with more pixels (height x width, read from a JPEG/PNG "
-                             "header)")
-    parser.add_argument("--max-request-pixels", type=_positive_int, default=None,
-                        help="... and a request whose images hold more pixels together; "
-                             f"None: {REQUEST_IMAGES} x --max-image-pixels")
-    args = parser.parse_args(argv)
+                        help="TF Serving model base dir root; None: the model's folder")
+    add_config_flags(parser, ExportConfig)
+    args = vars(parser.parse_args(argv))
+    model_path, export_dir = args.pop("model"), args.pop("export_dir")
     try:
-        modes = check_modes(args.tflite_modes, "--tflite-modes")
+        config = ExportConfig(**args)
     except ValueError as error:
-        parser.error(str(error))
+        parser.error(str(error))  # a flag's value: the usage line too
 
     start_tensorflow()
     from convmixer_tf.deploy import export
 
-    return _report_export("convmixer-export", export.export_model(
-        args.model, args.export_dir, args.name,
-        saved_model_export=args.saved_model, tflite_modes=modes,
-        calibration_dir=args.calibration_dir, int8_io=args.int8_io, tolerance=args.tolerance,
-        max_accuracy_drop=args.max_accuracy_drop / 100,
-        min_int8_agreement=args.min_int8_agreement, serving_precision=args.serving_precision,
-        serving_limits=dict(max_image_pixels=args.max_image_pixels,
-                            max_request_pixels=args.max_request_pixels),
-    ))
+    result = export.export_model(model_path, export_dir, config)
+    return _report_export("convmixer-export", result)
 
 
 def _report_export(command, result):
@@ -478,23 +430,24 @@ def predict_main(argv=None):
 
 
 def _predict(argv):
-    parser = argparse.ArgumentParser(prog="convmixer-predict", description=predict_main.__doc__)
+    from convmixer_tf.deploy.config import PredictConfig
+
+    parser = argparse.ArgumentParser(prog="convmixer-predict", description=predict_main.__doc__,
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("model", help="a .tflite file, or a SavedModel (version or base) dir")
     parser.add_argument("images", nargs="+", help="image files (JPEG, PNG, BMP, ...)")
-    parser.add_argument("--top-k", type=int, default=3)
-    parser.add_argument("--labels", default=None,
-                        help="metadata .json with class_names (default: metadata.json beside "
-                             "the .tflite file)")
-    parser.add_argument("--threads", type=int, default=None, help="LiteRT CPU threads")
-    args = parser.parse_args(argv)
-    if args.top_k < 1:
-        parser.error("--top-k must be >= 1")
+    add_config_flags(parser, PredictConfig)
+    args = vars(parser.parse_args(argv))
+    model, images = args.pop("model"), args.pop("images")
+    try:
+        config = PredictConfig(**args)
+    except ValueError as error:
+        parser.error(str(error))
 
     start_tensorflow()
     from convmixer_tf.deploy import predict
 
-    rows = predict.predict_files(args.model, args.images, args.top_k, args.labels, args.threads)
-    for row in rows:
+    for row in predict.predict_files(model, images, config):
         top = "  ".join(f"{label} {score:.3f}" for label, score in row["top"])
         print(f"{row['path']}: {top}  ({row['ms']:.2f} ms)")
     return EXIT_OK

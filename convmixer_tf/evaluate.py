@@ -18,7 +18,6 @@ so `convmixer-evaluate --help` answers before it does.
 """
 
 import dataclasses
-import json
 import logging
 import os
 import time
@@ -112,15 +111,6 @@ def _saved_model_dir(path):
         return None
 
 
-def _read_json(path):
-    try:
-        with open(path, encoding="utf-8") as f:
-            return json.load(f)
-    except ValueError as error:
-        raise ValueError(f"{path} is not valid JSON ({error}); fix it or pass --metadata") \
-            from None
-
-
 def saved_model_metadata_paths(version_dir):
     """Where a SavedModel's metadata lies (the SavedModel itself stores none): the trained
     model's `<root>/<name>.json` beside the base folder `<root>/<name>/`, then the metadata.json
@@ -142,16 +132,19 @@ def saved_model_metadata_paths(version_dir):
 
 
 def artifact_metadata(path, kind, override=""):
-    """dict(class_names, image_size, crop_pct, config?) of an artifact: `override` when given,
-    else the file the artifact's kind keeps it in (`.keras`: `<name>.json`, which
+    """(`artifacts.Metadata`, the file it was read from) of an artifact: `override` when
+    given, else the file the artifact's kind keeps it in (`.keras`: `<name>.json`, which
     `artifacts.read_metadata` reads; `.tflite`: the set's metadata.json beside it; SavedModel:
-    `saved_model_metadata_paths`). None for a `.keras` without one (the model then says)."""
+    `saved_model_metadata_paths`). (None, None) for a `.keras` without one (the model then
+    says)."""
+    from convmixer_tf import artifacts
+
     if override:
         if not os.path.isfile(override):
             raise FileNotFoundError(f"no such metadata file: {override!r} (--metadata)")
         candidates = [override]
     elif kind == "keras":
-        return None  # artifacts.read_metadata, once the model is loaded
+        return None, None  # artifacts.read_metadata, once the model is loaded
     elif kind == "tflite":
         candidates = [os.path.join(os.path.dirname(os.path.abspath(path)), "metadata.json")]
     else:
@@ -162,14 +155,10 @@ def artifact_metadata(path, kind, override=""):
             f"no metadata for {path} (looked for {' and '.join(candidates)}): pass --metadata "
             "PATH.json with class_names, image_size and crop_pct (the <name>.json "
             "convmixer-train wrote)")
-    meta = _read_json(found)
-    missing = [k for k in ("class_names", "image_size") if not meta.get(k)]
-    if missing:
-        raise ValueError(f"{found} has no {' or '.join(missing)}: pass --metadata PATH.json "
-                         "with class_names, image_size and crop_pct")
-    return dict(meta, class_names=[str(c) for c in meta["class_names"]],
-                image_size=[int(s) for s in meta["image_size"]],
-                crop_pct=float(meta.get("crop_pct", 1.0)), source=found)
+    try:
+        return artifacts.load_metadata(found), found
+    except ValueError as error:
+        raise ValueError(f"{error} (--metadata PATH.json)") from None
 
 
 class _Runner:
@@ -255,7 +244,7 @@ def evaluate(path, config=None):
     config = config or EvaluateConfig()
     path = os.fspath(path)
     kind = artifact_kind(path)
-    meta = artifact_metadata(path, kind, config.metadata)
+    meta, source = artifact_metadata(path, kind, config.metadata)
     runner = _Runner(path, kind, config)
     named = meta is not None  # else "0".."N-1" stand in for names: the data set's replace them
     if meta is None:  # .keras: its <name>.json, else what the model says
@@ -263,9 +252,9 @@ def evaluate(path, config=None):
 
         named = os.path.isfile(artifacts.metadata_path(path))
         meta = artifacts.read_metadata(runner.model, path)
-    classes = runner.classes or len(meta["class_names"])
-    if len(meta["class_names"]) != classes:
-        raise ValueError(f"{meta.get('source', path)} lists {len(meta['class_names'])} class "
+    classes = runner.classes or len(meta.class_names)
+    if len(meta.class_names) != classes:
+        raise ValueError(f"{source or path} lists {len(meta.class_names)} class "
                          f"names but {path} has {classes} outputs: pass --metadata with the "
                          "artifact's own metadata")
     size = _image_size(config, meta, runner)
@@ -276,24 +265,24 @@ def evaluate(path, config=None):
                          f"{len(class_names)}: evaluate on the data set it was trained on "
                          "(--dataset)")
     if not named:
-        meta = dict(meta, class_names=[str(c) for c in class_names])
-    elif tuple(class_names) != tuple(meta["class_names"]):
+        meta = dataclasses.replace(meta, class_names=list(class_names))
+    elif tuple(class_names) != tuple(meta.class_names):
         log.warning("the data set's class names %s differ from the artifact's %s; labels are "
-                    "matched by index", list(class_names)[:5], meta["class_names"][:5])
+                    "matched by index", list(class_names)[:5], meta.class_names[:5])
     log.info("evaluating %s (%s) on %s's test split: %dx%d images, crop_pct %g", path,
              kind if kind != "saved_model" else f"SavedModel, {config.signature}",
-             config.dataset, size[0], size[1], meta["crop_pct"])
+             config.dataset, size[0], size[1], meta.crop_pct)
     logits, labels, speed = _run(runner, test)
-    result = dict(_metrics(logits, labels, meta["class_names"]), images_per_second=speed)
+    result = dict(_metrics(logits, labels, meta.class_names), images_per_second=speed)
     result.update(artifact=path, kind=kind, dataset=config.dataset, image_size=list(size),
-                  crop_pct=meta["crop_pct"], batch_size=config.batch_size,
+                  crop_pct=meta.crop_pct, batch_size=config.batch_size,
                   signature=config.signature if kind == "saved_model" else None)
     if config.json:
         from convmixer_tf import artifacts
 
         artifacts.write_json(config.json, result)
     if config.confusion:
-        draw_confusion(result["confusion"], meta["class_names"], config.confusion)
+        draw_confusion(result["confusion"], meta.class_names, config.confusion)
     return result
 
 
@@ -310,13 +299,13 @@ def _image_size(config, meta, runner):
         return size
     if runner.model_size and None not in runner.model_size:
         return tuple(int(s) for s in runner.model_size)
-    return tuple(meta["image_size"])
+    return tuple(meta.image_size)
 
 
 def _split_options(config, meta, size):
     """The data source options: the seed and held-out fraction the artifact was trained with
     when its metadata records them (a folder without test/ then holds out the same images)."""
-    trained = meta.get("config") or {}
+    trained = meta.config or {}
     if size[0] != size[1]:
         raise ValueError(f"evaluation takes square images; the metadata says {size}: pass "
                          "--image-size")
@@ -336,7 +325,7 @@ def _test_data(config, meta, size):
     # Batches of 1 here, rebatched below: build_datasets wants a full training batch, which
     # evaluation never uses (a small folder's train split may hold fewer than a batch).
     datasets = pipeline.build_datasets(config.dataset, global_batch_size=1,
-                                       eval_crop_pct=meta["crop_pct"],
+                                       eval_crop_pct=meta.crop_pct,
                                        **_split_options(config, meta, size))
     test = datasets.test.unbatch().batch(config.batch_size)
     return test.map(lambda x, y: (x, tf.argmax(y, -1))), datasets.class_names

@@ -58,11 +58,12 @@ os.makedirs(args.out, exist_ok=True)
 model.save(os.path.join(args.out, "digits.keras"))
 
 # 4. Export: SavedModel (validated as TF Serving loads it) + the TFLite set (gated on the
-#    held-out images: a build that loses more than 1 point of accuracy is refused).
+#    held-out images: a build that loses more than 1 point of accuracy is refused). The
+#    settings are `deploy.config.ExportConfig` fields, given as keywords (or config=...).
 result = convmixer_tf.export(
-    model, args.out, name="digits", class_names=[str(i) for i in range(10)],
+    model, args.out, class_names=[str(i) for i in range(10)],
     calibration_images=x_train[:256], held_out=(x_test, y_test),
-    tflite_modes=args.tflite_modes.split(","),
+    name="digits", tflite_modes=args.tflite_modes,
 )
 print("TF Serving:", result["saved_model"]["path"])
 print("TFLite:", result["tflite"]["path"], "edge build:", result["tflite"]["edge_build"])

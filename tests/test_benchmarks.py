@@ -138,11 +138,17 @@ def test_a_torch_configuration_that_fails_to_build_is_left_out(capsys):
             raise RuntimeError("no C++ compiler\nmore")
         return lambda: 1
 
-    cands = benchmark_train.torch_candidates({}, Args(), make=make)
+    skipped = {}
+    cands = benchmark_train.torch_candidates({}, Args(), make=make, skipped=skipped)
     assert "torch.compile fp32 channels_last" not in cands
     assert "torch eager bf16 autocast channels_last" in cands
     assert "skipped torch.compile fp32 channels_last: RuntimeError: no C++ compiler" in (
         capsys.readouterr().out)
+    # Every compiled configuration is tried on CPU too, and the reason is kept for the log.
+    assert set(skipped) == {n for n in benchmark_train.TORCH_CONFIGS if "compile" in n} == {
+        "torch.compile fp32 NCHW", "torch.compile fp32 channels_last",
+        "torch.compile bf16 autocast NCHW", "torch.compile bf16 autocast channels_last"}
+    assert skipped["torch.compile fp32 NCHW"] == "RuntimeError: no C++ compiler"
 
 
 def test_bad_flags_are_rejected(capsys):
@@ -194,6 +200,33 @@ def test_edge_quick_run_times_every_build_against_torch(tmp_path):
             "litert full_int8, 7x7 depthwise unsplit", "torch eager fp32 NCHW"} <= set(
         results["results"])
     assert all(r["cpu_ms"] > 0 and r["wall_ms"] > 0 for r in results["results"].values())
+
+
+def test_edge_peers_rejects_bad_flags_before_building_anything():
+    code, _, err = _run("benchmarks.edge_peers", "--variant", "512_4")
+    assert code == 2 and "unknown or ambiguous model variant '512_4': choose from" in err
+    code, _, err = _run("benchmarks.edge_peers", "--rounds", "0")
+    assert code == 2 and "--rounds must be >= 1; got 0" in err
+
+
+@pytest.mark.large
+def test_edge_peers_quick_run_measures_every_peer_family(tmp_path):
+    pytest.importorskip("onnxruntime")
+    out = tmp_path / "peers.json"
+    code, stdout, stderr = _run("benchmarks.edge_peers", "--quick", "--rounds", 1,
+                                "--fit-images", 64, "--calibration", 4, "--test-images", 8,
+                                "--json", out)
+    assert code == 0, stderr[-3000:]
+    results = json.loads(out.read_text())
+    assert results["machine"]["cpu_class"] in ("AMX", "AVX512-BF16", "AVX-512", "AVX2", "older")
+    assert all("compile" in name for name in results["skipped"])  # --quick: nothing else
+    assert {"keras export litert fp32", "keras export litert int8", "onnxruntime fp32",
+            "onnxruntime int8 static, per tensor", "torch eager fp32 NCHW", "ours float32",
+            "ours int8_float_gelu"} <= set(results["results"])
+    for r in results["results"].values():
+        assert r["mb"] > 0 and 0 <= r["agreement"] <= 1
+        assert r["threads 1"]["cpu_ms"]["median"] > 0 and r["threads 2"]["wall_ms"]["median"] > 0
+    assert "| ours float32 |" in stdout
 
 
 def _jpeg_folder(root, classes=2, per_class=6):

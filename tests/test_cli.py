@@ -38,7 +38,7 @@ def test_startup_filter_keeps_other_lines():
     assert not any(cli._STARTUP_NOISE.match(line) for line in kept)
 
 
-@pytest.mark.parametrize("command", ["train", "convert", "evaluate"])
+@pytest.mark.parametrize("command", ["train", "export", "convert", "evaluate", "predict"])
 def test_every_flag_has_a_description_and_shows_its_default(command, capsys):
     main = getattr(cli, f"{command}_main")
     with pytest.raises(SystemExit):

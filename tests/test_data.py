@@ -349,7 +349,7 @@ def test_disk_cache_matches_memory_and_is_reused(sorted_folder, tmp_path, caplog
 
 @pytest.mark.parametrize("mode", ["memory", "disk"])
 def test_decode_once_holds_each_files_own_decode_and_names_the_unreadable(tmp_path, mode,
-                                                                         capsys):
+                                                                         caplog):
     """The cache holds, for every readable file in stored order, exactly what decoding that
     file alone gives (mixed formats and sizes, chunk boundaries crossed), with its label;
     unreadable files (not an image, truncated, missing) are skipped and named."""
@@ -364,8 +364,9 @@ def test_decode_once_holds_each_files_own_decode_and_names_the_unreadable(tmp_pa
     split = sources.load_source(str(tmp_path), image_size=8, seed=0, validation_split=0.1,
                                 data_dir=None).train
     os.remove(split.paths[70])  # listed, then gone before decoding
+    caplog.set_level(logging.INFO, logger="convmixer_tf")
     cached = cache.decode_once(split, cache.Decision(mode, 0, ""), None, "train")
-    out = capsys.readouterr().out
+    out = caplog.text
     assert "Skipped 3 unreadable train image(s)" in out, out
     assert "bad.jpg" in out and "cut.png" in out and split.paths[70] in out
     unreadable = {split.paths.index(str(tmp_path / "train" / "dog" / "bad.jpg")),
@@ -389,7 +390,7 @@ def test_decode_once_holds_each_files_own_decode_and_names_the_unreadable(tmp_pa
 
 
 
-def test_decode_once_of_a_stream_without_random_access_skips_and_names(capsys):
+def test_decode_once_of_a_stream_without_random_access_skips_and_names(caplog):
     """A split read only in stored order (tfds before caching): the chunk holding a broken
     image is decoded again image by image, so only that one is skipped, named by its index."""
     from convmixer_tf.training.data import cache, sources
@@ -400,8 +401,9 @@ def test_decode_once_of_a_stream_without_random_access_skips_and_names(capsys):
     labels = np.arange(70, dtype=np.int32) % 3
     split = sources.Split(70, lambda: tf.data.Dataset.from_tensor_slices((encoded, labels)),
                           None, True, "stream")
+    caplog.set_level(logging.INFO, logger="convmixer_tf")
     cached = cache.decode_once(split, cache.Decision("memory", 0, ""), None, "train")
-    assert "Skipped 1 unreadable train image(s): example #66" in capsys.readouterr().out
+    assert "Skipped 1 unreadable train image(s): example #66" in caplog.text
     kept = [i for i in range(70) if i != 66]
     assert cached.size == len(kept)
     for position, index in enumerate(kept):

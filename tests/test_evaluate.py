@@ -99,11 +99,11 @@ def digits_export(tmp_path_factory, tiny_model):
     result = convmixer_tf.export(model, str(root), name="tiny",
                                  class_names=sources.DIGITS_CLASS_NAMES,
                                  calibration_images=x_train[:64], held_out=(x_test, y_test),
-                                 tflite_modes=["float32", "full_int8"], max_accuracy_drop=1.0,
-                                 int8_io="uint8", log=lambda line: None)
+                                 tflite_modes=["float32", "full_int8"], max_accuracy_drop=100,
+                                 int8_io="uint8")
     model_path = str(root / "tiny.keras")
     artifacts.save_model(model, model_path)
-    artifacts.write_metadata(model_path, sources.DIGITS_CLASS_NAMES, (16, 16))
+    artifacts.write_metadata(model_path, artifacts.Metadata(sources.DIGITS_CLASS_NAMES, (16, 16)))
     return dict(root=root, result=result, model_path=model_path, labels=y_test)
 
 
@@ -164,7 +164,7 @@ def test_json_and_confusion_picture(digits_export, tmp_path, capsys):
 def test_the_bytes_signature_gets_a_folders_own_files(tmp_path, image_folder):
     """What a TF Serving client sends for an image folder: each PNG file's bytes as they are."""
     root = image_folder(tmp_path / "data", ("cat", "dog"), per_class=3)
-    meta = dict(class_names=["cat", "dog"], image_size=[16, 16], crop_pct=1.0)
+    meta = artifacts.Metadata(["cat", "dog"], (16, 16))
     batches, names = evaluate._encoded_test_data(CONFIG(dataset=root), meta, (16, 16))
     encoded, labels = next(iter(batches))
     assert tuple(names) == ("cat", "dog") and len(encoded) == len(labels) == 2

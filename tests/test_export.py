@@ -1,5 +1,6 @@
 import hashlib
 import json
+import logging
 import os
 import select
 import signal
@@ -13,6 +14,7 @@ import tensorflow as tf
 
 from convmixer_tf import artifacts
 from convmixer_tf.deploy import export
+from convmixer_tf.deploy.config import ExportConfig
 from convmixer_tf.model import ConvMixer
 
 from helpers import ROOT, subprocess_env
@@ -35,9 +37,6 @@ def test_calibration_folder_skips_non_images(tmp_path):
     (folder / "nested").mkdir()
     images = export.folder_images(str(folder), (16, 16))
     assert images.shape == (2, 16, 16, 3) and images.dtype == np.uint8
-    calibration, held_out, labels = export.stored_samples(
-        None, dict(image_size=[16, 16], crop_pct=1.0), str(folder))
-    assert calibration.shape == held_out.shape == (2, 16, 16, 3) and labels is None
 
     (folder / "a.png").unlink()
     (folder / "b.jpg").unlink()
@@ -133,9 +132,9 @@ def test_export_killed_at_each_stage_leaves_versions_whole(tmp_path, tiny_model)
     root = tmp_path / "models"
     model_path = str(root / "tiny.keras")
     artifacts.save_model(tiny_model(4), model_path)
-    artifacts.write_metadata(model_path, list("abcd"), (16, 16))
+    artifacts.write_metadata(model_path, artifacts.Metadata(list("abcd"), (16, 16)))
     saved, lite = str(root / "tiny"), str(root / "tiny_tflite")
-    first = export.export_model(model_path, tflite_modes=("float32",), log=lambda _: None)
+    first = export.export_model(model_path, tflite_modes=("float32",))
     assert first["saved_model"]["version"] == 1 and first["tflite"]["version"] == 1
     assert sorted(os.listdir(lite)) == ["1"]
     assert sorted(os.listdir(os.path.join(lite, "1"))) == [
@@ -217,6 +216,44 @@ def test_export_cli_on_a_text_file_or_truncated_keras(tmp_path, capsys, tiny_mod
     assert not any(name.startswith(artifacts.TMP_PREFIX) for name in os.listdir(tmp_path))
 
 
+def test_metadata_round_trip_keeps_keys_it_does_not_know(tmp_path):
+    """A metadata file with keys this version does not know (an older or newer writer's)
+    loads, and writing it back keeps them; one without class names says what to give."""
+    path = tmp_path / "m.json"
+    path.write_text(json.dumps(dict(class_names=[0, 1], image_size=[16, 16], dataset="digits",
+                                    written_by="another tool", tflite=dict(builds={}))))
+    meta = artifacts.load_metadata(str(path))
+    assert meta.class_names == ["0", "1"] and meta.image_size == (16, 16)
+    assert meta.crop_pct == 1.0 and meta.dataset == "digits" and meta.tflite == dict(builds={})
+    assert meta.extra == dict(written_by="another tool")
+    artifacts.write_metadata(str(tmp_path / "copy.keras"), meta)
+    assert json.loads((tmp_path / "copy.json").read_text()) == dict(
+        class_names=["0", "1"], image_size=[16, 16], crop_pct=1.0, dataset="digits",
+        tflite=dict(builds={}), written_by="another tool")
+    path.write_text(json.dumps(dict(image_size=[16, 16])))
+    with pytest.raises(ValueError, match="m.json has no class_names: give a metadata JSON"):
+        artifacts.load_metadata(str(path))
+    path.write_text("{not json")
+    with pytest.raises(ValueError, match="m.json is not valid JSON"):
+        artifacts.load_metadata(str(path))
+
+
+def test_export_cli_flags_are_checked_by_the_config_before_loading(tmp_path, capsys):
+    """`convmixer-export`'s flags are ExportConfig's: a bad value is a usage error (exit 2,
+    one line naming the setting) before the model file is even looked for."""
+    from convmixer_tf import cli
+
+    for flags, message in ((["--max-accuracy-drop", "500"], "in [0, 100] (points of accuracy)"),
+                           (["--min-int8-agreement", "2"], "in [0, 1] (a fraction)"),
+                           (["--name", "../up"], "must be a folder name"),
+                           (["--tflite-modes", "float32,int4"], "unknown TFLite mode 'int4'")):
+        with pytest.raises(SystemExit) as exit_info:
+            cli.export_main([str(tmp_path / "missing.keras"), *flags])
+        assert exit_info.value.code == 2
+        err = capsys.readouterr().err
+        assert message in err and "no such model file" not in err, err
+
+
 # ---------------------------------------------------------------------------- the export API
 
 
@@ -234,7 +271,9 @@ def test_export_api_rejects_bad_arguments_before_any_work(tmp_path, tiny_model):
         (dict(crop_pct=1.5), r"crop_pct` must be in \(0, 1\]. Received crop_pct=1.5"),
         (dict(tflite_modes=["float32", "int4"]), "Received tflite_modes=\\['float32', 'int4'\\]"),
         (dict(int8_io="int16"), "Received int8_io='int16'"),
-        (dict(max_accuracy_drop=5), r"in \[0, 1\]. Received max_accuracy_drop=5"),
+        (dict(max_accuracy_drop=500), r"in \[0, 100\] \(points of accuracy\). Received "
+                                      "max_accuracy_drop=500"),
+        (dict(max_image_pixels=0), "must be at least 1, got 0"),
         (dict(calibration_images=images / 255.0), r"0-255 pixels.* Received values in \[0, 1\]"),
         (dict(calibration_images=np.full((2, 16, 16, 3), np.nan)), "NaN or infinite"),
         (dict(calibration_images=images[0]), r"\[N, height, width, 3\].* shape \(16, 16, 3\)"),
@@ -249,11 +288,21 @@ def test_export_api_rejects_bad_arguments_before_any_work(tmp_path, tiny_model):
     dynamic = ConvMixer(dim=8, depth=1, kernel_size=3, patch_size=2, classes=4)
     with pytest.raises(ValueError, match=r"takes any image size.* image_size=None"):
         convmixer_tf.export(dynamic, out)
+    with pytest.raises(TypeError, match="unknown export setting.* max_accuracy_drop, "):
+        convmixer_tf.export(model, out, max_acuracy_drop=2)
+    with pytest.raises(TypeError, match="unknown export setting.* fields are name, "):
+        export.export_model(str(tmp_path / "missing.keras"), log=print)  # before the load
+    config = ExportConfig(tflite_modes="float32,int8", max_accuracy_drop=2)
+    assert config.tflite_modes == ("float32", "int8")
+    assert ExportConfig.create(config, tflite_modes="none") == ExportConfig(
+        tflite_modes=(), max_accuracy_drop=2)  # a keyword wins over the config
+    with pytest.raises(ValueError, match="mode 'int4'.* Received tflite_modes='float32,int4'"):
+        convmixer_tf.export(model, out, config=config, tflite_modes="float32,int4")
     assert not os.path.exists(out)  # refused before any work
 
 
 
-def test_export_api_writes_the_set_from_a_model_in_memory(tmp_path, tiny_model):
+def test_export_api_writes_the_set_from_a_model_in_memory(tmp_path, tiny_model, caplog):
     """`convmixer_tf.export` without any file: the names, size and crop given reach the
     SavedModel's signatures and the TFLite set's metadata, gated on the labelled images."""
     import convmixer_tf
@@ -263,16 +312,18 @@ def test_export_api_writes_the_set_from_a_model_in_memory(tmp_path, tiny_model):
     rng = np.random.default_rng(0)
     images = rng.integers(0, 256, (12, 16, 16, 3)).astype(np.uint8)
     labels = rng.integers(0, 4, 12)
-    lines = []
+    caplog.set_level(logging.INFO, logger="convmixer_tf")
     result = convmixer_tf.export(model, str(tmp_path), name="mine", class_names=list("abcd"),
                                  crop_pct=0.875, held_out=(images, labels),
-                                 tflite_modes=["float32"], max_accuracy_drop=1.0,
-                                 log=lines.append)
+                                 config=ExportConfig(tflite_modes=["float32"],
+                                                     max_accuracy_drop=100))
+    lines = [r.getMessage() for r in caplog.records if r.name.startswith("convmixer_tf.")]
     assert result["saved_model"]["path"] == str(tmp_path / "mine" / "1")
     assert result["tflite"]["path"] == str(tmp_path / "mine_tflite" / "1")
     assert not result["tflite"]["refused"] and not result["tflite"]["failed"]
     logged = (tmp_path / "mine.export.log").read_text()
-    assert all(line in logged for line in lines) and "exported TFLite files" in logged
+    assert lines and all(line in logged for line in lines)
+    assert "exported TFLite files" in logged and "validate serving_uint8" in logged
     logits = model.predict(images, verbose=0)
     served = tf.saved_model.load(str(tmp_path / "mine" / "1")).signatures["serving_uint8"](
         images=tf.constant(images))
@@ -297,8 +348,7 @@ def test_export_api_takes_the_trainer_a_user_fitted(tmp_path, tiny_model):
     model = tiny_model(3)
     images = np.random.default_rng(1).integers(0, 256, (4, 16, 16, 3)).astype(np.uint8)
     result = convmixer_tf.export(distribute.ReplicaTrainer(model), str(tmp_path), name="fitted",
-                                 saved_model_export=False, tflite_modes=["float32"],
-                                 log=lambda line: None)
+                                 saved_model=False, tflite_modes=["float32"])
     lite = litert.LiteRTModel(os.path.join(result["tflite"]["path"], "fitted_float32.tflite"))
     np.testing.assert_allclose(lite.predict(images), model.predict(images, verbose=0), atol=1e-4)
 

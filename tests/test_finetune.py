@@ -41,7 +41,7 @@ def source(tmp_path_factory):
     folder = tmp_path_factory.mktemp("source")
     model = with_bn_stats(convmixer(5, seed=1))
     path = artifacts.save_model(model, folder / "source.keras")
-    artifacts.write_metadata(path, [str(i) for i in range(5)], (SIZE, SIZE))
+    artifacts.write_metadata(path, artifacts.Metadata([str(i) for i in range(5)], (SIZE, SIZE)))
     artifacts.save_model(model, folder / "source.weights.h5")
     return model, folder
 

@@ -11,6 +11,7 @@ from PIL import Image
 
 from convmixer_tf import artifacts, cli
 from convmixer_tf.deploy import export, predict
+from convmixer_tf.deploy.config import PredictConfig
 
 CLASSES = ["cat", "dog", "owl", "elk"]
 
@@ -21,8 +22,8 @@ def exported(tmp_path_factory, tiny_model):
     model = tiny_model(4)
     model_path = str(root / "tiny.keras")
     artifacts.save_model(model, model_path)
-    artifacts.write_metadata(model_path, CLASSES, (16, 16))
-    result = export.export_model(model_path, tflite_modes=("float32",), log=lambda _: None)
+    artifacts.write_metadata(model_path, artifacts.Metadata(CLASSES, (16, 16)))
+    result = export.export_model(model_path, tflite_modes=("float32",))
     report = result["tflite"]
     return dict(root=root, saved=str(root / "tiny"),
                 tflite=os.path.join(report["path"], report["builds"]["float32"]["files"][0]))
@@ -61,7 +62,7 @@ def images(tmp_path_factory):
 def test_high_bit_depth_and_palette_images_decode_correctly(exported, images):
     assert Image.open(images["grey16.png"]).mode.startswith("I")  # really 16-bit
     for model in (exported["tflite"], exported["saved"]):
-        rows = predict.predict_files(model, list(images.values()), top_k=2)
+        rows = predict.predict_files(model, list(images.values()), PredictConfig(top_k=2))
         logits = {os.path.basename(r["path"]): np.asarray(r["logits"]) for r in rows}
         for a, b in (("rgb16.png", "rgb8.png"), ("grey16.png", "grey8.png"),
                      ("grey16.tif", "grey8.png"), ("palette.png", "palette_rgb.png"),

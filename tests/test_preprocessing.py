@@ -73,9 +73,8 @@ def test_same_jpeg_same_logits_in_eval_serving_and_predict(tmp_path, tiny_model)
 
     model_path = str(tmp_path / "tiny.keras")
     artifacts.save_model(model, model_path)
-    artifacts.write_metadata(model_path, ["a", "b"], (SIZE, SIZE), crop_pct=CROP)
-    export = saved_model.export_saved_model(model_path, str(tmp_path), "tiny",
-                                            log=lambda _: None)
+    artifacts.write_metadata(model_path, artifacts.Metadata(["a", "b"], (SIZE, SIZE), CROP))
+    export = saved_model.export_saved_model(model_path, str(tmp_path), "tiny")
     with open(jpeg, "rb") as f:
         encoded = f.read()
     served = {}

@@ -1,6 +1,8 @@
+import contextlib
 import hashlib
 import importlib.util
 import json
+import logging
 import os
 import re
 import subprocess
@@ -22,6 +24,21 @@ def png(image):
     return tf.io.encode_png(np.asarray(image, np.uint8)).numpy()
 
 
+@contextlib.contextmanager
+def logged_lines():
+    """The lines the library logs (logger "convmixer_tf", INFO) while the block runs."""
+    lines, logger = [], logging.getLogger("convmixer_tf")
+    handler, level = logging.Handler(), logger.level
+    handler.emit = lambda record: lines.append(record.getMessage())
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    try:
+        yield lines
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+
+
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory, tiny_model):
     """One validated export of a tiny model with metadata (class names), shared by the tests."""
@@ -29,11 +46,11 @@ def exported(tmp_path_factory, tiny_model):
     model = tiny_model(bn_stats=True)
     model_path = str(root / "tiny.keras")
     model.save(model_path)
-    artifacts.write_metadata(model_path, CLASS_NAMES, (16, 16))
+    artifacts.write_metadata(model_path, artifacts.Metadata(CLASS_NAMES, (16, 16)))
     images = np.random.default_rng(1).integers(0, 256, (4, 16, 16, 3)).astype(np.uint8)
-    lines = []
-    result = saved_model.export_saved_model(model_path, str(root), "tiny", sample_images=images,
-                                       log=lines.append)
+    with logged_lines() as lines:
+        result = saved_model.export_saved_model(model_path, str(root), "tiny",
+                                                sample_images=images)
     return dict(root=str(root), model=model, model_path=model_path, result=result, lines=lines)
 
 
@@ -158,11 +175,10 @@ def test_a_new_signature_is_one_table_entry(tmp_path, monkeypatch, tiny_model):
         lambda images, size, crop_pct: images.astype(np.float32)))
     model = tiny_model()
     images = np.random.default_rng(3).integers(0, 256, (2, 16, 16, 3)).astype(np.uint8)
-    lines = []
-    result = saved_model.export_saved_model(
-        model=model, export_root=str(tmp_path), name="tiny", sample_images=images,
-        meta=dict(class_names=CLASS_NAMES, image_size=[16, 16], crop_pct=1.0),
-        log=lines.append)
+    with logged_lines() as lines:
+        result = saved_model.export_saved_model(
+            model=model, export_root=str(tmp_path), name="tiny", sample_images=images,
+            meta=artifacts.Metadata(CLASS_NAMES, (16, 16)))
     assert {"tf1/serving_unit_float", "tf2/serving_unit_float"} <= set(result["report"])
     assert any("validate serving_unit_float" in line for line in lines)
     loaded = tf.saved_model.load(result["path"])
@@ -197,11 +213,11 @@ def test_new_version_per_export_and_failures_leave_versions_untouched(exported, 
 
     # A failing validation (a tolerance no export can meet) publishes nothing.
     with pytest.raises(errors.ExportError, match="validation failed"):
-        saved_model.export_saved_model(model_path, root, "tiny", tolerance=-1.0, log=lambda _: None)
+        saved_model.export_saved_model(model_path, root, "tiny", tolerance=-1.0)
     # Metadata that contradicts the model fails before anything is written.
     bad_meta = os.path.join(root, "bad.keras")
     exported["model"].save(bad_meta)
-    artifacts.write_metadata(bad_meta, ["a", "b"], (16, 16))
+    artifacts.write_metadata(bad_meta, artifacts.Metadata(["a", "b"], (16, 16)))
     assert cli.export_main([bad_meta, "--name", "tiny", "--tflite-modes", "none"]) == 2
     assert "lists 2 class names but the model has 10" in capsys.readouterr().err
 

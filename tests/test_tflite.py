@@ -299,8 +299,8 @@ def test_predict_cli_on_tflite(trained, digits16, tmp_path, capsys):
     _, (x_test, y_test) = digits16
     path = tflite.save(tflite.convert(trained, "float32", input_shape=(1, 16, 16)),
                        str(tmp_path / "tiny_float32.tflite"))
-    artifacts.write_metadata(str(tmp_path / "metadata.json"), [f"digit{i}" for i in range(10)],
-                          (16, 16))
+    artifacts.write_metadata(str(tmp_path / "metadata.json"),
+                             artifacts.Metadata([f"digit{i}" for i in range(10)], (16, 16)))
     Image.fromarray(x_test[0]).resize((40, 40)).save(tmp_path / "a.jpg", quality=95)
     Image.fromarray(x_test[1]).save(tmp_path / "b.png")
     assert cli.predict_main([path, str(tmp_path / "a.jpg"), str(tmp_path / "b.png"),

@@ -169,8 +169,8 @@ def test_a_run_name_holds_one_run(tmp_path):
     shutil.rmtree(run_dir)
     model_path = tmp_path / "models" / (first.name + ".keras")
     model_path.write_bytes(b"a model")
-    artifacts.write_metadata(str(model_path), ["0"], (16, 16),
-                             config=dataclasses.asdict(_tiny_config(tmp_path, dim=32)))
+    artifacts.write_metadata(str(model_path), artifacts.Metadata(
+        ["0"], (16, 16), config=dataclasses.asdict(_tiny_config(tmp_path, dim=32))))
     with pytest.raises(ValueError, match=r"is the model of another run: dim 32 -> 8"):
         train_lib.preflight(first)
     assert not run_dir.exists() and model_path.read_bytes() == b"a model"

@@ -7,7 +7,7 @@ Both exporters (`saved_model`, `tflite`) and their validations start from `logit
 import keras
 
 from convmixer_tf import fast_layers
-from convmixer_tf.deploy.modes import SERVING_PRECISIONS  # noqa: F401 (named here too)
+from convmixer_tf.deploy.modes import SERVING_PRECISIONS
 from convmixer_tf.errors import ExportError
 
 # Default max abs logit error of a SavedModel against the Keras model, by the dtype it computes

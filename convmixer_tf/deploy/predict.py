@@ -2,10 +2,10 @@
 evaluation's own preprocessing (`preprocessing`), and the latency of each.
 
     rows = predict.predict_files(
-        "saved_models/convmixer_digits_tflite/1/convmixer_digits_float32.tflite", ["digit.png"])
+        "saved_models/convmixer_digits_tflite/1/convmixer_digits_float32.tflite", ["digit.png"],
+        PredictConfig(top_k=5))
 """
 
-import json
 import os
 import time
 
@@ -14,17 +14,7 @@ import tensorflow as tf
 
 from convmixer_tf import artifacts, preprocessing
 from convmixer_tf.deploy import litert, saved_model
-
-
-def read_labels(path):
-    """The metadata JSON beside an exported model (class names, image size, crop), or {}."""
-    if not os.path.isfile(path):
-        return {}
-    try:
-        with open(path, encoding="utf-8") as f:
-            return json.load(f)
-    except ValueError as error:
-        raise ValueError(f"{path} is not valid JSON ({error})") from None
+from convmixer_tf.deploy.config import PredictConfig
 
 
 def softmax(logits):
@@ -34,19 +24,20 @@ def softmax(logits):
     return z / z.sum(axis=-1, keepdims=True)
 
 
-def predict_tflite(model_path, paths, top_k=3, labels=None, threads=None):
+def predict_tflite(model_path, paths, config):
     """[dict(path, top=[(label, probability)], ms, logits)] for image files through a
-    `.tflite` classifier. Images are preprocessed to the metadata's size and crop (or the
-    file's fixed size)."""
+    `.tflite` classifier. Images are preprocessed to the metadata's size and crop (the
+    `config.labels` file, else the metadata.json beside the file; the file's fixed size wins);
+    without metadata, labels are "0".."N-1" and images go in as they are."""
     if not model_path.endswith(".tflite"):
         raise ValueError(f"{model_path}: expected a .tflite file or a SavedModel directory")
-    runner = litert.LiteRTModel(model_path, num_threads=threads)
-    labels_path = labels or os.path.join(os.path.dirname(model_path), "metadata.json")
-    if labels and not os.path.isfile(labels):
-        raise FileNotFoundError(f"no such labels file: {labels}")
-    meta = read_labels(labels_path)
-    size = runner.image_size or tuple(meta.get("image_size") or ()) or None
-    crop_pct = float(meta.get("crop_pct", 1.0))
+    runner = litert.LiteRTModel(model_path, num_threads=config.threads or None)
+    labels_path = config.labels or os.path.join(os.path.dirname(model_path), "metadata.json")
+    if config.labels and not os.path.isfile(config.labels):
+        raise FileNotFoundError(f"no such labels file: {config.labels}")
+    meta = artifacts.load_metadata(labels_path) if os.path.isfile(labels_path) else None
+    size = runner.image_size or (meta and meta.image_size)
+    crop_pct = meta.crop_pct if meta else 1.0
     images = [preprocessing.read_image_file(p) for p in paths]  # all readable before running
     rows = []
     for path, image in zip(paths, images):
@@ -56,9 +47,9 @@ def predict_tflite(model_path, paths, top_k=3, labels=None, threads=None):
         start = time.perf_counter()
         logits = runner.predict(image[None])[0]
         ms = 1000 * (time.perf_counter() - start)
-        names = meta.get("class_names") or [str(i) for i in range(len(logits))]
+        names = meta.class_names if meta else [str(i) for i in range(len(logits))]
         probs = softmax(logits)
-        order = np.argsort(-probs)[:top_k]
+        order = np.argsort(-probs)[:config.top_k]
         rows.append(dict(path=path, top=[(names[i], float(probs[i])) for i in order], ms=ms,
                          logits=logits))
     return rows
@@ -106,12 +97,14 @@ def tflite_files(folder):
                   if f.endswith(".tflite"))
 
 
-def predict_files(model, paths, top_k=3, labels=None, threads=None):
-    """`predict_saved_model` for a directory, `predict_tflite` for a file."""
+def predict_files(model, paths, config=None):
+    """`predict_saved_model` for a directory, `predict_tflite` for a file; `config`: a
+    `PredictConfig` (default: top 3)."""
+    config = config or PredictConfig()
     if os.path.isdir(model):
         found = tflite_files(model)
         if found and not os.path.isfile(os.path.join(model, "saved_model.pb")):
             raise ValueError(f"{model} is a TFLite folder: pass one of its .tflite files, "
                              f"e.g. {found[0]}")
-        return predict_saved_model(model, paths, top_k)
-    return predict_tflite(model, paths, top_k, labels, threads)
+        return predict_saved_model(model, paths, config.top_k)
+    return predict_tflite(model, paths, config)

@@ -22,6 +22,7 @@ decoded.
 """
 
 import functools
+import logging
 import os
 import subprocess
 import sys
@@ -44,6 +45,8 @@ SIGNATURE_FLOAT = "serving_default"
 SIGNATURE_UINT8 = "serving_uint8"
 SIGNATURE_BYTES = "serving_image_bytes"
 OUTPUT_NAMES = ("logits", "probabilities", "classes", "scores", "class_ids")
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -362,11 +365,11 @@ print("loaded", export_dir, "signatures:", sorted(loaded.signatures))
 
 
 def validate_saved_model(export_dir, model, images, class_names, image_size, crop_pct=1.0,
-                         tolerance=None, log=print, precision="float32"):
+                         tolerance=None, precision="float32"):
     """Loads `export_dir` in a fresh process (TF1 session by signature tensor names and
     tf.saved_model.load), compares every signature with the Keras model (its `logits_model` in
     `precision`) on `images` (uint8; the bytes signature gets them PNG-encoded, the reference
-    `preprocessing` of them), prints the max abs logit error per path and raises ExportError
+    `preprocessing` of them), logs the max abs logit error per path and raises ExportError
     above `tolerance` (None: `logits.default_tolerance`)."""
     images = np.asarray(images)
     feeds = {f"{name}/{signature.input_name}": signature.feed(images)
@@ -408,8 +411,8 @@ def validate_saved_model(export_dir, model, images, class_names, image_size, cro
             agree = float(np.mean(labels == top1))
             report[f"{path}/{signature}"] = dict(max_abs_logit_error=error, top1_agreement=agree)
             loader = "tf1 session loader" if path == "tf1" else "tf.saved_model.load"
-            log(f"validate {signature:<20} {loader:<20} max abs logit error {error:.2e}  "
-                f"top-1 agreement {agree:.0%}")
+            log.info("validate %-20s %-20s max abs logit error %.2e  top-1 agreement %.0f%%",
+                     signature, loader, error, 100 * agree)
             if not error <= tolerance or agree < 1.0:
                 raise ExportError(
                     f"validation failed for {signature} via {loader}: max abs logit error "
@@ -422,12 +425,11 @@ def validate_saved_model(export_dir, model, images, class_names, image_size, cro
 
 
 def export_saved_model(model_path=None, export_root="saved_models", name=None, model=None,
-                       sample_images=None, top_k=5, tolerance=None, log=print,
-                       serving_precision="float32", meta=None, max_image_pixels=MAX_IMAGE_PIXELS,
-                       max_request_pixels=None):
+                       sample_images=None, top_k=5, tolerance=None, serving_precision="float32",
+                       meta=None, max_image_pixels=MAX_IMAGE_PIXELS, max_request_pixels=None):
     """Exports a `.keras` model (or `model`) to `<export_root>/<name>/<next version>/`,
     computing in float32 (or with `serving_precision="policy"` in the model's dtype policy);
-    `meta` (class_names, image_size, crop_pct) replaces the metadata file beside `model_path`.
+    `meta` (an `artifacts.Metadata`) replaces the metadata file beside `model_path`.
     Its signatures refuse images over `max_image_pixels` and requests over
     `max_request_pixels` (default REQUEST_IMAGES x max_image_pixels; see `serving_limits`).
 
@@ -440,7 +442,7 @@ def export_saved_model(model_path=None, export_root="saved_models", name=None, m
         model = artifacts.load_model(model_path)
     name = name or model.name
     meta = meta or artifacts.read_metadata(model, model_path)
-    class_names, image_size, crop_pct = meta["class_names"], meta["image_size"], meta["crop_pct"]
+    class_names, image_size, crop_pct = meta.class_names, meta.image_size, meta.crop_pct
     if sample_images is None:
         rng = np.random.default_rng(0)
         sample_images = rng.integers(0, 256, (4, *image_size, 3)).astype(np.uint8)
@@ -457,11 +459,11 @@ def export_saved_model(model_path=None, export_root="saved_models", name=None, m
             (signature_name, signature.input_name, signature.feed(warm))
             for signature_name, signature in SIGNATURES.items()])
         report = validate_saved_model(tmp, model, sample_images, class_names, image_size,
-                                      crop_pct, tolerance=tolerance, log=log,
+                                      crop_pct, tolerance=tolerance,
                                       precision=serving_precision)
     version, final = published["version"], published["path"]
     configs = tf_serving.write_serving_configs(export_root)
-    log(f"exported SavedModel: {final} (version {version}); serving limits: "
-        f"{limits['max_image_pixels']} pixels per image, {limits['max_request_pixels']} per "
-        "request (--max-image-pixels, --max-request-pixels)")
+    log.info("exported SavedModel: %s (version %d); serving limits: %d pixels per image, %d "
+             "per request (--max-image-pixels, --max-request-pixels)", final, version,
+             limits["max_image_pixels"], limits["max_request_pixels"])
     return dict(path=final, version=version, report=report, configs=configs, limits=limits)

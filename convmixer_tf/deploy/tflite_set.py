@@ -94,8 +94,7 @@ def model_activations(model):
 
 def export_all(model, out_dir, name, representative_images, eval_images, input_size,
                eval_labels=None, *, config=None, gated=True, num_threads=None,
-               latency_rounds=20, modes=None, int8_io=None, max_accuracy_drop=None,
-               min_int8_agreement=None, log=None):
+               latency_rounds=20):
     """Converts, gates, times and writes the TFLite builds into `out_dir` (the export job,
     `deploy.export`, passes a temp folder it publishes as a version); returns the report for
     the metadata file.
@@ -113,12 +112,8 @@ def export_all(model, out_dir, name, representative_images, eval_images, input_s
     under "failed" with a one-line reason (`tflite.conversion_failure`); the rest is still
     converted, gated and written. `gated=False` (no held-out images exist: `eval_images` are
     synthetic) reports the numbers without gating on them.
-
-    Until `deploy.export` passes `config`: `modes`, `int8_io`, `min_int8_agreement` and
-    `max_accuracy_drop` (a fraction here, as export passes it) override the config's, and
-    `log` also receives every line.
     """
-    config = _transition_config(config, modes, int8_io, max_accuracy_drop, min_int8_agreement)
+    config = config or ExportConfig()
     modes = check_modes(config.tflite_modes)
     eval_images = np.asarray(eval_images)
     labels = None if eval_labels is None else np.asarray(eval_labels).reshape(-1)
@@ -147,16 +142,8 @@ def export_all(model, out_dir, name, representative_images, eval_images, input_s
         edge_build=edge)
     if EDGE_BUILD in modes and edge is None:
         report["refused"][EDGE_BUILD] = "no int8 candidate converted and passed the gate"
-    _log(builds, report, name, log)
+    _log(builds, report, name)
     return report
-
-
-def _transition_config(config, modes, int8_io, max_accuracy_drop, min_int8_agreement):
-    """`config` (default `ExportConfig()`) with the keywords `deploy.export` still passes."""
-    given = dict(tflite_modes=modes, int8_io=int8_io, min_int8_agreement=min_int8_agreement,
-                 max_accuracy_drop=None if max_accuracy_drop is None else 100 * max_accuracy_drop)
-    return dataclasses.replace(config or ExportConfig(),
-                               **{k: v for k, v in given.items() if v is not None})
 
 
 def _convert(model, modes, representative_images, input_size, int8_io):
@@ -221,14 +208,10 @@ def _write(builds, out_dir, name, edge):
             tflite.save(build.flat, os.path.join(out_dir, file))
 
 
-def _log(builds, report, name, log=None):
+def _log(builds, report, name):
     """One line per build (+ XNNPACK's delegation of each fixed file written), then the
     skipped, the edge build, the refused and the failed."""
-
-    def emit(level, line):
-        logger.log(level, line)
-        if log is not None:
-            log(line)
+    emit = logger.log
 
     for build in builds:
         emit(logging.INFO, _build_line(build))

@@ -261,14 +261,14 @@ def save(config, model, datasets, test_accuracy, fast, folder):
     path = model_path(config)
     try:
         save_trained_model(model, path)
-        artifacts.write_metadata(
-            path, datasets.class_names, (config.image_size, config.image_size),
+        artifacts.write_metadata(path, artifacts.Metadata(
+            datasets.class_names, (config.image_size, config.image_size),
             crop_pct=config.eval_crop_pct, dataset=config.dataset,
             test_accuracy=float(test_accuracy), config=dataclasses.asdict(config),
             training_precision=config.precision, serving_precision="float32",
             fast_layers_applied=[swap for swap, on in fast.items() if on],
             source_weights=finetune.source_record(config),
-        )
+        ))
         artifacts.write_samples(path, *export_samples(datasets))
     except OSError as error:
         raise FinalSaveError(

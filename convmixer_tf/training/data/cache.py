@@ -238,7 +238,7 @@ def decode_once(split, decision, cache_dir, which):
     logger.info(f"{'Reused' if reused else 'Decoded'} {len(kept):,} {which} images"
                 f"{'' if reused else ' once'}: {nbytes / 2**20:,.0f} MB of uint8 pixels in "
                 f"{where} ({time.monotonic() - start:.1f} s)")
-    if skipped:
+    if len(skipped):
         names = [split.paths[i] if split.paths else f"example #{i}" for i in skipped]
         logger.info(f"Skipped {len(skipped):,} unreadable {which} image(s): "
                     f"{', '.join(names[:10])}"
