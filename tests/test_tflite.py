@@ -206,9 +206,12 @@ def test_export_all_measures_candidates_and_names_the_edge_build(trained, digits
     assert any("runtime >= 2." in line for line in lines)
     assert report["gate"] == "held-out accuracy within 10 point(s) of Keras"
 
-    # A gate nothing passes: every build is refused and reported, nothing is written.
+    # A gate nothing passes: every build is refused and reported, nothing is written. No valid
+    # setting refuses a build that matches Keras, so the threshold is set past the config's
+    # own check (which refuses -100 from a user: test_export.py, the config-error cases).
     caplog.clear()
-    strict = ExportConfig(tflite_modes=("float32", "int8"), max_accuracy_drop=-100.0)
+    strict = ExportConfig(tflite_modes=("float32", "int8"))
+    object.__setattr__(strict, "max_accuracy_drop", -100.0)
     refused = tflite_set.export_all(trained, str(tmp_path / "strict"), "tiny", x_train[:64],
                                     x_test[:60], (16, 16), eval_labels=y_test[:60],
                                     config=strict, latency_rounds=2)
@@ -219,11 +222,13 @@ def test_export_all_measures_candidates_and_names_the_edge_build(trained, digits
     assert not list((tmp_path / "strict").glob("*.tflite"))
     warned = {r.getMessage().split()[1] for r in caplog.records if r.levelno == logging.WARNING}
     assert warned >= set(refused["refused"]), warned
-    # No held-out images at all (synthetic eval images): measured and reported, not gated.
+    # No held-out images at all (synthetic eval images): measured and reported, not gated,
+    # even under an agreement no build could reach.
+    impossible = ExportConfig(tflite_modes=("int8",))
+    object.__setattr__(impossible, "min_int8_agreement", 1.01)
     ungated = tflite_set.export_all(trained, str(tmp_path / "ungated"), "tiny", x_train[:64],
                                     x_test[:30], (16, 16), latency_rounds=2, gated=False,
-                                    config=ExportConfig(tflite_modes=("int8",),
-                                                        min_int8_agreement=1.01))
+                                    config=impossible)
     assert not ungated["refused"] and ungated["gate"].startswith("none")
     assert (tmp_path / "ungated" / "tiny_int8.tflite").is_file()
 
