@@ -168,13 +168,8 @@ def _trained(model, trainer_fn=lambda m: m):
 
 
 def _source(kind, policy, path):
-    """Writes a `.keras` model of `kind` trained under `policy` to `path`."""
-    if kind == "user_script":  # MirroredStrategy on 2 logical CPUs: its own process
-        proc = subprocess.run([sys.executable, worker("precision_worker.py"),
-                               str(path), policy], env=_env(), capture_output=True, text=True,
-                              timeout=300, cwd=ROOT)
-        assert proc.returncode == 0, proc.stderr[-3000:]
-        return
+    """Writes a `.keras` model of `kind` trained under `policy` to `path` (not "user_script":
+    that process exports too, `_export_user_script`)."""
     import tensorflow as tf
     from convmixer_tf.training import distribute
 
@@ -189,6 +184,15 @@ def _source(kind, policy, path):
             model.save(path)
         return
     model.save(path)
+
+
+def _export_user_script(path, policy, *flags):
+    """A user's script (MirroredStrategy on 2 logical CPUs: its own process) trains under
+    `policy`, saves `path`, then runs `convmixer-export path flags` in the same process
+    (one TensorFlow start, not two)."""
+    return subprocess.run([sys.executable, worker("precision_worker.py"), str(path), policy,
+                           *flags], env=_env(), capture_output=True, text=True, timeout=600,
+                          cwd=ROOT)
 
 
 def _tflite_logits(path, images):
@@ -210,8 +214,11 @@ def test_any_policy_exports_as_float32(tmp_path, kind, policy):
     """`convmixer-export` of a model of any dtype policy and origin: exit 0, a float32 TFLite
     file whose logits match the float32 rebuild, close to the mixed-precision model's own."""
     path = tmp_path / "m.keras"
-    _source(kind, policy, path)
-    proc = _command("export_main", path, "--tflite-modes", "float32")
+    if kind == "user_script":
+        proc = _export_user_script(path, policy, "--tflite-modes", "float32")
+    else:
+        _source(kind, policy, path)
+        proc = _command("export_main", path, "--tflite-modes", "float32")
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
     assert os.path.isdir(tmp_path / "m" / "1")
     dtype = keras.DTypePolicy(policy).compute_dtype
