@@ -105,10 +105,12 @@ CELLS = [cell for cell in itertools.product(PRECISIONS, (True, False), ("default
                                             ("off", "on"))]
 
 
-# The real export (`cli.train_main` calls `export.export_model`) with the float builds only.
-FLOAT_BUILDS_ONLY = ("import functools; from convmixer_tf.deploy import export; "
-                     "export.export_model = functools.partial(export.export_model, "
-                     "tflite_modes=('float32', 'float16')); ")
+def _builds_only(*modes):
+    """Setup code for `_command`: the real export (`cli.train_main` calls
+    `export.export_model`) with these TFLite builds only."""
+    return ("import functools; from convmixer_tf.deploy import export; "
+            "export.export_model = functools.partial(export.export_model, "
+            f"tflite_modes={modes!r}); ")
 
 
 @pytest.mark.parametrize("precision, fast, strategy, xla", [
@@ -120,17 +122,20 @@ def test_train_and_export_every_precision(tmp_path, precision, fast, strategy, x
     the saved `.keras` computes in float32 and its metadata records the training policy.
     The TFLite set is the float builds (time): the saved model is stock float32 whatever
     the policy, and its int8 builds through the CLI are those of
-    test_tflite.py::test_export_cli_finishes_and_exits_3_when_a_build_is_refused."""
+    test_tflite.py::test_export_cli_finishes_and_exits_3_when_a_build_is_refused. The float16
+    build is made where training ran in float16 (its conversion once died on float16 ops);
+    elsewhere the float32 build alone (the same float32 model as any other)."""
+    modes = ("float32", "float16") if precision == "mixed_float16" else ("float32",)
     proc = _command(
         "train_main", "--epochs", 1, "--steps-per-epoch", 2, "--batch-size", 16, "--dim", 16,
         "--depth", 1, "--image-size", 16, "--name", "t", "--output-dir", tmp_path,
         "--run-dir", tmp_path / "runs", "--precision", precision, "--strategy", strategy,
         "--xla", xla, "--fast-layers" if fast else "--no-fast-layers", "--verbose", 0,
-        setup=FLOAT_BUILDS_ONLY)
+        setup=_builds_only(*modes))
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
     assert os.path.isdir(tmp_path / "t" / "1")
     builds = os.listdir(tmp_path / "t_tflite" / "1")
-    assert "t_float32.tflite" in builds and "t_float16.tflite" in builds, builds
+    assert {f"t_{mode}.tflite" for mode in modes} <= set(builds), builds
     assert ("fast layers" in proc.stdout) == fast
     meta = json.loads((tmp_path / "t.json").read_text())
     assert meta["training_precision"] == precision
@@ -163,13 +168,8 @@ def _trained(model, trainer_fn=lambda m: m):
 
 
 def _source(kind, policy, path):
-    """Writes a `.keras` model of `kind` trained under `policy` to `path`."""
-    if kind == "user_script":  # MirroredStrategy on 2 logical CPUs: its own process
-        proc = subprocess.run([sys.executable, worker("precision_worker.py"),
-                               str(path), policy], env=_env(), capture_output=True, text=True,
-                              timeout=300, cwd=ROOT)
-        assert proc.returncode == 0, proc.stderr[-3000:]
-        return
+    """Writes a `.keras` model of `kind` trained under `policy` to `path` (not "user_script":
+    that process exports too, `_export_user_script`)."""
     import tensorflow as tf
     from convmixer_tf.training import distribute
 
@@ -184,6 +184,15 @@ def _source(kind, policy, path):
             model.save(path)
         return
     model.save(path)
+
+
+def _export_user_script(path, policy, *flags):
+    """A user's script (MirroredStrategy on 2 logical CPUs: its own process) trains under
+    `policy`, saves `path`, then runs `convmixer-export path flags` in the same process
+    (one TensorFlow start, not two)."""
+    return subprocess.run([sys.executable, worker("precision_worker.py"), str(path), policy,
+                           *flags], env=_env(), capture_output=True, text=True, timeout=600,
+                          cwd=ROOT)
 
 
 def _tflite_logits(path, images):
@@ -205,8 +214,11 @@ def test_any_policy_exports_as_float32(tmp_path, kind, policy):
     """`convmixer-export` of a model of any dtype policy and origin: exit 0, a float32 TFLite
     file whose logits match the float32 rebuild, close to the mixed-precision model's own."""
     path = tmp_path / "m.keras"
-    _source(kind, policy, path)
-    proc = _command("export_main", path, "--tflite-modes", "float32")
+    if kind == "user_script":
+        proc = _export_user_script(path, policy, "--tflite-modes", "float32")
+    else:
+        _source(kind, policy, path)
+        proc = _command("export_main", path, "--tflite-modes", "float32")
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
     assert os.path.isdir(tmp_path / "m" / "1")
     dtype = keras.DTypePolicy(policy).compute_dtype
@@ -235,14 +247,18 @@ def _assert_graph_dtypes(saved_model_dir, reduced):
                                     "mixed_bfloat16"])
 def test_serving_precision_policy_keeps_reduced_precision(tmp_path, policy):
     """`--serving-precision policy`: the SavedModel computes in the model's own policy and
-    validates against it with the reduced-precision tolerance; TFLite stays float32."""
+    validates against it with the reduced-precision tolerance. No TFLite build (time): TFLite
+    converts a float32 rebuild whatever the serving precision (`export_tflite_version` does
+    not take it); a mixed model's float32 TFLite build is
+    test_any_policy_exports_as_float32[user_script-mixed_bfloat16]'s."""
     path = tmp_path / "m.keras"
     _source("functional", policy, path)
-    proc = _command("export_main", path, "--tflite-modes", "float32",
+    proc = _command("export_main", path, "--tflite-modes", "none",
                     "--serving-precision", "policy")
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    dtype = keras.DTypePolicy(policy).compute_dtype
+    assert f"the SavedModel keeps {dtype}" in proc.stdout
     _assert_graph_dtypes(tmp_path / "m" / "1", reduced=True)
-    assert os.path.isfile(tmp_path / "m_tflite" / "1" / "m_float32.tflite")
 
 
 def test_serving_precision_is_validated_before_work(tmp_path):

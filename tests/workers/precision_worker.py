@@ -1,8 +1,10 @@
 """Runs in its own process (2 logical CPUs must exist before TF starts): a user's own `model.fit`
 script in miniature, as the README shows it: ConvMixer under MirroredStrategy, a global
-mixed-precision policy, `distribute.make_trainer`, `jit_compile=True`, then `model.save`.
+mixed-precision policy, `distribute.make_trainer`, `jit_compile=True`, then `model.save`; then,
+given export flags, `convmixer-export OUT.keras FLAGS...` in the same process (as
+examples/train_and_export.py does), exiting with its status.
 
-    python tests/workers/precision_worker.py OUT.keras [POLICY]
+    python tests/workers/precision_worker.py OUT.keras [POLICY [EXPORT FLAGS...]]
 """
 
 import os
@@ -17,7 +19,7 @@ import convmixer_tf  # noqa: E402
 from convmixer_tf.training import distribute  # noqa: E402
 
 
-def main(path, policy="mixed_bfloat16"):
+def main(path, policy="mixed_bfloat16", *export_flags):
     strategy = distribute.make_strategy("mirrored", cpu_replicas=2)
     keras.mixed_precision.set_global_policy(policy)
     rng = np.random.default_rng(0)
@@ -33,6 +35,10 @@ def main(path, policy="mixed_bfloat16"):
     assert type(trainer).__name__ == "ReplicaTrainer", type(trainer)
     model.save(path)
     print(f"saved {path} ({strategy.num_replicas_in_sync} replicas, {policy})")
+    if export_flags:
+        from convmixer_tf import cli
+
+        sys.exit(cli.export_main([path, *export_flags]))
 
 
 if __name__ == "__main__":
