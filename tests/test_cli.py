@@ -92,7 +92,11 @@ TRAIN_FLAG_VALUES = dict(  # a valid value other than the default, for the str f
     dataset="cifar10", data_dir="/tmp/tfds", cache="memory", data_service="grpc://host:5050",
     variant="convmixer_768_32", activation="relu", precision="mixed_bfloat16",
     output_dir="out", name="mine", verbose="2", strategy="mirrored", xla="on", run_dir="r",
-    erase_mode="mean")
+    erase_mode="mean", weights="pretrained.keras", weights_sha256="0" * 64)
+# Flags that are valid only with another: given with it (which is then left out of the check).
+TRAIN_FLAG_NEEDS = dict(freeze_backbone=["--weights", "pretrained.keras"],
+                        freeze_backbone_epochs=["--weights", "pretrained.keras"],
+                        weights_sha256=["--weights", "pretrained.keras"])
 
 
 def _other_value(field):
@@ -130,13 +134,15 @@ def test_every_train_flag_parses_to_its_field():
             argv = [flag if value else "--no-" + flag[2:]]
         else:
             argv = [flag, str(value)]
-        config, export = cli.parse_train_args(argv)
+        needs = TRAIN_FLAG_NEEDS.get(field.name, [])
+        config, export = cli.parse_train_args(argv + needs)
         assert getattr(part(config), field.name) == value, argv
         assert export is True
+        skip = (field.name, "name", *(n[2:].replace("-", "_") for n in needs[::2]))
         others = [(f.name, getattr(p(config), f.name)) for f, p in _train_fields()
-                  if f.name not in (field.name, "name")]
+                  if f.name not in skip]
         assert others == [(f.name, getattr(p(default), f.name)) for f, p in _train_fields()
-                          if f.name not in (field.name, "name")], argv
+                          if f.name not in skip], argv
     assert cli.parse_train_args(["--no-export"])[1] is False
 
 
