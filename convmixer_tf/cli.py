@@ -112,6 +112,15 @@ def config_from_args(config_cls, args):
     return config_cls(**values)
 
 
+def checked_config(parser, config_cls, args):
+    """`config_from_args`, with a value the config refuses reported as a usage error (exit 2,
+    the usage line too), as argparse reports a bad flag."""
+    try:
+        return config_from_args(config_cls, args)
+    except ValueError as error:
+        parser.error(str(error))
+
+
 def _flat(values):
     """A config's field values (`presets.TRAIN_PRESETS`) with those of its nested configs
     spread out, as `add_config_flags` names the flags."""
@@ -256,10 +265,7 @@ def parse_train_args(argv=None):
     args = vars(parser.parse_args(argv))
     do_export = args.pop("export")
     args.pop("preset")
-    try:
-        return config_from_args(TrainConfig, args), do_export
-    except ValueError as error:
-        parser.error(str(error))  # a flag's value: the usage line too
+    return checked_config(parser, TrainConfig, args), do_export
 
 
 def _train(argv):
@@ -307,10 +313,7 @@ def _export(argv):
     add_config_flags(parser, ExportConfig)
     args = vars(parser.parse_args(argv))
     model_path, export_dir = args.pop("model"), args.pop("export_dir")
-    try:
-        config = ExportConfig(**args)
-    except ValueError as error:
-        parser.error(str(error))  # a flag's value: the usage line too
+    config = checked_config(parser, ExportConfig, args)
 
     start_tensorflow()
     from convmixer_tf.deploy import export
@@ -396,10 +399,7 @@ def _evaluate(argv):
     add_config_flags(parser, EvaluateConfig)
     args = vars(parser.parse_args(argv))
     path = args.pop("model")
-    try:
-        config = EvaluateConfig(**args)
-    except ValueError as error:
-        parser.error(str(error))
+    config = checked_config(parser, EvaluateConfig, args)
 
     start_tensorflow()
     from convmixer_tf import evaluate
@@ -439,10 +439,7 @@ def _predict(argv):
     add_config_flags(parser, PredictConfig)
     args = vars(parser.parse_args(argv))
     model, images = args.pop("model"), args.pop("images")
-    try:
-        config = PredictConfig(**args)
-    except ValueError as error:
-        parser.error(str(error))
+    config = checked_config(parser, PredictConfig, args)
 
     start_tensorflow()
     from convmixer_tf.deploy import predict
@@ -476,10 +473,7 @@ def _data_service(argv):
             formatter_class=argparse.ArgumentDefaultsHelpFormatter), config_cls)
     args = vars(parser.parse_args(argv))
     role = args.pop("role")
-    try:
-        config = config_from_args(configs[role], args)
-    except ValueError as error:
-        parser.error(str(error))
+    config = checked_config(parser, configs[role], args)
 
     start_tensorflow()
     from convmixer_tf.training import data_service
