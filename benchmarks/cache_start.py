@@ -95,13 +95,13 @@ def _ours(args, cache):
     import tensorflow as tf
 
     import convmixer_tf
-    from convmixer_tf.training import data
+    from convmixer_tf.training.data import pipeline
 
     tf.zeros(1)  # TensorFlow's own start-up, untimed
     real, sys.stdout = sys.stdout, _Stamped(sys.stdout)
     try:
         cpu, start = time.process_time(), time.perf_counter()
-        ds = data.build_datasets(args.folder, image_size=32, global_batch_size=BATCH, cache=cache)
+        ds = pipeline.build_datasets(args.folder, image_size=32, global_batch_size=BATCH, cache=cache)
         images, _ = next(iter(ds.train))
         first, cpu = time.perf_counter(), time.process_time() - cpu
         assert images.shape[0] == BATCH

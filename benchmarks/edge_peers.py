@@ -61,10 +61,10 @@ CLOCKS = ("cpu", "wall", "process")
 
 def digits(cfg, n_test):
     """(x_train, y_train), (x_test, y_test): scikit-learn's digits at the variant's size, raw
-    uint8 RGB pixels (`convmixer_tf.training.data.load_digits`)."""
-    from convmixer_tf.training import data
+    uint8 RGB pixels (`convmixer_tf.training.data.sources.load_digits`)."""
+    from convmixer_tf.training.data import sources
 
-    (x_train, y_train), (x_test, y_test) = data.load_digits(cfg["image"])
+    (x_train, y_train), (x_test, y_test) = sources.load_digits(cfg["image"])
     return (x_train, y_train), (x_test[:n_test], y_test[:n_test])
 
 

@@ -52,9 +52,9 @@ def write_folder(root, images, labels, classes, per_class=0):
 def digit_folders(root, image_size, per_class=0):
     """(source folder, target folder): digits 0-4 and 5-9, each with train/ and test/ (the
     digits source's own split); `per_class` caps the target's training images per class."""
-    from convmixer_tf.training import data
+    from convmixer_tf.training.data import sources
 
-    (x_train, y_train), (x_test, y_test) = data.load_digits(image_size)
+    (x_train, y_train), (x_test, y_test) = sources.load_digits(image_size)
     folders = []
     for name, classes, cap in (("digits0-4", SOURCE_CLASSES, 0),
                                ("digits5-9", TARGET_CLASSES, per_class)):

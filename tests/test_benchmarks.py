@@ -1,5 +1,5 @@
-"""The benchmarks package: its pieces, its shape (a package, shapes from presets), and one
-`python -m benchmarks --quick` smoke run (no timing assertions)."""
+"""The benchmarks package: its pieces, its shape (a package, shapes from presets), and (with
+`--large`) `python -m benchmarks --quick` smoke runs (no timing assertions)."""
 
 import ast
 import json
@@ -161,6 +161,8 @@ def test_bad_flags_are_rejected(capsys):
     assert args.sections == ["peak", "tflite"]
 
 
+@pytest.mark.large  # ~65 s on a 2-core AVX2 machine (23 s AMX): every section's pieces are
+# the unit tests above; this is the smoke run of them together
 def test_quick_run_reports_every_section(tmp_path):
     out = tmp_path / "bench.json"
     code, stdout, stderr = _run("benchmarks", "--quick", "--rounds", 1, "--json", out)
@@ -209,6 +211,18 @@ def test_edge_peers_rejects_bad_flags_before_building_anything():
     assert code == 2 and "--rounds must be >= 1; got 0" in err
 
 
+def test_benchmark_data_helpers_use_the_data_package(tmp_path):
+    """The pieces the large quick runs use, by default: digits for the edge peers and the
+    fine-tuning folders (a removed re-export once broke both unseen)."""
+    from benchmarks import edge_peers, finetune
+
+    (x_train, y_train), (x_test, y_test) = edge_peers.digits({"image": 16}, 5)
+    assert x_train.shape[1:] == (16, 16, 3) and x_test.shape == (5, 16, 16, 3)
+    source, target = finetune.digit_folders(tmp_path, 8, per_class=1)
+    assert sorted(os.listdir(os.path.join(target, "train"))) == ["5", "6", "7", "8", "9"]
+    assert sorted(os.listdir(os.path.join(source, "test"))) == ["0", "1", "2", "3", "4"]
+
+
 @pytest.mark.large
 def test_edge_peers_quick_run_measures_every_peer_family(tmp_path):
     pytest.importorskip("onnxruntime")
@@ -242,23 +256,27 @@ def _jpeg_folder(root, classes=2, per_class=6):
     return root
 
 
-def test_benchmark_input_our_side_and_stages(tmp_path):
+def test_benchmark_input_our_side_answers_a_round(tmp_path):
     """python -m benchmarks.input: our side (the data package's training stream, run as the
     parent runs it: this file as a script) answers a round with its CPU time for the images it
-    made (the protocol the parent interleaves), and --stages prints every stage's row."""
+    made (the protocol the parent interleaves)."""
     folder = _jpeg_folder(tmp_path / "jpegs")
     script = os.path.join(ROOT, "benchmarks", "input.py")
-    env = subprocess_env()
     side = subprocess.run(
         [sys.executable, script, "--side", "tf", "--folder", str(folder), "--batch", "4"],
-        input="round 2\n", env=env, capture_output=True, text=True, timeout=300)
+        input="round 2\n", env=subprocess_env(), capture_output=True, text=True, timeout=300)
     assert side.returncode == 0, side.stderr[-2000:]
     ready, answer = side.stdout.strip().splitlines()[-2:]
     result = json.loads(answer)
     assert ready == "ready" and result["images"] == 8 and result["cpu_s"] > 0
+
+
+@pytest.mark.large  # one more TF process timing every stage (~20 s on 2 AVX2 cores)
+def test_benchmark_input_stages_prints_every_stage(tmp_path):
+    folder = _jpeg_folder(tmp_path / "jpegs")
     stages = subprocess.run([sys.executable, "-m", "benchmarks.input", "--folder", str(folder),
-                             "--stages"], cwd=ROOT, env=env, capture_output=True, text=True,
-                            timeout=300)
+                             "--stages"], cwd=ROOT, env=subprocess_env(), capture_output=True,
+                            text=True, timeout=300)
     assert stages.returncode == 0, stages.stderr[-2000:]
     rows = [line for line in stages.stdout.splitlines() if line.startswith("| ")][1:]
     assert len(rows) == 7 and all(float(r.split("|")[2]) > 0 for r in rows), stages.stdout

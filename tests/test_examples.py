@@ -21,7 +21,11 @@ SMALL = ["--epochs", "1", "--steps", "5", "--dim", "16", "--depth", "1",
 
 
 @pytest.mark.parametrize("extra", [
-    pytest.param([], id="one-device"),  # ~40 s on the shared 2 cores (85 s under heavy load)
+    # ~46 s on 2 AVX2 cores: large, as the same path runs by default in
+    # test_export.py::test_export_api_writes_the_set_from_a_model_in_memory (convmixer_tf.export
+    # of a fitted model) and test_precision.py's user-script cell (a user's fit under
+    # MirroredStrategy + mixed precision, exported in the same process).
+    pytest.param([], id="one-device", marks=pytest.mark.large),
     # The user script: MirroredStrategy (2 logical CPUs here) and mixed_bfloat16.
     pytest.param(["--mirrored", "--precision", "mixed_bfloat16"], id="mirrored-bfloat16",
                  marks=pytest.mark.large),  # ~75 s

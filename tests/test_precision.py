@@ -245,19 +245,22 @@ def _assert_graph_dtypes(saved_model_dir, reduced):
 
 @pytest.mark.parametrize("policy", [pytest.param("mixed_float16", marks=pytest.mark.large),
                                     "mixed_bfloat16"])
-def test_serving_precision_policy_keeps_reduced_precision(tmp_path, policy):
+def test_serving_precision_policy_keeps_reduced_precision(tmp_path, capsys, policy):
     """`--serving-precision policy`: the SavedModel computes in the model's own policy and
     validates against it with the reduced-precision tolerance. No TFLite build (time): TFLite
     converts a float32 rebuild whatever the serving precision (`export_tflite_version` does
     not take it); a mixed model's float32 TFLite build is
     test_any_policy_exports_as_float32[user_script-mixed_bfloat16]'s."""
+    from convmixer_tf import cli
+
     path = tmp_path / "m.keras"
     _source("functional", policy, path)
-    proc = _command("export_main", path, "--tflite-modes", "none",
-                    "--serving-precision", "policy")
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    code = cli.export_main([str(path), "--tflite-modes", "none", "--serving-precision",
+                            "policy"])  # in this process: one TF start fewer
+    out, err = capsys.readouterr()
+    assert code == 0, out[-2000:] + err[-4000:]
     dtype = keras.DTypePolicy(policy).compute_dtype
-    assert f"the SavedModel keeps {dtype}" in proc.stdout
+    assert f"the SavedModel keeps {dtype}" in out
     _assert_graph_dtypes(tmp_path / "m" / "1", reduced=True)
 
 

@@ -1,5 +1,9 @@
 """Runs in its own process (2 logical CPU devices must exist before TF starts): trains tiny
-models under MirroredStrategy and prints one JSON line of measurements for test_distribute."""
+models under MirroredStrategy in each precision given (default float32) and prints one JSON
+line of measurements for test_distribute.
+
+    python tests/workers/mirrored_worker.py [PRECISION ...]
+"""
 
 import json
 import os
@@ -75,10 +79,10 @@ def max_diff(a, b):
     return max(float(np.abs(x - y).max()) for x, y in zip(a, b))
 
 
-def main():
+def main(precisions=("float32",)):
     mirrored = distribute.make_strategy("mirrored")
     report = {"replicas": mirrored.num_replicas_in_sync}
-    for precision in ("float32", "mixed_float16"):
+    for precision in precisions:
         loss_off, w_off, spread_off, moved = fit(convmixer, mirrored, False, precision)
         loss_on, w_on, spread_on, _ = fit(convmixer, mirrored, True, precision)
         report[precision] = dict(
@@ -97,4 +101,4 @@ def main():
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main(sys.argv[1:] or ("float32",)))
