@@ -275,7 +275,8 @@ def _input_error_case(command, tmp_path):
         return [str(tmp_path / "missing.keras")], "missing.keras"
     if command == "predict":
         return [str(tmp_path / "missing.tflite"), str(tmp_path / "a.png")], "missing.tflite"
-    return ["worker", "--dispatcher", f"localhost:{_free_port()}"], "Cannot reach"
+    return (["worker", "--dispatcher", f"localhost:{_free_port()}", "--dispatcher-timeout",
+             "0.5"], "Cannot reach")
 
 
 @pytest.mark.parametrize("command", COMMANDS)

@@ -96,25 +96,32 @@ def test_multi_worker_with_a_data_service_is_refused():
 
 
 def test_unreachable_dispatcher_is_one_line_and_bounded(tmp_path, capsys):
-    """Through the command: no dispatcher on the port -> exit 2 and one line, in seconds (tf.data
-    alone would retry for ever)."""
+    """Through the command: no dispatcher on the port -> exit 2 and one line after
+    --dispatcher-timeout seconds (tf.data alone would retry for ever)."""
     port = _free_port()
     start = time.monotonic()
     code = cli.train_main(["--data-service", f"grpc://localhost:{port}", "--epochs", "1",
                            "--output-dir", str(tmp_path / "out"), "--run-dir",
-                           str(tmp_path / "runs"), "--no-export"])
+                           str(tmp_path / "runs"), "--no-export", "--dispatcher-timeout", "1.5"])
     elapsed = time.monotonic() - start
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1, err
     assert err[0].startswith("convmixer-train: error: Cannot reach the tf.data service "
                              f"dispatcher at grpc://localhost:{port}"), err
     assert "convmixer-data-service dispatcher" in err[0]
-    assert data_service.CONNECT_TIMEOUT <= elapsed < data_service.CONNECT_TIMEOUT + 20
+    assert "after 1.5 s" in err[0]
+    assert 1.5 <= elapsed < 1.5 + 20
+    assert TrainConfig().dispatcher_timeout == WorkerConfig(dispatcher="h:1").dispatcher_timeout == 10
+    for make in (lambda t: TrainConfig(dispatcher_timeout=t),
+                 lambda t: WorkerConfig(dispatcher="h:1", dispatcher_timeout=t)):
+        with pytest.raises(ValueError, match="dispatcher_timeout must be > 0 seconds"):
+            make(0)
 
 
 def test_worker_without_dispatcher_is_one_line(capsys):
     port = _free_port()
-    assert cli.data_service_main(["worker", "--dispatcher", f"localhost:{port}"]) == 2
+    assert cli.data_service_main(["worker", "--dispatcher", f"localhost:{port}",
+                                  "--dispatcher-timeout", "0.5"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "Cannot reach the tf.data service dispatcher" in err[0], err
 
@@ -161,7 +168,7 @@ def test_service_stream_is_the_local_stream_and_reads_each_example_once_across_t
     workers = [data_service.start_worker(WorkerConfig(dispatcher=address)) for _ in range(2)]
     try:
         served = ds.service_stream(steps, epochs, 0, send=lambda d: data_service.distribute(
-            d, "grpc://" + address, job_name="test-once"))
+            d, "grpc://" + address, job_name="test-once", timeout=10))
         got = _indices(served)
         counts = np.bincount(got, minlength=size)
         assert counts.max() <= epochs + 1, counts  # no example more often than its epochs

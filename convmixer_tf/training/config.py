@@ -147,6 +147,9 @@ class TrainConfig:
     data_service: str = knob("",
         "grpc://HOST:PORT of a tf.data service dispatcher: its workers read, decode and augment "
         "the training set (convmixer-data-service; docs/scale.md)")
+    dispatcher_timeout: float = knob(10.0,
+        "seconds to wait for the tf.data service dispatcher to accept connections (tf.data "
+        "alone would retry for ever); raise it where the dispatcher starts after the trainers")
     validation_split: float = knob(0.1, "held out when a folder / tfds set has no test split")
     eval_crop_pct: float = knob(1.0, "test: short side to size / crop_pct, centre crop (timm)")
     image_size: int = knob(32, "digits are 8x8; 32 gives patch_size 2 a 16x16 token grid")
@@ -219,6 +222,9 @@ class TrainConfig:
                      "patch_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1. Received {name}={getattr(self, name)!r}")
+        if not self.dispatcher_timeout > 0:
+            raise ValueError(f"dispatcher_timeout must be > 0 seconds. "
+                             f"Received dispatcher_timeout={self.dispatcher_timeout!r}")
         if not self.cluster_timeout > 0:
             raise ValueError(f"cluster_timeout must be > 0 seconds. "
                              f"Received cluster_timeout={self.cluster_timeout!r}")
@@ -307,8 +313,13 @@ class WorkerConfig:
     address: str = knob("",
         "the host name trainers reach this worker by; empty = localhost for a local "
         "dispatcher, else this machine's name")
+    dispatcher_timeout: float = knob(10.0,
+        "seconds to wait for the dispatcher to accept connections before giving up")
 
     def __post_init__(self):
+        if not self.dispatcher_timeout > 0:
+            raise ValueError(f"dispatcher_timeout must be > 0 seconds. "
+                             f"Received dispatcher_timeout={self.dispatcher_timeout!r}")
         if not self.dispatcher:
             raise ValueError("the worker needs --dispatcher HOST:PORT (the dispatcher's "
                              "address). Received dispatcher=''")

@@ -42,10 +42,9 @@ import tensorflow as tf
 from convmixer_tf.training.config import parse_service_address
 
 PROCESSING_MODE = tf.data.experimental.service.ShardingPolicy.DYNAMIC  # "distributed_epoch"
-CONNECT_TIMEOUT = 10.0  # seconds to wait for a dispatcher that is still starting
 
 
-def check_reachable(address, timeout=CONNECT_TIMEOUT):
+def check_reachable(address, timeout):
     """Raises ConnectionError (one line, naming the fix) unless a TCP connection to the
     dispatcher at `address` opens within `timeout` seconds: tf.data itself would retry for
     ever, so an unreachable dispatcher would hang the trainer or a worker."""
@@ -65,7 +64,7 @@ def check_reachable(address, timeout=CONNECT_TIMEOUT):
             time.sleep(0.25)
 
 
-def distribute(dataset, address, job_name, timeout=CONNECT_TIMEOUT):
+def distribute(dataset, address, job_name, timeout):
     """`dataset` run by the tf.data service at `address` ("grpc://HOST:PORT") in
     `distributed_epoch` mode (each element processed once, by one worker); consumers with the
     same `job_name` share the job. Checks the dispatcher is reachable first (bounded wait)."""
@@ -87,12 +86,12 @@ def start_dispatcher(config):
             fault_tolerant_mode=bool(config.work_dir)))
 
 
-def start_worker(config, timeout=CONNECT_TIMEOUT):
+def start_worker(config):
     """A started worker (`config.WorkerConfig`) on its port, registered with its dispatcher
     (HOST:PORT), advertising its `address` (HOST; default: localhost for a local dispatcher,
     else this machine's name) so the trainer can reach it."""
     host, dispatcher_port = parse_service_address(config.dispatcher)
-    check_reachable(config.dispatcher, timeout)
+    check_reachable(config.dispatcher, config.dispatcher_timeout)
     address = config.address
     if not address:
         address = "localhost" if host in ("localhost", "127.0.0.1", "::1") else socket.getfqdn()

@@ -76,7 +76,7 @@ def build_input(config):
     service, its dispatcher must answer first (seconds, before any decoding), and its workers
     read the training set: no local cache."""
     if config.data_service:
-        data_service.check_reachable(config.data_service)
+        data_service.check_reachable(config.data_service, config.dispatcher_timeout)
     return pipeline.build_datasets(
         config.dataset, image_size=config.image_size, global_batch_size=config.batch_size,
         augment=config.augment, data_dir=config.data_dir or None, seed=config.seed,
@@ -163,12 +163,13 @@ def training_input(datasets, strategy, steps, batch_size, service=None):
     training dataset is finished. An endless epoch-keyed stream (`train_stream`) of
     `steps` batches per epoch; under several workers each reads only its share
     (`distribute_datasets_from_function`), the test split too; with `service` (dict(address,
-    epochs, start_epoch, job)) the tf.data service's workers run the same stream
+    epochs, start_epoch, job, timeout)) the tf.data service's workers run the same stream
     (`service_stream`) and no local training dataset exists."""
     if service:
         train_ds = datasets.service_stream(
             steps, service["epochs"], service["start_epoch"],
-            send=lambda ds: data_service.distribute(ds, service["address"], service["job"]))
+            send=lambda ds: data_service.distribute(ds, service["address"], service["job"],
+                                                   service["timeout"]))
         return train_ds, distribute.shardable(datasets.test, batch_size), None
     made = []
 
@@ -200,7 +201,7 @@ def fit(config, strategy, trainer, datasets, callbacks, start_epoch=0):
     service = None
     if config.data_service:  # one stream over every epoch from the last finished one
         service = dict(address=config.data_service, epochs=config.epochs,
-                       start_epoch=start_epoch,
+                       start_epoch=start_epoch, timeout=config.dispatcher_timeout,
                        job=f"{config.name}-{uuid.uuid4().hex[:8]}")  # never a stale job
         logger.info(
             f"Training input from the tf.data service at {config.data_service} "
