@@ -191,11 +191,12 @@ def _source(kind, policy, path):
     model.save(path)
 
 
-def _export_user_script(path, policy, *flags):
+def _export_user_script(path, policy, *flags, jit_compile=False):
     """A user's script (MirroredStrategy on 2 logical CPUs: its own process) trains under
-    `policy`, saves `path`, then runs `convmixer-export path flags` in the same process
-    (one TensorFlow start, not two)."""
-    return subprocess.run([sys.executable, worker("precision_worker.py"), str(path), policy,
+    `policy` (XLA with `jit_compile`), saves `path`, then runs `convmixer-export path flags`
+    in the same process (one TensorFlow start, not two)."""
+    return subprocess.run([sys.executable, worker("precision_worker.py"),
+                           *(["--jit-compile"] if jit_compile else []), str(path), policy,
                            *flags], env=_env(), capture_output=True, text=True, timeout=600,
                           cwd=ROOT)
 
@@ -206,9 +207,11 @@ def _tflite_logits(path, images):
     return litert.predict_batched(litert.LiteRTModel(str(path)), images)
 
 
-SOURCES = ("functional", "accelerated", "trainer", "user_script")
-DEFAULT_EXPORTS = {("user_script", "mixed_bfloat16")}  # the accelerated fp16 model exports
-# in the default train cell above
+SOURCES = ("functional", "accelerated", "trainer", "user_script", "user_script_xla")
+# The user's script without XLA by default: XLA under 2 replicas with the same trainer is
+# test_distribute.py::test_mirrored_two_replicas_xla_matches_no_xla's, and with
+# mixed_bfloat16 the default train cell's (mirrored + XLA); XLA's compile is ~1/3 of this.
+DEFAULT_EXPORTS = {("user_script", "mixed_bfloat16")}
 
 
 @pytest.mark.parametrize("kind, policy", [
@@ -219,8 +222,9 @@ def test_any_policy_exports_as_float32(tmp_path, kind, policy):
     """`convmixer-export` of a model of any dtype policy and origin: exit 0, a float32 TFLite
     file whose logits match the float32 rebuild, close to the mixed-precision model's own."""
     path = tmp_path / "m.keras"
-    if kind == "user_script":
-        proc = _export_user_script(path, policy, "--tflite-modes", "float32")
+    if kind.startswith("user_script"):
+        proc = _export_user_script(path, policy, "--tflite-modes", "float32",
+                                   jit_compile=kind == "user_script_xla")
     else:
         _source(kind, policy, path)
         proc = _command("export_main", path, "--tflite-modes", "float32")

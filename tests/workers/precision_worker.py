@@ -1,10 +1,10 @@
 """Runs in its own process (2 logical CPUs must exist before TF starts): a user's own `model.fit`
 script in miniature, as the README shows it: ConvMixer under MirroredStrategy, a global
-mixed-precision policy, `distribute.make_trainer`, `jit_compile=True`, then `model.save`; then,
-given export flags, `convmixer-export OUT.keras FLAGS...` in the same process (as
-examples/train_and_export.py does), exiting with its status.
+mixed-precision policy, `distribute.make_trainer` (with `--jit-compile`: `jit_compile=True`),
+then `model.save`; then, given export flags, `convmixer-export OUT.keras FLAGS...` in the same
+process (as examples/train_and_export.py does), exiting with its status.
 
-    python tests/workers/precision_worker.py OUT.keras [POLICY [EXPORT FLAGS...]]
+    python tests/workers/precision_worker.py [--jit-compile] OUT.keras [POLICY [EXPORT FLAGS...]]
 """
 
 import os
@@ -19,7 +19,7 @@ import convmixer_tf  # noqa: E402
 from convmixer_tf.training import distribute  # noqa: E402
 
 
-def main(path, policy="mixed_bfloat16", *export_flags):
+def main(path, policy="mixed_bfloat16", *export_flags, jit_compile=False):
     strategy = distribute.make_strategy("mirrored", cpu_replicas=2)
     keras.mixed_precision.set_global_policy(policy)
     rng = np.random.default_rng(0)
@@ -30,7 +30,7 @@ def main(path, policy="mixed_bfloat16", *export_flags):
                                        input_shape=(16, 16, 3), classes=10)
         trainer = distribute.make_trainer(model)
         trainer.compile(keras.optimizers.AdamW(1e-3), "categorical_crossentropy",
-                        metrics=["accuracy"], jit_compile=True)
+                        metrics=["accuracy"], jit_compile=jit_compile)
     trainer.fit(x, y, batch_size=16, epochs=1, verbose=0)
     assert type(trainer).__name__ == "ReplicaTrainer", type(trainer)
     model.save(path)
@@ -42,4 +42,6 @@ def main(path, policy="mixed_bfloat16", *export_flags):
 
 
 if __name__ == "__main__":
-    main(*sys.argv[1:])
+    args = sys.argv[1:]
+    jit = "--jit-compile" in args[:1]
+    main(*args[jit:], jit_compile=jit)
