@@ -89,6 +89,43 @@ def test_layout_validation_warmup_and_configs(exported):
 
 
 @pytest.mark.xdist_group("saved_model_exported")
+def test_one_validation_process_serves_every_export_and_survives_failures(exported,
+                                                                          monkeypatch):
+    """The validation process (no convmixer_tf in it: it says so otherwise) starts once per
+    exporting process: a second validation reuses it, a SavedModel it cannot load is an
+    ExportError with its traceback and leaves it running, and one that died (or a changed
+    environment) is replaced by a new one on the next validation."""
+    import signal
+
+    version_dir = os.path.join(exported["root"], "tiny", "1")
+    images = np.random.default_rng(1).integers(0, 256, (2, 16, 16, 3)).astype(np.uint8)
+
+    def validate(path=version_dir):
+        return saved_model.validate_saved_model(path, exported["model"], images, CLASS_NAMES,
+                                                (16, 16))
+
+    validate()
+    pid = saved_model._LOADER.proc.pid
+    assert len(validate()) == 6 and saved_model._LOADER.proc.pid == pid
+    with pytest.raises(errors.ExportError, match="(?s)separate process failed.*Traceback"):
+        validate(os.path.join(exported["root"], "no-such-version"))
+    assert saved_model._LOADER.proc.pid == pid and saved_model._LOADER.proc.poll() is None
+    os.kill(pid, signal.SIGKILL)
+    saved_model._LOADER.proc.wait()
+    validate()
+    replaced = saved_model._LOADER.proc.pid
+    assert replaced != pid
+    monkeypatch.setenv("CONVMIXER_TEST_VALIDATION_ENV", "1")  # the child's env is the caller's
+    validate()
+    assert saved_model._LOADER.proc.pid != replaced
+    with monkeypatch.context() as patch:  # a process that dies before it answers
+        patch.setattr(sys, "executable", "/bin/false")
+        with pytest.raises(errors.ExportError, match="died \\(exit status 1\\)"):
+            validate()
+    validate()
+
+
+@pytest.mark.xdist_group("saved_model_exported")
 def test_saved_model_cli_show_all(exported):
     cli_path = os.path.join(os.path.dirname(sys.executable), "saved_model_cli")
     out = subprocess.run([cli_path, "show", "--all", "--dir", exported["result"]["path"]],

@@ -64,7 +64,7 @@ class ExportInputs:
 def export(model, export_dir, *, class_names=None, image_size=None, crop_pct=1.0,
            calibration_images=None, held_out=None, config=None, **fields):
     """Exports a Keras ConvMixer classifier in memory: `<export_dir>/<name>/<version>/` (TF
-    Serving, validated in a fresh process) and `<export_dir>/<name>_tflite/<version>/` (the
+    Serving, validated in a separate process) and `<export_dir>/<name>_tflite/<version>/` (the
     TFLite builds, each gated on `held_out`). What `convmixer-export` does for a `.keras` file.
 
     What the model's metadata is: `class_names` (default "0".."N-1"), `image_size` (h, w), the

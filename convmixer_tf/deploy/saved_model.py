@@ -1,5 +1,6 @@
 """SavedModel export for TensorFlow Serving: versioned layout, named signatures, warmup, configs,
-and a validation run in a fresh process that loads the export the way TF Serving does.
+and a validation run in a separate process (no code of this project) that loads the export the
+way TF Serving does.
 
     from convmixer_tf.deploy import saved_model
     result = saved_model.export_saved_model("saved_models/convmixer_digits.keras")
@@ -21,12 +22,15 @@ reads each image's size from its header, so a small file that declares a huge im
 decoded.
 """
 
+import atexit
 import functools
+import json
 import logging
 import os
 import subprocess
 import sys
 import tempfile
+import threading
 from dataclasses import dataclass
 from typing import Callable
 
@@ -76,7 +80,7 @@ def _evaluation_pixels(images, image_size, crop_pct):
 
 
 # A new signature is one entry here (+ its test in tests/test_saved_model.py): the SavedModel,
-# its warmup requests and the validation in a fresh process all read this table.
+# its warmup requests and the validation process all read this table.
 SIGNATURES = {
     SIGNATURE_FLOAT: Signature("images", "float32", _tensor_pixels,
                                lambda images: images.astype(np.float32), _pixels_as_sent),
@@ -333,41 +337,117 @@ def encode_png(images):
 
 # ---------------------------------------------------------------------------- validation
 
-# Runs in a fresh interpreter with only tensorflow/numpy importable (cwd = a temp dir, no
-# PYTHONPATH): the TF1 session loader by signature tensor names (what TF Serving does), then
-# tf.saved_model.load. Writes every signature's outputs to an .npz.
+# Runs in a separate interpreter with only tensorflow/numpy importable (cwd = a temp dir, no
+# PYTHONPATH) and answers one request per stdin line, a JSON [export_dir, inputs.npz, out.npz]:
+# the TF1 session loader by signature tensor names (what TF Serving does), then
+# tf.saved_model.load; every signature's outputs go to out.npz; the answer line is "ok" or
+# "error <JSON traceback>". One such process serves every validation of the process that
+# started it (`_Loader`), so TensorFlow starts there once, not once per export.
 VALIDATE_SCRIPT = r"""
-import sys
+import gc, json, sys, traceback
 import numpy as np
 import tensorflow as tf
 
-export_dir, inputs_path, out_path = sys.argv[1:4]
-feeds = dict(np.load(inputs_path, allow_pickle=True))  # "<signature>/<input>" -> array
-results = {}
-with tf.Graph().as_default(), tf.compat.v1.Session() as sess:
-    meta = tf.compat.v1.saved_model.loader.load(sess, ["serve"], export_dir)
-    for key, sig in meta.signature_def.items():
-        if key.startswith("__"):
-            continue
-        feed = {t.name: feeds[key + "/" + name] for name, t in sig.inputs.items()}
-        fetch = {name: t.name for name, t in sig.outputs.items()}
-        for name, value in sess.run(fetch, feed).items():
-            results["tf1/" + key + "/" + name] = value
-loaded = tf.saved_model.load(export_dir)
-for key, fn in loaded.signatures.items():
-    args = {n: tf.constant(feeds[key + "/" + n]) for n in fn.structured_input_signature[1]}
-    for name, value in fn(**args).items():
-        results["tf2/" + key + "/" + name] = value.numpy()
-assert "convmixer_tf" not in sys.modules
-np.savez(out_path, **results)
-print("loaded", export_dir, "signatures:", sorted(loaded.signatures))
+
+def validate(export_dir, inputs_path, out_path):
+    feeds = dict(np.load(inputs_path, allow_pickle=True))  # "<signature>/<input>" -> array
+    results = {}
+    with tf.Graph().as_default(), tf.compat.v1.Session() as sess:
+        meta = tf.compat.v1.saved_model.loader.load(sess, ["serve"], export_dir)
+        for key, sig in meta.signature_def.items():
+            if key.startswith("__"):
+                continue
+            feed = {t.name: feeds[key + "/" + name] for name, t in sig.inputs.items()}
+            fetch = {name: t.name for name, t in sig.outputs.items()}
+            for name, value in sess.run(fetch, feed).items():
+                results["tf1/" + key + "/" + name] = value
+    loaded = tf.saved_model.load(export_dir)
+    for key, fn in loaded.signatures.items():
+        args = {n: tf.constant(feeds[key + "/" + n]) for n in fn.structured_input_signature[1]}
+        for name, value in fn(**args).items():
+            results["tf2/" + key + "/" + name] = value.numpy()
+    np.savez(out_path, **results)
+
+
+for line in sys.stdin:
+    try:
+        validate(*json.loads(line))
+        answer = "ok"
+    except Exception:
+        answer = "error " + json.dumps(traceback.format_exc()[-3000:])
+    gc.collect()
+    if "convmixer_tf" in sys.modules:
+        answer = "error " + json.dumps("the validation process imported convmixer_tf")
+    sys.stdout.write(answer + "\n")
+    sys.stdout.flush()
 """
+
+
+class _Loader:
+    """The validation process (VALIDATE_SCRIPT), started on first use and kept for the next
+    export of this process; started again when it died, the environment changed or the
+    process forked. `load(export_dir, inputs, out)` raises ExportError with its traceback."""
+
+    def __init__(self):
+        self.lock, self.proc, self.key = threading.Lock(), None, None
+
+    def load(self, export_dir, inputs_path, out_path):
+        with self.lock:
+            env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+            env.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+            key = (os.getpid(), sys.executable, tuple(sorted(env.items())))
+            if self.proc is None or self.proc.poll() is not None or self.key != key:
+                self._start(env, key)
+            try:
+                self.proc.stdin.write(json.dumps([export_dir, inputs_path, out_path]) + "\n")
+                self.proc.stdin.flush()
+                answer = self.proc.stdout.readline()
+            except OSError:  # a broken pipe: it died
+                answer = ""
+            if answer.startswith("ok"):
+                return
+            if answer.startswith("error "):
+                raise ExportError(f"validation: loading {export_dir} in a separate process "
+                                  f"failed:\n{json.loads(answer[6:])}")
+            self.proc.wait()
+            self.stderr.seek(0)
+            tail = self.stderr.read().decode(errors="replace")[-3000:]
+            self.close()
+            raise ExportError(f"validation: the process loading {export_dir} died (exit "
+                              f"status {self.proc.returncode}):\n{tail}")
+
+    def _start(self, env, key):
+        if self.key is not None and self.key[0] == os.getpid():
+            self.close()  # a forked child leaves its parent's process alone
+        self.work = tempfile.TemporaryDirectory(prefix="convmixer-validate-")
+        self.stderr = tempfile.TemporaryFile()  # read on a crash; a pipe could fill and block
+        self.proc = subprocess.Popen([sys.executable, "-c", VALIDATE_SCRIPT], cwd=self.work.name,
+                                     env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                     stderr=self.stderr, text=True)
+        self.key = key
+
+    def close(self):
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.stdin.close()  # its loop ends
+            try:
+                self.proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        if self.key is not None:
+            self.stderr.close()
+            self.work.cleanup()
+        self.key = None
+
+
+_LOADER = _Loader()
+atexit.register(_LOADER.close)
 
 
 def validate_saved_model(export_dir, model, images, class_names, image_size, crop_pct=1.0,
                          tolerance=None, precision="float32"):
-    """Loads `export_dir` in a fresh process (TF1 session by signature tensor names and
-    tf.saved_model.load), compares every signature with the Keras model (its `logits_model` in
+    """Loads `export_dir` in the validation process (`_Loader`: no code of this project; TF1
+    session by signature tensor names and tf.saved_model.load), compares every signature with the Keras model (its `logits_model` in
     `precision`) on `images` (uint8; the bytes signature gets them PNG-encoded, the reference
     `preprocessing` of them), logs the max abs logit error per path and raises ExportError
     above `tolerance` (None: `logits.default_tolerance`)."""
@@ -381,18 +461,7 @@ def validate_saved_model(export_dir, model, images, class_names, image_size, cro
     with tempfile.TemporaryDirectory(prefix="convmixer-validate-") as work:
         inputs_path, out_path = os.path.join(work, "in.npz"), os.path.join(work, "out.npz")
         np.savez(inputs_path, **feeds)
-        env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-        env.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-        proc = subprocess.run(
-            [sys.executable, "-c", VALIDATE_SCRIPT, os.path.abspath(export_dir),
-             inputs_path, out_path],
-            cwd=work, env=env, capture_output=True, text=True,
-        )
-        if proc.returncode != 0:
-            raise ExportError(
-                f"validation: loading {export_dir} in a fresh process failed:\n"
-                + proc.stderr[-3000:]
-            )
+        _LOADER.load(os.path.abspath(export_dir), inputs_path, out_path)
         outputs = dict(np.load(out_path, allow_pickle=True))
     report = {}
     for signature, x in keras_inputs.items():
