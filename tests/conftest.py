@@ -21,23 +21,9 @@ def pytest_addoption(parser):
     parser.addoption("--large", action="store_true", help="also run tests marked large")
 
 
-# CPU seconds of each module's default tests (self + subprocesses, summed per test; 2-core
-# Intel Xeon with AMX, 2026-12-02). xdist hands out tests (a group as one unit) in collection
-# order as workers free up, so the heaviest go first and the light ones fill the end: the
-# two workers then finish together (an estimate; a stale figure only changes the order).
-MODULE_CPU_SECONDS = {
-    "test_precision.py": 45, "test_saved_model.py": 49, "test_tflite.py": 43,
-    "test_distribute.py": 40, "test_data.py": 29, "test_train.py": 22, "test_callbacks.py": 22,
-    "test_export.py": 20, "test_evaluate.py": 15, "test_data_service.py": 6,
-    "test_finetune.py": 11, "test_fast_layers.py": 10, "test_litert.py": 9,
-    "test_predict.py": 9, "test_preprocessing.py": 9, "test_model.py": 8, "test_cli.py": 7,
-}
-
-
 @pytest.hookimpl(trylast=True)  # after xdist's own hook, whose group suffix pytest 9 drops
 def pytest_collection_modifyitems(config, items):
     _xdist_groups(config, items)
-    items.sort(key=lambda item: -MODULE_CPU_SECONDS.get(item.path.name, 0))  # stable
     if config.getoption("--large"):
         return
     skip = pytest.mark.skip(reason="large: run with --large")

@@ -222,12 +222,7 @@ class TrainConfig:
                      "patch_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1. Received {name}={getattr(self, name)!r}")
-        if not self.dispatcher_timeout > 0:
-            raise ValueError(f"dispatcher_timeout must be > 0 seconds. "
-                             f"Received dispatcher_timeout={self.dispatcher_timeout!r}")
-        if not self.cluster_timeout > 0:
-            raise ValueError(f"cluster_timeout must be > 0 seconds. "
-                             f"Received cluster_timeout={self.cluster_timeout!r}")
+        _check_seconds(self, "dispatcher_timeout", "cluster_timeout")
         for name in ("steps_per_epoch", "cache_budget_mb", "cache_disk_budget_gb", "max_lr",
                      "weight_decay", "clip_norm", "adam_epsilon", "label_smoothing"):
             if getattr(self, name) < 0:
@@ -284,6 +279,14 @@ class TrainConfig:
 # ---------------------------------------------------------------- the tf.data service's servers
 
 
+def _check_seconds(config, *names):
+    """A ValueError naming the first of `names` (a config's timeouts) that is not > 0."""
+    for name in names:
+        if not getattr(config, name) > 0:
+            raise ValueError(f"{name} must be > 0 seconds. "
+                             f"Received {name}={getattr(config, name)!r}")
+
+
 def _check_port(port, role, free_ok):
     low = 0 if free_ok else 1
     if not low <= port <= 65535:
@@ -317,9 +320,7 @@ class WorkerConfig:
         "seconds to wait for the dispatcher to accept connections before giving up")
 
     def __post_init__(self):
-        if not self.dispatcher_timeout > 0:
-            raise ValueError(f"dispatcher_timeout must be > 0 seconds. "
-                             f"Received dispatcher_timeout={self.dispatcher_timeout!r}")
+        _check_seconds(self, "dispatcher_timeout")
         if not self.dispatcher:
             raise ValueError("the worker needs --dispatcher HOST:PORT (the dispatcher's "
                              "address). Received dispatcher=''")

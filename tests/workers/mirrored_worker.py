@@ -79,7 +79,7 @@ def max_diff(a, b):
     return max(float(np.abs(x - y).max()) for x, y in zip(a, b))
 
 
-def main(precisions=("float32",)):
+def main(precisions):
     mirrored = distribute.make_strategy("mirrored")
     report = {"replicas": mirrored.num_replicas_in_sync}
     for precision in precisions:
@@ -101,4 +101,4 @@ def main(precisions=("float32",)):
 
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:] or ("float32",)))
+    sys.exit(main(sys.argv[1:] or ["float32"]))
