@@ -66,11 +66,12 @@ TORCH = [
 # (benchmarks/reference_torch.py, parity) and the edge peers (benchmarks/edge_peers.py: torch ->
 # ONNX -> ONNX Runtime fp32 and static int8). torch.compile also needs a C++ compiler; the GPU
 # run (`--backend jax`) needs jax for your accelerator, installed as JAX documents. The ONNX
-# side is not in the min check (tested with the lock's versions only, as torch).
+# side and matplotlib are not in the min check (tested with the lock's versions only, as torch).
 BENCH = TORCH + [
     "onnx>=1.23.2",  # onnxruntime.quantization reads and writes the graphs with it
     "onnxscript>=0.7.2",  # torch.onnx.export's default exporter (dynamo=True) needs it
     "onnxruntime>=1.32.0",  # the CPU runtime and its static int8 quantization
+    "matplotlib>=3.8",  # benchmarks/time_to_accuracy.py's accuracy-curve PNG
 ]
 TEST = [
     "pytest>=7.0",  # pytest.ini's `pythonpath` (7.0+)

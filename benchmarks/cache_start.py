@@ -1,11 +1,11 @@
 """Time to the first training batch, and to a fully cached training split, on a folder of small
 JPEGs (CIFAR-10 as files: 32x32, ~1 KB each; issue 24): ours with `--cache auto` (the default:
-decoded once into memory before the first step) and `--cache off` (streaming, no per-image work
-first), an older checkout of ours (`--before`), and PIL in a `ProcessPoolExecutor` reading and
-decoding the same files to numpy arrays (what a user would write instead of a cache).
+decoded once into memory, in the background while training starts) and `--cache off`
+(streaming), an older checkout of ours (`--before`), and PIL in a `ProcessPoolExecutor` reading
+and decoding the same files to numpy arrays (what a user would write instead of a cache).
 
     python -m benchmarks.cache_start make /tmp/jpeg32 --images 10000
-    git archive 0074c95 | tar -x -C /tmp/before          # the cache before this change
+    git archive 0a9b607 | tar -x -C /tmp/before          # the cache before the background fill
     python -m benchmarks.cache_start run /tmp/jpeg32 --rounds 3 --before /tmp/before
     python -m benchmarks.cache_start stages /tmp/jpeg32   # where the time per file goes
 
@@ -19,6 +19,7 @@ Logs: benchmarks/results/cache-start-<cpu class>.log.
 
 import argparse
 import json
+import logging
 import os
 import statistics
 import subprocess
@@ -74,21 +75,15 @@ def make(args):
 # ---------------------------------------------------------------- one measurement (children)
 
 
-class _Stamped:
-    """stdout that remembers when each line was written (the library logs through print)."""
+class _Stamped(logging.Handler):
+    """Remembers when each library log line was written."""
 
-    def __init__(self, stream):
-        self.stream, self.lines, self.partial = stream, [], ""
+    def __init__(self):
+        super().__init__()
+        self.lines = []
 
-    def write(self, text):
-        self.partial += text
-        while "\n" in self.partial:
-            line, self.partial = self.partial.split("\n", 1)
-            self.lines.append((time.perf_counter(), line))
-        return len(text)
-
-    def flush(self):
-        pass
+    def emit(self, record):
+        self.lines.append((time.perf_counter(), record.getMessage()))
 
 
 def _ours(args, cache):
@@ -98,15 +93,16 @@ def _ours(args, cache):
     from convmixer_tf.training.data import pipeline
 
     tf.zeros(1)  # TensorFlow's own start-up, untimed
-    real, sys.stdout = sys.stdout, _Stamped(sys.stdout)
-    try:
-        cpu, start = time.process_time(), time.perf_counter()
-        ds = pipeline.build_datasets(args.folder, image_size=32, global_batch_size=BATCH, cache=cache)
-        images, _ = next(iter(ds.train))
-        first, cpu = time.perf_counter(), time.process_time() - cpu
-        assert images.shape[0] == BATCH
-    finally:
-        stamped, sys.stdout = sys.stdout, real
+    stamped, logger = _Stamped(), logging.getLogger("convmixer_tf")
+    logger.addHandler(stamped)
+    logger.setLevel(logging.INFO)
+    cpu, start = time.process_time(), time.perf_counter()
+    ds = pipeline.build_datasets(args.folder, image_size=32, global_batch_size=BATCH, cache=cache)
+    images, _ = next(iter(ds.train))
+    first, cpu = time.perf_counter(), time.process_time() - cpu
+    assert images.shape[0] == BATCH
+    # The fill goes on in the background after the first batch (`--before`: it ended first).
+    getattr(ds, "wait_for_cache", lambda: None)()
     cached = [t for t, line in stamped.lines if line.startswith("Decoded ") and " train " in line]
     return dict(first_s=first - start, cached_s=cached[0] - start if cached else None,
                 cpu_s=cpu, files=ds.train_size, library=os.path.dirname(convmixer_tf.__file__),

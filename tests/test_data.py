@@ -133,12 +133,13 @@ def test_tfds_not_available_offline_fails_fast_and_clearly(tmp_path):
     assert not any(tmp_path.iterdir())  # nothing downloaded or created
 
 
-@pytest.mark.parametrize("cache,crop", [("off", 0.0), ("off", 0.5), ("memory", 0.0)])
+@pytest.mark.parametrize("cache,crop", [("off", 0.0), ("off", 0.5), ("memory", 0.0),
+                                        ("memory", 0.5)])
 def test_unreadable_images_are_skipped_and_named(tmp_path, cache, crop, caplog):
-    """Without --strict-images a broken file costs nothing up front: the stream skips it and
-    names it after the epoch (SkippedImages), the decode-once cache names it when decoding.
-    With a random-resized crop the stream decodes a JPEG's crop window only, inside the same
-    validity check."""
+    """Without --strict-images a broken file costs nothing up front: the stream and the cache
+    (while it fills and after) skip it and name it after the epoch (SkippedImages); the cache's
+    fill names it once more when it ends. With a random-resized crop the stream decodes a
+    JPEG's crop window only, inside the same validity check."""
     _write_folder(tmp_path / "train", per_class=4)
     _write_folder(tmp_path / "val", per_class=1)
     (tmp_path / "train" / "dog" / "bad.jpg").write_bytes(b"this is not a jpeg")
@@ -150,18 +151,15 @@ def test_unreadable_images_are_skipped_and_named(tmp_path, cache, crop, caplog):
     assert ds.train_size == 14
     seen = sum(len(x) for x, _ in ds.train.take(6))
     assert seen == 12
-    if cache == "off":
-        # One batch into epoch 2: the filter has passed every file of epoch 1 (a broken file
-        # after epoch 1's last good one is otherwise met only if prefetching got there).
-        next(iter(ds.train_stream().skip(6)))
-        callback = pipeline.SkippedImages(ds)
-        callback.on_epoch_end(0)
-        line = caplog.text
-        assert re.search(r"Epoch 1: skipped [2-6] unreadable image\(s\)", line), line
-    else:
-        line = caplog.text
-        assert "Skipped 2 unreadable train image(s)" in line
-    assert "bad.jpg" in line and "cut.png" in line
+    # One batch into epoch 2: the filter has passed every file of epoch 1 (a broken file
+    # after epoch 1's last good one is otherwise met only if prefetching got there).
+    next(iter(ds.train_stream().skip(6)))
+    pipeline.SkippedImages(ds).on_epoch_end(0)
+    assert re.search(r"Epoch 1: skipped [2-6] unreadable image\(s\)", caplog.text), caplog.text
+    ds.wait_for_cache()
+    if cache == "memory":
+        assert "Skipped 2 unreadable train image(s)" in caplog.text
+    assert "bad.jpg" in caplog.text and "cut.png" in caplog.text
 
 
 def test_digits_build_datasets_shapes_batches_and_determinism():
@@ -316,7 +314,9 @@ def test_disk_cache_matches_memory_and_is_reused(sorted_folder, tmp_path, caplog
     def first_batches(cache_dir=None, **kwargs):
         ds = pipeline.build_datasets(str(sorted_folder), image_size=4, global_batch_size=BATCH,
                                      cache_dir=cache_dir and str(cache_dir), **kwargs)
-        return [x.numpy() for x, _ in ds.train.take(3)]
+        batches = [x.numpy() for x, _ in ds.train.take(3)]
+        ds.wait_for_cache()
+        return batches
 
     def log():
         text = caplog.text
@@ -325,7 +325,7 @@ def test_disk_cache_matches_memory_and_is_reused(sorted_folder, tmp_path, caplog
 
     caplog.set_level(logging.INFO, logger="convmixer_tf")
     memory = first_batches(cache="memory")
-    assert "in memory" in log()
+    assert "uint8 pixels in memory" in log()
     # auto above the memory budget streams (no file) unless a disk budget allows a file:
     # the same pixels either way.
     for a, b in zip(memory, first_batches(tmp_path, cache="auto", cache_budget_mb=0)):
@@ -348,11 +348,12 @@ def test_disk_cache_matches_memory_and_is_reused(sorted_folder, tmp_path, caplog
 
 
 @pytest.mark.parametrize("mode", ["memory", "disk"])
-def test_decode_once_holds_each_files_own_decode_and_names_the_unreadable(tmp_path, mode,
-                                                                         caplog):
-    """The cache holds, for every readable file in stored order, exactly what decoding that
-    file alone gives (mixed formats and sizes, chunk boundaries crossed), with its label;
-    unreadable files (not an image, truncated, missing) are skipped and named."""
+def test_cache_serves_each_files_own_decode_before_during_and_after_its_fill(tmp_path, mode,
+                                                                             caplog):
+    """The cache gives, for every readable file, exactly what decoding that file alone gives
+    (mixed formats and sizes, chunk boundaries crossed), with its label, whether the image is
+    stored yet or not (so batches do not depend on the fill's progress); unreadable files
+    (not an image, truncated, missing) are flagged either way and named when the fill ends."""
     from convmixer_tf import preprocessing
     from convmixer_tf.training.data import cache, sources
 
@@ -364,35 +365,45 @@ def test_decode_once_holds_each_files_own_decode_and_names_the_unreadable(tmp_pa
     split = sources.load_source(str(tmp_path), image_size=8, seed=0, validation_split=0.1,
                                 data_dir=None).train
     os.remove(split.paths[70])  # listed, then gone before decoding
-    caplog.set_level(logging.INFO, logger="convmixer_tf")
-    cached = cache.decode_once(split, cache.Decision(mode, 0, ""), None, "train")
-    out = caplog.text
-    assert "Skipped 3 unreadable train image(s)" in out, out
-    assert "bad.jpg" in out and "cut.png" in out and split.paths[70] in out
     unreadable = {split.paths.index(str(tmp_path / "train" / "dog" / "bad.jpg")),
                   split.paths.index(str(tmp_path / "train" / "emu" / "cut.png")), 70}
     kept = [i for i in range(split.size) if i not in unreadable]
-    assert cached.size == len(kept) == 89
-    assert cached.nbytes == sum(preprocessing.decode_image(split.read(i)[0]).numpy().size
-                                for i in kept)
-    for position, index in enumerate(kept):
-        image, label = cached.read(position)
-        expected, expected_label = split.read(index)
-        np.testing.assert_array_equal(image.numpy(),
-                                      preprocessing.decode_image(expected).numpy())
-        assert int(label) == int(expected_label)
-    stored = [(x.numpy(), int(y)) for x, y in cached.examples()]
-    assert len(stored) == 89
-    for (x, y), position in zip(stored, range(89)):
-        image, label = cached.read(position)
-        np.testing.assert_array_equal(x, image.numpy())
-        assert y == int(label)
+    expected = {i: preprocessing.decode_image(split.read(i)[0]).numpy() for i in kept}
+    caplog.set_level(logging.INFO, logger="convmixer_tf")
+    store = cache.Store(split, cache.Decision(mode, 0, ""), None, "train")
+    cached = store.split
+
+    def served():
+        pixels = [(x.numpy(), bool(valid)) for x, valid in
+                  (cached.decode(index) for index, _ in cached.examples())]
+        for i, (image, valid) in enumerate(pixels):
+            assert valid == (i in expected), i
+            if valid:
+                np.testing.assert_array_equal(image, expected[i])
+        return pixels
+
+    assert cached.size == split.size == 92
+    assert not store.state.any()
+    before = served()  # nothing stored: every image from its file
+    store.start()
+    during = served()  # racing the fill
+    store.wait()
+    assert (store.state == 1).sum() == 89  # all stored
+    after = served()
+    for a, b, c in zip(before, during, after):
+        np.testing.assert_array_equal(a[0], c[0])
+        np.testing.assert_array_equal(b[0], c[0])
+    assert [int(y) for _, y in cached.examples()] == list(split.labels)
+    assert store.nbytes == sum(x.size for x in expected.values())
+    out = caplog.text
+    assert "Skipped 3 unreadable train image(s)" in out, out
+    assert "bad.jpg" in out and "cut.png" in out and split.paths[70] in out
 
 
-
-def test_decode_once_of_a_stream_without_random_access_skips_and_names(caplog):
-    """A split read only in stored order (tfds before caching): the chunk holding a broken
-    image is decoded again image by image, so only that one is skipped, named by its index."""
+def test_cache_of_a_stream_without_random_access_fills_first_and_skips_and_names(caplog):
+    """A split read only in stored order (tfds before caching): it is filled before the
+    first read; the chunk holding a broken image is decoded again image by image, so only
+    that one is skipped, named by its index."""
     from convmixer_tf.training.data import cache, sources
 
     images = [np.full((4 + i % 3, 5, 3), i, np.uint8) for i in range(70)]
@@ -404,12 +415,14 @@ def test_decode_once_of_a_stream_without_random_access_skips_and_names(caplog):
     caplog.set_level(logging.INFO, logger="convmixer_tf")
     cached = cache.decode_once(split, cache.Decision("memory", 0, ""), None, "train")
     assert "Skipped 1 unreadable train image(s): example #66" in caplog.text
-    kept = [i for i in range(70) if i != 66]
-    assert cached.size == len(kept)
-    for position, index in enumerate(kept):
-        image, label = cached.read(position)
-        np.testing.assert_array_equal(image.numpy(), images[index])
-        assert int(label) == labels[index]
+    assert cached.size == 70
+    for index in range(70):
+        x, label = cached.read(index)
+        image, valid = cached.decode(x)
+        assert bool(valid) == (index != 66)
+        if index != 66:
+            np.testing.assert_array_equal(image.numpy(), images[index])
+            assert int(label) == labels[index]
 
 
 class ConvmixerTestSorted(tfds.core.GeneratorBasedBuilder):

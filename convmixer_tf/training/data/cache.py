@@ -1,18 +1,20 @@
 """The decoded-image cache: decide memory / disk / stream BEFORE decoding anything, from the
-file count and a small sample of image headers; then decode once, in chunks of images from one
-flat parallel map, kept in memory or written to a file (disk, only within an explicit budget),
-or decode every epoch (stream).
+file count and a small sample of image headers; then decode once in the background while
+training starts (a `Store`: chunks of images from one flat parallel map, kept in memory or
+written to a file, disk only within an explicit budget), or decode every epoch (stream).
 
-Unreadable images are skipped and named, never a crash mid-run: the stream's `decode_flagged`
-decodes each image with a validity flag (tf.data's `ignore_errors` would drop the name); the
-decode-once cache carries each image's index through `ignore_errors`, so an absent index names
-the file."""
+Unreadable images are skipped and named, never a crash mid-run: every read passes through
+`decode_flagged`, which decodes each image with a validity flag (tf.data's `ignore_errors`
+would drop the name); the store's fill carries each image's index through `ignore_errors`, so
+an absent index names the file."""
 
+import atexit
 import dataclasses
 import hashlib
 import logging
 import os
 import tempfile
+import threading
 import time
 
 import numpy as np
@@ -129,12 +131,6 @@ class CountSkipped:
             _plain(lambda image, valid, meta: (image, meta)))
 
 
-@dataclasses.dataclass(frozen=True)
-class CachedSplit(Split):
-    nbytes: int = 0
-    in_memory: bool = True
-
-
 CHUNK = 64  # images per decoded chunk: one tf.data element, one numpy array (ImageNet: ~30 MB)
 
 
@@ -174,103 +170,208 @@ def decode_chunks(split, indices=None, chunk=CHUNK):
     return ds.ignore_errors().prefetch(2)
 
 
-def decode_once(split, decision, cache_dir, which):
-    """`split` decoded once to uint8 in stored order (unreadable images skipped, named), held
-    in memory as the decoded chunks themselves (`CHUNK` images each, no copy into a second
-    buffer: peak ~1x the pixels; a captured tensor or tf.Variable would cost another full
-    copy), or written to a file `<cache_dir>/<which>-<content hash>.u8` read through a memory
-    map (disk); both read by `tf.numpy_function`. A complete file from an earlier run of the
-    same content is reused."""
-    start = time.monotonic()
-    name = hashlib.sha1(f"{split.key}|{split.size}".encode()).hexdigest()[:16]
-    temporary = cache_dir is None
-    in_memory = decision.mode == "memory"
-    path = os.path.join(cache_dir or "", f"{which}-{name}")
-    reused = (not in_memory and not temporary and split.key and os.path.exists(path + ".npz")
-              and os.path.exists(path + ".u8"))
-    chunks = []  # memory: the decoded chunks; disk: the file's memory map (one chunk)
-    chunk_of = np.zeros(split.size, np.int64)  # the chunk holding each image ...
-    if reused:
-        with np.load(path + ".npz") as index:
-            offsets, shapes, labels, valid = (index[k] for k in ("offsets", "shapes", "labels",
-                                                                  "valid"))
-    else:
-        offsets = np.zeros(split.size + 1, np.int64)  # ... and where it starts there
-        shapes = np.zeros((split.size, 3), np.int64)  # (0, 0, 0): skipped
-        labels = np.zeros(split.size, np.int32)
-        valid = np.zeros(split.size, bool)
-        if not in_memory:
-            if temporary:
-                cache_dir = tempfile.mkdtemp(prefix="convmixer_cache_")
-                path = os.path.join(cache_dir, f"{which}-{name}")
-            os.makedirs(cache_dir, exist_ok=True)
-            file = open(path + ".u8.tmp", "wb")
+_UNKNOWN, _READY, _BAD = 0, 1, 2  # each image's state in a `Store`
+
+
+@dataclasses.dataclass(frozen=True)
+class CachedSplit(Split):
+    """A split served by a `Store`: indexed as the split it caches (so its epochs, seeds and
+    skipped images are those of the stream), `read(i)` -> (i, label), `decode(i)` -> pixels."""
+
+    store: object = None
+
+
+class Store:
+    """One split's decoded uint8 pixels, filled in the background while training reads it.
+
+    `start()` decodes the split once in a thread (`decode_chunks`: chunks of `CHUNK` images,
+    no Python per file) into memory (the chunks themselves: peak ~1x the pixels) or into a file
+    `<cache_dir>/<which>-<content hash>.u8` (disk; a complete file from an earlier run of the
+    same content is reused, nothing decoded). Meanwhile `split` serves every image already
+    stored from the cache and decodes the others from their files, by the same op, so the pixels
+    (and a run's batches) do not depend on how far the fill has got. Unreadable files are
+    skipped by the pipeline's validity check either way, and named once the fill ends."""
+
+    def __init__(self, split, decision, cache_dir, which):
+        self.raw, self.which = split, which
+        self.in_memory = decision.mode == "memory"
+        self.nbytes = decision.estimate  # exact once filled
+        self.temporary = cache_dir is None and not self.in_memory
+        name = hashlib.sha1(f"{split.key}|{split.size}".encode()).hexdigest()[:16]
+        self.cache_dir = tempfile.mkdtemp(prefix="convmixer_cache_") if self.temporary else (
+            cache_dir)
+        self.path = os.path.join(self.cache_dir or "", f"{which}-{name}")
+        n = split.size
+        self.state = np.zeros(n, np.uint8)  # _UNKNOWN / _READY / _BAD
+        self.offsets = np.zeros(n + 1, np.int64)  # where each image starts (chunk or file)
+        self.shapes = np.zeros((n, 3), np.int64)
+        self.labels = np.zeros(n, np.int32)
+        self.chunk_of = np.zeros(n, np.int64)  # memory: the chunk holding each image
+        self.chunks, self.fd, self.thread = [], None, None
+        self.done, self.stop = threading.Event(), threading.Event()
+        self.seconds, self.reused = None, False
+        complete = (not self.in_memory and not self.temporary and split.key
+                    and os.path.exists(self.path + ".npz") and os.path.exists(self.path + ".u8"))
+        if complete:
+            with np.load(self.path + ".npz") as index:
+                self.offsets, self.shapes, self.labels, valid = (
+                    index[k] for k in ("offsets", "shapes", "labels", "valid"))
+            self.fd = os.open(self.path + ".u8", os.O_RDONLY)
+            self.state = np.where(valid, _READY, _BAD).astype(np.uint8)
+            self.reused, self.seconds = True, 0.0
+            self._finished()
+        elif not self.in_memory:
+            os.makedirs(self.cache_dir, exist_ok=True)
+        self.split = self._split()
+
+    # ------------------------------------------------------------ the fill (one thread)
+
+    def start(self):
+        """Fills the store in a background thread (nothing to do for a reused file)."""
+        if not self.done.is_set() and self.thread is None:
+            self.thread = threading.Thread(target=self._fill, name=f"cache-{self.which}",
+                                           daemon=True)
+            atexit.register(self._halt)
+            self.thread.start()
+        return self
+
+    def wait(self):
+        """Blocks until the split is fully cached."""
+        if self.thread is not None:
+            self.thread.join()
+        return self
+
+    def _halt(self):  # at interpreter exit: end the fill between two chunks
+        self.stop.set()
+        self.wait()
+
+    def _fill(self):
+        start = time.monotonic()
+        file = None if self.in_memory else open(self.path + ".u8.tmp", "wb")
+        if file is not None:
+            self.fd = os.open(self.path + ".u8.tmp", os.O_RDONLY)
         written = 0
 
         def store(decoded):
             nonlocal written
             for pixels, shape, index, label in decoded.as_numpy_iterator():
-                valid[index], shapes[index], labels[index] = True, shape, label
+                if self.stop.is_set():
+                    return False
+                self.shapes[index], self.labels[index] = shape, label
                 within = np.concatenate([[0], np.cumsum(np.prod(shape, axis=1))[:-1]])
-                if in_memory:
-                    chunk_of[index], offsets[index] = len(chunks), within
-                    chunks.append(pixels)
+                if file is None:
+                    self.chunk_of[index], self.offsets[index] = len(self.chunks), within
+                    self.chunks.append(pixels)
                 else:
-                    offsets[index] = written + within
+                    self.offsets[index] = written + within
                     file.write(pixels)
+                    file.flush()  # readable through `fd` before it is marked ready
                 written += pixels.size
+                self.state[index] = _READY  # last: readers only look at ready images
+            return True
 
-        store(decode_chunks(split))
-        failed = np.flatnonzero(~valid)  # chunks with an unreadable file: one file at a time
-        if len(failed):
-            store(decode_chunks(split, failed, chunk=1))
-        offsets[-1] = written
-        if not in_memory:
+        try:
+            complete = store(decode_chunks(self.raw))
+            failed = np.flatnonzero(self.state != _READY)
+            if complete and len(failed):  # chunks with an unreadable file: one at a time
+                complete = store(decode_chunks(self.raw, failed, chunk=1))
+        except Exception as error:  # e.g. a full disk: training goes on reading the files
+            logger.warning(f"Input cache ({self.which}): filling stopped ({error}); the "
+                           f"images not cached yet are decoded from their files every epoch")
+            return
+        if not complete:  # stopped at exit: an incomplete file is never reused
+            if file is not None:
+                file.close()
+                os.remove(self.path + ".u8.tmp")
+                if self.temporary:
+                    os.rmdir(self.cache_dir)
+            return
+        self.state[self.state != _READY] = _BAD
+        self.offsets[-1] = written
+        if file is not None:
             file.close()
-            np.savez(path + ".npz.tmp.npz", offsets=offsets, shapes=shapes, labels=labels,
-                     valid=valid)
-            os.replace(path + ".u8.tmp", path + ".u8")
-            os.replace(path + ".npz.tmp.npz", path + ".npz")  # last: marks the cache complete
-    kept = np.flatnonzero(valid)
-    skipped = [] if reused else np.flatnonzero(~valid)
-    nbytes = int(np.prod(shapes[kept], axis=1).sum()) if len(kept) else 0
-    where = "memory" if in_memory else path + ".u8" + (" (temporary)" if temporary else "")
-    logger.info(f"{'Reused' if reused else 'Decoded'} {len(kept):,} {which} images"
-                f"{'' if reused else ' once'}: {nbytes / 2**20:,.0f} MB of uint8 pixels in "
-                f"{where} ({time.monotonic() - start:.1f} s)")
-    if len(skipped):
-        names = [split.paths[i] if split.paths else f"example #{i}" for i in skipped]
-        logger.info(f"Skipped {len(skipped):,} unreadable {which} image(s): "
-                    f"{', '.join(names[:10])}"
-                    + (f" ... and {len(names) - 10} more" if len(names) > 10 else ""))
+            np.savez(self.path + ".npz.tmp.npz", offsets=self.offsets, shapes=self.shapes,
+                     labels=self.labels, valid=self.state == _READY)
+            os.replace(self.path + ".u8.tmp", self.path + ".u8")
+            os.replace(self.path + ".npz.tmp.npz", self.path + ".npz")  # last: complete
+        self.seconds = time.monotonic() - start
+        self._finished()
 
-    kept_t = tf.constant(kept.astype(np.int64))
-    labels_t = tf.constant(labels[kept])
-    if not in_memory:  # one chunk: the whole file
-        total = int(offsets[-1])
-        chunks = [np.memmap(path + ".u8", np.uint8, "r") if total else np.zeros(0, np.uint8)]
-        if temporary:  # the mapping stays valid; the file goes when the process ends
+    def _finished(self):
+        kept = self.state == _READY
+        self.nbytes = int(np.prod(self.shapes[kept], axis=1).sum())
+        if self.temporary:  # the open descriptor stays valid; the file goes with the process
             for suffix in (".u8", ".npz"):
-                os.remove(path + suffix)
-            os.rmdir(cache_dir)
-    sizes = np.prod(shapes, axis=1)
+                if os.path.exists(self.path + suffix):
+                    os.remove(self.path + suffix)
+            os.rmdir(self.cache_dir)
+        where = ("memory" if self.in_memory else
+                 self.path + ".u8" + (" (temporary)" if self.temporary else ""))
+        how = ("" if self.reused else
+               f" once ({self.seconds:.1f} s{', in the background' if self.thread else ''})")
+        logger.info(f"{'Reused' if self.reused else 'Decoded'} {int(kept.sum()):,} "
+                    f"{self.which} images{how}: {self.nbytes / 2**20:,.0f} MB of uint8 pixels "
+                    f"in {where}")
+        skipped = np.flatnonzero(~kept)
+        if len(skipped) and not self.reused:
+            names = [self.raw.paths[i] if self.raw.paths else f"example #{i}" for i in skipped]
+            logger.info(f"Skipped {len(skipped):,} unreadable {self.which} image(s): "
+                        f"{', '.join(names[:10])}"
+                        + (f" ... and {len(names) - 10} more" if len(names) > 10 else ""))
+        self.done.set()
 
-    def fetch(index):
-        start = offsets[index]
-        return np.array(chunks[chunk_of[index]][start:start + sizes[index]]).reshape(
-            shapes[index])
+    # ------------------------------------------------------------ the reads (tf.data)
 
-    def pixels(index):
-        return tf.numpy_function(fetch, [index], tf.uint8, stateful=False)
+    def lookup(self, index):
+        """(pixels, valid) of image `index` (Python, through `tf.numpy_function`): the stored
+        pixels; not stored yet, the file's own decode (the same op, eagerly, so the pixels do
+        not depend on the fill's progress); unreadable, a placeholder and False."""
+        state = self.state[index]
+        if state == _READY:
+            shape = self.shapes[index]
+            size, start = int(np.prod(shape)), int(self.offsets[index])
+            if self.in_memory:
+                flat = self.chunks[self.chunk_of[index]][start:start + size]
+            else:
+                flat = np.frombuffer(os.pread(self.fd, size, start), np.uint8)
+            return flat.reshape(shape), True
+        if state == _UNKNOWN and self.raw.read is not None:
+            try:
+                return preprocessing.decode_image(self.raw.read(index)[0]).numpy(), True
+            except tf.errors.OpError:  # unreadable, truncated, gone
+                pass
+        return _PLACEHOLDER, False
 
-    def read(position):
-        """The `position`-th kept image (0..len(kept)-1) and its label."""
-        index = tf.gather(kept_t, position)
-        return tf.ensure_shape(pixels(index), [None, None, 3]), tf.gather(labels_t, position)
+    def _split(self):
+        raw = self.raw
+        if raw.labels is not None:  # folders: known from the listing
+            labels_t = tf.constant(raw.labels)
 
-    def examples():
-        return tf.data.Dataset.range(len(kept)).map(_plain(read), num_parallel_calls=AUTOTUNE)
+            def read(index):
+                return index, tf.gather(labels_t, index)
+        else:  # a stream's labels: known once filled (such a split is read only then)
+            def read(index):
+                label = tf.numpy_function(lambda i: self.labels[i], [index], tf.int32,
+                                          stateful=False)
+                return index, tf.ensure_shape(label, [])
 
-    return CachedSplit(len(kept), examples, read, False, split.key, nbytes=nbytes,
-                       in_memory=in_memory)
+        def decode(index):
+            image, valid = tf.numpy_function(self.lookup, [index], (tf.uint8, tf.bool),
+                                             stateful=False)
+            return tf.ensure_shape(image, [None, None, 3]), tf.ensure_shape(valid, [])
 
+        def examples():
+            return tf.data.Dataset.range(raw.size).map(_plain(read), num_parallel_calls=AUTOTUNE)
+
+        return CachedSplit(raw.size, examples, read, True, raw.key, raw.paths,
+                           labels=raw.labels, decode=decode, store=self)
+
+
+def decode_once(split, decision, cache_dir, which):
+    """`split` cached as `decision` says (memory or disk): a `CachedSplit` to read at once
+    while a `Store` fills it in the background. A split without random access (tfds before
+    caching) cannot serve what is not stored yet: it is filled first."""
+    store = Store(split, decision, cache_dir, which).start()
+    if split.read is None:
+        store.wait()
+    return store.split

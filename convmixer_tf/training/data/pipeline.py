@@ -43,6 +43,15 @@ def epoch_order(size, seed, epoch=0):
         _plain(lambda g: epoch_permutation(g, size, seed, size)))
 
 
+def _strict(split, x):
+    """The pixels of an encoded `split`'s `x`; an error for an unreadable image."""
+    if split.decode is None:
+        return preprocessing.decode_image(x)
+    image, valid = split.decode(x)
+    with tf.control_dependencies([tf.debugging.assert_equal(valid, True, "unreadable image")]):
+        return tf.identity(image)
+
+
 class Datasets:
     """What `build_datasets` returns: the pipelines and what a trainer needs to know.
 
@@ -81,6 +90,13 @@ class Datasets:
         worker runs the same number of steps; weighted metrics stay exact)."""
         return self._pipeline.test(input_context or _NO_CONTEXT)
 
+    def wait_for_cache(self):
+        """Blocks until the decoded caches made so far are full (training need not wait: the
+        images not cached yet are decoded from their files)."""
+        for split in self._pipeline.splits.values():
+            if isinstance(split, cache_lib.CachedSplit):
+                split.store.wait()
+
     @functools.cached_property
     def train(self):
         """One epoch (`epoch`): a fresh full permutation, augmented, one-hot, full batches."""
@@ -110,23 +126,23 @@ class _Pipeline:
         self.num_classes = len(source.class_names)
         self.epoch = tf.Variable(0, dtype=tf.int64, trainable=False, name="data_epoch")
         self.skipped = cache_lib.Skipped(source.train.paths)
-        self._splits = {}
+        self.splits = {}
 
     def split(self, which):
         """`which` split as the cache decision makes it (decoded once, or as stored)."""
-        if which not in self._splits:
+        if which not in self.splits:
             raw = getattr(self.source, which)
             if not raw.encoded:
-                self._splits[which] = raw
+                self.splits[which] = raw
             else:
-                spent = sum(s.nbytes for s in self._splits.values()
-                            if isinstance(s, cache_lib.CachedSplit) and s.in_memory)
+                spent = sum(s.store.nbytes for s in self.splits.values()
+                            if isinstance(s, cache_lib.CachedSplit) and s.store.in_memory)
                 decision = cache_lib.decide(self.cache, raw, max(0, self.memory_budget - spent),
                                             self.disk_budget, self.seed)
                 logger.info(f"Input cache ({which}): {decision.mode} -- {decision.reason}")
-                self._splits[which] = (raw if decision.mode == "stream" else
+                self.splits[which] = (raw if decision.mode == "stream" else
                                        cache_lib.decode_once(raw, decision, self.cache_dir, which))
-        return self._splits[which]
+        return self.splits[which]
 
     # ------------------------------------------------------------ per-image maps
 
@@ -138,7 +154,10 @@ class _Pipeline:
             return image, (index, label, *extra)
 
         ds = indices.map(_plain(read), num_parallel_calls=AUTOTUNE)
-        if split.encoded:
+        if split.decode is not None:  # the cache: its own validity flag
+            ds = (skipped or cache_lib.Skipped(())).filter(ds.map(
+                _plain(lambda x, meta: (*split.decode(x), meta)), num_parallel_calls=AUTOTUNE))
+        elif split.encoded:
             ds = (skipped or cache_lib.Skipped(())).filter(cache_lib.decode_flagged(ds))
         return ds.map(_plain(lambda image, meta: (image, *meta[1:])))
 
@@ -182,14 +201,15 @@ class _Pipeline:
     def _augmented(self, indices, split, skipped):
         """(augmented image, label, g, *counts) of each (index, g), seeded by (seed, g).
         Unreadable files are dropped (`skipped`: a `cache.Skipped` names them, a
-        `cache.CountSkipped` appends counts). Encoded files under a random-resized crop are
-        decoded and cropped inside the validity check (`augment.decode_crop`), so a JPEG
-        decodes only its crop's window (~half the decode work on average); the rest of the
+        `cache.CountSkipped` appends counts). Files (not the cache's whole images) under a
+        random-resized crop are decoded and cropped inside the validity check
+        (`augment.decode_crop`), so a JPEG decodes only its crop's window (~half the decode
+        work on average); the rest of the
         transform is a plain parallel map (inside the check it would be instantiated per file)."""
         def seed_pair(g):
             return tf.stack([tf.cast(self.seed, tf.int64), g])
 
-        if split.encoded and self.augment.crop_scale:
+        if split.encoded and self.augment.crop_scale and split.decode is None:
             def read(index, g):
                 image, label = split.read(index)
                 return image, (index, label, g)
@@ -292,7 +312,7 @@ class _Pipeline:
                                             tf.cast(g < test.size, tf.float32))))
         ds = weighted.map(_plain(lambda i, w: (*test.read(i), w)), num_parallel_calls=AUTOTUNE)
         if test.encoded:  # a broken test file would be a weight-1 hole: decode (strict)
-            ds = ds.map(_plain(lambda x, y, w: (preprocessing.decode_image(x), y, w)),
+            ds = ds.map(_plain(lambda x, y, w: (_strict(test, x), y, w)),
                         num_parallel_calls=AUTOTUNE)
         ds = ds.map(_plain(lambda x, y, w: (self._eval_image(x),
                                             tf.one_hot(y, self.num_classes), w)),
@@ -333,10 +353,10 @@ def build_datasets(dataset="digits", image_size=32, global_batch_size=64, augmen
     Data sets without a test split hold out `validation_split` of train.
 
     `cache` (encoded sources: folders, tfds), decided before anything is decoded from the
-    file count and ~64 image headers (`cache.decide`): "auto" keeps decoded uint8 pixels in
-    memory when they fit `cache_budget_mb`, else in a file in `cache_dir` (a temporary folder
-    if None) when they fit `cache_disk_budget_gb`, else streams (reads and decodes every
-    epoch); "memory" / "disk" force one; "off" streams. Unreadable images are skipped and
+    file count and ~64 image headers (`cache.decide`) and filled in the background while
+    training starts (`cache.Store`): "auto" keeps decoded uint8 pixels in memory when they fit
+    `cache_budget_mb`, else in a file in `cache_dir` (a temporary folder if None) when they fit
+    `cache_disk_budget_gb`, else streams (reads and decodes every epoch); "memory" / "disk" force one; "off" streams. Unreadable images are skipped and
     named in the log; `strict_images` refuses them before any training instead.
     """
     augment = augment or config.AugmentConfig()

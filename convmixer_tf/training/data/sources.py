@@ -91,7 +91,10 @@ class Split:
     (image, int32 label), and that `read(index)` returns one at a time (None for sources
     without random access: tfds before caching). `encoded`: images are file bytes. `paths`:
     the files (folders only), `sample_shapes(k, seed)`: decoded [H, W, 3] shapes of about k
-    examples, read from headers where possible (the cache decision's sample)."""
+    examples, read from headers where possible (the cache decision's sample). `labels`: every
+    example's label where known without reading a file (folders). `decode(x)` -> (pixels,
+    valid): how an encoded `read` value becomes pixels with its own validity flag (the decoded
+    cache); None: `x` is file bytes, decoded inside `cache.decode_flagged`."""
 
     size: int
     examples: object
@@ -100,6 +103,8 @@ class Split:
     key: str = ""  # identifies the content (paths / tfds split) for the disk cache's file name
     paths: tuple = ()
     sample_shapes: object = None
+    labels: object = None
+    decode: object = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -251,7 +256,7 @@ def _file_split(pairs):
         return [shape for shape in header_shapes(chosen) if shape is not None]
 
     return _indexed(len(pairs), read, encoded=True, key=key, paths=tuple(paths),
-                    sample_shapes=sample_shapes)
+                    sample_shapes=sample_shapes, labels=np.array(labels, "int32"))
 
 
 def _header_shape(path):
