@@ -1,5 +1,5 @@
 """Shared test setup: quiet TF logs, float32 policy restored after every test, the `--large`
-flag, and the fixtures many test files receive (`tiny_model`, `image_folder`). Plain helpers
+flag, and the fixtures many test files receive (`tiny_model`, `image_folder`, `digits_export`). Plain helpers
 (ROOT, subprocess_env, worker paths) are in helpers.py."""
 
 import os
@@ -94,3 +94,29 @@ def _image_folder(root, classes=("cat", "dog"), per_class=5, size=(20, 20), seed
 def image_folder():
     """Factory: `image_folder(root, classes=("cat", "dog"), per_class=5, size=(20, 20))`."""
     return _image_folder
+
+
+@pytest.fixture(scope="session")
+def digits_export(tmp_path_factory):
+    """A tiny 10-class model exported (SavedModel, float32 and full-int8 with uint8 I/O) with
+    digits' test split (at 16 px) as the gate's held-out images, and its .keras + metadata;
+    shared by the tests marked `xdist_group("digits_export")` (built once, on one worker)."""
+    import convmixer_tf
+    from convmixer_tf import artifacts
+    from convmixer_tf.training.data import sources
+
+    root = tmp_path_factory.mktemp("export")
+    model = _tiny_convmixer(bn_stats=True)
+    (x_train, _), (x_test, y_test) = sources.load_digits(16)
+    result = convmixer_tf.export(model, str(root), name="tiny",
+                                 class_names=sources.DIGITS_CLASS_NAMES,
+                                 calibration_images=x_train[:64], held_out=(x_test, y_test),
+                                 tflite_modes=["float32", "full_int8"], max_accuracy_drop=100,
+                                 int8_io="uint8")
+    model_path = str(root / "tiny.keras")
+    artifacts.save_model(model, model_path)
+    artifacts.write_metadata(model_path, artifacts.Metadata(sources.DIGITS_CLASS_NAMES, (16, 16)))
+    report = result["tflite"]
+    return dict(root=root, result=result, model_path=model_path, labels=y_test,
+                saved=str(root / "tiny"),
+                tflite=os.path.join(report["path"], report["builds"]["float32"]["files"][0]))

@@ -9,7 +9,6 @@ import keras
 import numpy as np
 import pytest
 
-import convmixer_tf
 from convmixer_tf import artifacts, cli, evaluate
 from convmixer_tf.deploy import saved_model
 from convmixer_tf.training.data import pipeline, sources
@@ -89,25 +88,7 @@ def test_bad_flags_and_missing_metadata_are_one_line_before_any_data(tmp_path, c
     assert evaluate.BYTES_SIGNATURE == saved_model.SIGNATURE_BYTES
 
 
-@pytest.fixture(scope="module")
-def digits_export(tmp_path_factory, tiny_model):
-    """A tiny 10-class model exported (SavedModel, float32 and full-int8 with uint8 I/O) with
-    digits' test split (at 16 px) as the gate's held-out images, and its .keras + metadata."""
-    root = tmp_path_factory.mktemp("export")
-    model = tiny_model(bn_stats=True)
-    (x_train, _), (x_test, y_test) = sources.load_digits(16)
-    result = convmixer_tf.export(model, str(root), name="tiny",
-                                 class_names=sources.DIGITS_CLASS_NAMES,
-                                 calibration_images=x_train[:64], held_out=(x_test, y_test),
-                                 tflite_modes=["float32", "full_int8"], max_accuracy_drop=100,
-                                 int8_io="uint8")
-    model_path = str(root / "tiny.keras")
-    artifacts.save_model(model, model_path)
-    artifacts.write_metadata(model_path, artifacts.Metadata(sources.DIGITS_CLASS_NAMES, (16, 16)))
-    return dict(root=root, result=result, model_path=model_path, labels=y_test)
-
-
-@pytest.mark.xdist_group("evaluate_digits_export")
+@pytest.mark.xdist_group("digits_export")
 def test_tflite_accuracy_equals_the_export_gates_on_the_same_images(digits_export):
     """The gate (deploy/gate.py accuracy_report, as tflite_set runs it) measured every build on
     digits' test split; evaluate on --dataset digits gets the same top-1, build by build."""
@@ -124,7 +105,7 @@ def test_tflite_accuracy_equals_the_export_gates_on_the_same_images(digits_expor
         assert result["top1"] == entry["accuracy"], label
 
 
-@pytest.mark.xdist_group("evaluate_digits_export")
+@pytest.mark.xdist_group("digits_export")
 def test_saved_model_through_its_signatures_agrees_with_keras(digits_export, capsys):
     """Base folder (its latest version) and version folder, every signature (the bytes one
     gets the test images PNG-encoded and preprocesses them itself): the SavedModel's metadata
@@ -142,7 +123,7 @@ def test_saved_model_through_its_signatures_agrees_with_keras(digits_export, cap
     assert "invalid choice" in capsys.readouterr().err
 
 
-@pytest.mark.xdist_group("evaluate_digits_export")
+@pytest.mark.xdist_group("digits_export")
 def test_json_and_confusion_picture(digits_export, tmp_path, capsys):
     from PIL import Image
 

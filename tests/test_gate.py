@@ -47,8 +47,11 @@ def test_choose_edge_build_is_the_fastest_that_passed():
     assert gate.choose_edge_build(builds) == "int8_float_gelu"  # float32 is no candidate
     builds["int8_float_gelu"]["refused"] = "lost accuracy"
     assert gate.choose_edge_build(builds) == "dynamic_int8"
+    assert gate.choose_fastest_build(builds) == "float32"  # of every mode the gate passed
     builds["dynamic_int8"]["refused"] = "lost accuracy"
     assert gate.choose_edge_build(builds) is None
+    builds["float32"]["refused"] = "lost accuracy"
+    assert gate.choose_fastest_build(builds) is None
 
 
 def test_latency_is_measured_with_the_interleaved_timer(monkeypatch):

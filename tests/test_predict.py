@@ -9,24 +9,11 @@ import pytest
 import tensorflow as tf
 from PIL import Image
 
-from convmixer_tf import artifacts, cli
-from convmixer_tf.deploy import export, predict
+from convmixer_tf import cli
+from convmixer_tf.deploy import predict
 from convmixer_tf.deploy.config import PredictConfig
+from convmixer_tf.training.data import sources
 
-CLASSES = ["cat", "dog", "owl", "elk"]
-
-
-@pytest.fixture(scope="module")
-def exported(tmp_path_factory, tiny_model):
-    root = tmp_path_factory.mktemp("predict")
-    model = tiny_model(4)
-    model_path = str(root / "tiny.keras")
-    artifacts.save_model(model, model_path)
-    artifacts.write_metadata(model_path, artifacts.Metadata(CLASSES, (16, 16)))
-    result = export.export_model(model_path, tflite_modes=("float32",))
-    report = result["tflite"]
-    return dict(root=root, saved=str(root / "tiny"),
-                tflite=os.path.join(report["path"], report["builds"]["float32"]["files"][0]))
 
 
 @pytest.fixture(scope="module")
@@ -58,10 +45,10 @@ def images(tmp_path_factory):
     return paths
 
 
-@pytest.mark.xdist_group("predict_exported")
-def test_high_bit_depth_and_palette_images_decode_correctly(exported, images):
+@pytest.mark.xdist_group("digits_export")
+def test_high_bit_depth_and_palette_images_decode_correctly(digits_export, images):
     assert Image.open(images["grey16.png"]).mode.startswith("I")  # really 16-bit
-    for model in (exported["tflite"], exported["saved"]):
+    for model in (digits_export["tflite"], digits_export["saved"]):
         rows = predict.predict_files(model, list(images.values()), PredictConfig(top_k=2))
         logits = {os.path.basename(r["path"]): np.asarray(r["logits"]) for r in rows}
         for a, b in (("rgb16.png", "rgb8.png"), ("grey16.png", "grey8.png"),
@@ -71,13 +58,13 @@ def test_high_bit_depth_and_palette_images_decode_correctly(exported, images):
         assert not np.allclose(logits["grey8.png"], logits["rgb8.png"], atol=1e-3)
 
 
-@pytest.mark.xdist_group("predict_exported")
-def test_predict_cli_finds_metadata_in_the_versioned_layout(exported, images, capsys):
-    tflite_path = exported["tflite"]
+@pytest.mark.xdist_group("digits_export")
+def test_predict_cli_finds_metadata_in_the_versioned_layout(digits_export, images, capsys):
+    tflite_path = digits_export["tflite"]
     assert tflite_path.endswith(os.path.join("tiny_tflite", "1", "tiny_float32.tflite"))
     assert cli.predict_main([tflite_path, images["rgb16.png"], images["rgb8.png"]]) == 0
     lines = capsys.readouterr().out.strip().splitlines()
-    assert len(lines) == 2 and lines[0].split()[1] in CLASSES  # labels from metadata.json
+    assert len(lines) == 2 and lines[0].split()[1] in sources.DIGITS_CLASS_NAMES  # labels from metadata.json
     assert lines[0].split(":")[1].split("(")[0] == lines[1].split(":")[1].split("(")[0]
 
     tflite_dir = os.path.dirname(os.path.dirname(tflite_path))
@@ -87,8 +74,8 @@ def test_predict_cli_finds_metadata_in_the_versioned_layout(exported, images, ca
     assert tflite_path in err
 
 
-@pytest.mark.xdist_group("predict_exported")
-def test_unreadable_files_exit_2_with_one_line(exported, tmp_path, capsys):
+@pytest.mark.xdist_group("digits_export")
+def test_unreadable_files_exit_2_with_one_line(digits_export, tmp_path, capsys):
     png = tf.io.encode_png(np.zeros((16, 16, 3), np.uint8)).numpy()
     jpeg = tf.io.encode_jpeg(np.zeros((16, 16, 3), np.uint8)).numpy()
     bad = {"notes.png": b"this is text", "empty.jpg": b"", "cut.png": png[:30],
@@ -96,7 +83,7 @@ def test_unreadable_files_exit_2_with_one_line(exported, tmp_path, capsys):
            "random.webp": bytes(np.random.default_rng(0).integers(0, 256, 300, np.uint8))}
     for name, data in bad.items():
         (tmp_path / name).write_bytes(data)
-    for model in (exported["tflite"], exported["saved"]):
+    for model in (digits_export["tflite"], digits_export["saved"]):
         for name in bad:
             assert cli.predict_main([model, str(tmp_path / name)]) == 2, (model, name)
             captured = capsys.readouterr()

@@ -79,3 +79,11 @@ def choose_edge_build(builds):
     those the gate passed (`builds`: {mode: {"latency_ms", "refused"}}); None if none did."""
     passed = {m: b for m, b in builds.items() if m in INT8_MODES and not b.get("refused")}
     return min(passed, key=lambda m: passed[m]["latency_ms"]) if passed else None
+
+
+def choose_fastest_build(builds):
+    """The build of any mode with the lowest measured latency among those the gate passed:
+    on a CPU where float32 outruns every int8 build the gate kept, the log says so."""
+    passed = {m: b for m, b in builds.items()
+              if not b.get("refused") and b.get("latency_ms") is not None}
+    return min(passed, key=lambda m: passed[m]["latency_ms"]) if passed else None

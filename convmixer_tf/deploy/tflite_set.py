@@ -130,6 +130,7 @@ def export_all(model, out_dir, name, representative_images, eval_images, input_s
     _gate(builds, reference, resized, labels, keras_accuracy, config, gated)
     _time(builds, resized[0], latency_rounds, num_threads)
     edge = _choose_edge_build(builds) if EDGE_BUILD in modes else None
+    fastest = gating.choose_fastest_build({b.mode: b.entry() for b in builds if not b.dynamic})
     _write(builds, out_dir, name, edge)
     report = dict(
         keras_accuracy=keras_accuracy, eval_images=len(eval_images), labelled=labels is not None,
@@ -139,7 +140,7 @@ def export_all(model, out_dir, name, representative_images, eval_images, input_s
                      clock="thread CPU time" if (num_threads or 1) == 1 else "wall"),
         builds={b.label: b.entry() for b in builds}, skipped=skipped,
         refused={b.label: b.refused for b in builds if b.refused}, failed=failed,
-        edge_build=edge)
+        edge_build=edge, fastest_build=fastest)
     if EDGE_BUILD in modes and edge is None:
         report["refused"][EDGE_BUILD] = "no int8 candidate converted and passed the gate"
     _log(builds, report, name)
@@ -222,6 +223,12 @@ def _log(builds, report, name):
     if report["edge_build"]:
         emit(logging.INFO, f"tflite edge build: {name}_{EDGE_BUILD}.tflite = "
                            f"{report['edge_build']} (fastest int8 build; gate: {report['gate']})")
+    fastest, edge = report["fastest_build"], report["edge_build"]
+    if fastest and edge and fastest != edge and fastest not in INT8_MODES:
+        ms = {b.mode: b.latency_ms for b in builds if not b.dynamic}
+        emit(logging.INFO, f"tflite fastest build: {name}_{fastest}.tflite, {ms[fastest]:.2f} "
+                           f"ms/image against the edge build's {ms[edge]:.2f} on this CPU (both "
+                           f"passed the gate): ship it where this CPU is the target")
     for label, why in report["refused"].items():
         emit(logging.WARNING, f"tflite {label:<22} REFUSED: {why}")
     for label, why in report["failed"].items():
