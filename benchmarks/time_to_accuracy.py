@@ -112,7 +112,7 @@ def run_ours(args, train, test, orders):
     clock = Clock()
     curve = _Curve(clock, eval_steps(steps, args.epochs, args.evals_per_epoch), test,
                    args.eval_batch_size)
-    trainer.fit(batches, epochs=args.epochs, steps_per_epoch=steps, verbose=0,
+    trainer.fit(batches, epochs=args.epochs, steps_per_epoch=steps, shuffle=False, verbose=0,
                 callbacks=[curve])
     swaps = ", ".join(name for name, on in fast.items() if on) or "none"
     return dict(points=curve.points, config=f"ours {args.ours_precision} + fast layers ({swaps})")

@@ -115,14 +115,15 @@ def test_one_validation_process_serves_every_export_and_survives_failures(export
     validate()
     replaced = saved_model._LOADER.proc.pid
     assert replaced != pid
-    monkeypatch.setenv("CONVMIXER_TEST_VALIDATION_ENV", "1")  # the child's env is the caller's
-    validate()
-    assert saved_model._LOADER.proc.pid != replaced
+    with monkeypatch.context() as patch:  # the child's env is the caller's
+        patch.setenv("CONVMIXER_TEST_VALIDATION_ENV", "1")
+        validate()
+        assert saved_model._LOADER.proc.pid != replaced
     with monkeypatch.context() as patch:  # a process that dies before it answers
         patch.setattr(sys, "executable", "/bin/false")
         with pytest.raises(errors.ExportError, match="died \\(exit status 1\\)"):
             validate()
-    validate()
+    validate()  # in the test's own environment: the later tests' validations reuse it
 
 
 @pytest.mark.xdist_group("saved_model_exported")
