@@ -23,6 +23,7 @@ import dataclasses
 import logging
 import os
 import uuid
+import warnings
 
 import keras
 
@@ -211,16 +212,22 @@ def fit(config, strategy, trainer, datasets, callbacks, start_epoch=0):
             f"names")
     train_ds, test_ds, local_train = training_input(
         datasets, strategy, steps, config.batch_size, service)
-    history = trainer.fit(
-        train_ds,
-        epochs=config.epochs,
-        steps_per_epoch=steps,
-        validation_data=test_ds,
-        shuffle=False,  # the tf.data pipeline shuffles
-        verbose=int(config.verbose) if str(config.verbose).isdigit() else config.verbose,
-        callbacks=callbacks + data_callbacks(datasets, local_train, config.batch_size),
-    )
-    _, test_accuracy = trainer.evaluate(test_ds, verbose=0)
+    with warnings.catch_warnings():
+        # Image files pass a validity filter, so the test split has no length tf.data knows,
+        # and Keras says "Your input ran out of data" after every validation pass. The
+        # training stream is endless (`pipeline`): the message can only mean the test split.
+        warnings.filterwarnings("ignore", message="Your input ran out of data",
+                                category=UserWarning)
+        history = trainer.fit(
+            train_ds,
+            epochs=config.epochs,
+            steps_per_epoch=steps,
+            validation_data=test_ds,
+            shuffle=False,  # the tf.data pipeline shuffles
+            verbose=int(config.verbose) if str(config.verbose).isdigit() else config.verbose,
+            callbacks=callbacks + data_callbacks(datasets, local_train, config.batch_size),
+        )
+        _, test_accuracy = trainer.evaluate(test_ds, verbose=0)
     return history, test_accuracy
 
 
