@@ -120,29 +120,14 @@ def test_rand_augment_ops_match_pil():
     kw = dict(resample=Image.BILINEAR, fillcolor=A.FILL)
     geometric = {
         "rotate": (A._rotate(xs, 20.0), ps.rotate(20, **kw)),
-        "shear_x": (A._shear(xs, 0.3, 1),
+        "shear_x": (A._affine(xs, [1, 0.3, 0, 0, 1, 0]),
                     ps.transform(ps.size, Image.AFFINE, (1, 0.3, 0, 0, 1, 0), **kw)),
-        "shear_y": (A._shear(xs, -0.2, 0),
-                    ps.transform(ps.size, Image.AFFINE, (1, 0, 0, -0.2, 1, 0), **kw)),
-        "translate_x": (A._translate(xs, 3.25, 1),
-                        ps.transform(ps.size, Image.AFFINE, (1, 0, 3.25, 0, 1, 0), **kw)),
-        "translate_y": (A._translate(xs, -5.5, 0),
+        "translate_y": (A._affine(xs, [1, 0, 0, 0, 1, -5.5]),
                         ps.transform(ps.size, Image.AFFINE, (1, 0, 0, 0, 1, -5.5), **kw)),
     }
     for name, (ours, ref) in geometric.items():
         diff = np.abs(A._to_pixels(ours).numpy() - np.asarray(ref, np.float32)).max(-1)
         assert np.mean(diff <= 2) > 0.85, name
-    # The one-axis shear and translate (two taps a pixel) are the projective transform's
-    # pixels, within one grey level where a value sits on a rounding boundary.
-    noisy = tf.constant(rng.integers(0, 256, (37, 51, 3)), tf.float32)
-    for v in (0.3, -0.27):
-        for ours, matrix in ((A._shear(noisy, v, 1), [1, v, 0, 0, 1, 0]),
-                             (A._shear(noisy, v, 0), [1, 0, 0, v, 1, 0]),
-                             (A._translate(noisy, v * 51, 1), [1, 0, v * 51, 0, 1, 0]),
-                             (A._translate(noisy, v * 37, 0), [1, 0, 0, 0, 1, v * 37])):
-            diff = np.abs(A._to_pixels(ours).numpy()
-                          - A._to_pixels(A._affine(noisy, matrix)).numpy())
-            assert diff.max() <= 1 and np.mean(diff > 0) < 0.05, (v, matrix)
 
 
 def test_crop_flip_and_jitter():

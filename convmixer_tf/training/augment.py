@@ -109,47 +109,6 @@ def _affine(image, matrix):
     return out + fill
 
 
-def _shift_lines(image, shifts, axis):
-    """`_affine` for the matrices that move pixels along one axis only (shear and translate):
-    along `axis` (1: x, 0: y), line j of the output samples the input at i + shifts[j] (or i +
-    shifts, a scalar),
-    bilinear between the two neighbouring pixels, the fill colour outside. One two-tap
-    interpolation per pixel instead of the projective transform's four."""
-    fill = tf.constant(FILL, tf.float32)
-    lines = image - fill
-    if axis == 0:
-        lines = tf.transpose(lines, [1, 0, 2])
-    n = tf.shape(lines)[1]
-    per_line = shifts.shape.rank == 1  # shear; a scalar (translate) moves every line alike
-    position = tf.cast(tf.range(n), tf.float32) + (shifts[:, None] if per_line else shifts)
-    first = tf.floor(position)
-    frac = (position - first)[..., None]
-    padded = tf.pad(lines, [[0, 0], [1, 1], [0, 0]])  # the pads are the fill (zero here)
-    last = tf.cast(n + 1, tf.float32)
-
-    def taps(offset):
-        index = tf.cast(tf.clip_by_value(first + offset, 0.0, last), tf.int32)
-        return tf.gather(padded, index, axis=1, batch_dims=1 if per_line else 0)
-
-    out = (1.0 - frac) * taps(1.0) + frac * taps(2.0)
-    if axis == 0:
-        out = tf.transpose(out, [1, 0, 2])
-    return out + fill
-
-
-def _shear(image, factor, axis):
-    """PIL `transform(AFFINE, (1, factor, 0, 0, 1, 0))` (axis 1) or `(1, 0, 0, factor, 1, 0)`
-    (axis 0): line j moves by factor * (j + 0.5), PIL's pixel centres."""
-    lines = tf.shape(image)[1 - axis]
-    return _shift_lines(image, factor * (tf.cast(tf.range(lines), tf.float32) + 0.5), axis)
-
-
-def _translate(image, pixels, axis):
-    """PIL `transform(AFFINE, (1, 0, pixels, 0, 1, 0))` (axis 1) or `(1, 0, 0, 0, 1, pixels)`
-    (axis 0)."""
-    return _shift_lines(image, tf.cast(pixels, tf.float32), axis)
-
-
 def _rotate(image, degrees):
     """PIL `Image.rotate(degrees)`: counter-clockwise about the centre."""
     shape = tf.cast(tf.shape(image), tf.float32)
@@ -249,10 +208,10 @@ def _rand_augment_op(image, index, level, sign):
         lambda: _contrast(image, enhance),
         lambda: _brightness(image, enhance),
         lambda: _sharpness(image, enhance),
-        lambda: _to_pixels(_shear(image, shear, 1)),
-        lambda: _to_pixels(_shear(image, shear, 0)),
-        lambda: _to_pixels(_translate(image, translate * w, 1)),
-        lambda: _to_pixels(_translate(image, translate * h, 0)),
+        lambda: _to_pixels(_affine(image, [1.0, shear, 0.0, 0.0, 1.0, 0.0])),
+        lambda: _to_pixels(_affine(image, [1.0, 0.0, 0.0, shear, 1.0, 0.0])),
+        lambda: _to_pixels(_affine(image, [1.0, 0.0, translate * w, 0.0, 1.0, 0.0])),
+        lambda: _to_pixels(_affine(image, [1.0, 0.0, 0.0, 0.0, 1.0, translate * h])),
     ]
     out = tf.switch_case(index, branches)
     return tf.ensure_shape(out, image.shape)
