@@ -41,6 +41,9 @@ def keras_candidate(cfg, args, precision, fast, jit_compile=False, pipeline=True
         # (Each fit() call also pays ~1 s of iterator set-up/tear-down here, once per epoch.)
         model.make_train_function()
         iterator = iter(ds)
+        # One step now (it compiles): a precision this CPU cannot run (e.g. bf16 convolutions
+        # with oneDNN capped to AVX2) fails here and `keras_candidates` skips it.
+        float(model.train_function(iterator)["loss"])
 
         def run():
             for _ in range(steps):
@@ -126,31 +129,42 @@ def torch_candidates(cfg, args, make=torch_candidate, skipped=None):
     return cands
 
 
-def keras_candidates(cfg, args):
-    cands = {}
+def keras_candidates(cfg, args, skipped=None):
+    """{name: run} for each of our configurations; one this machine cannot run (e.g. bf16
+    convolutions with oneDNN capped to AVX2) is printed with the reason, recorded in `skipped`
+    ({name: reason}) and left out, as `torch_candidates` does."""
     if args.backend != "tensorflow":
-        cands["keras-jax fp32 (XLA)"] = keras_candidate(cfg, args, "float32", False, True)
-        cands["keras-jax bf16 (XLA)"] = keras_candidate(cfg, args, "mixed_bfloat16", False, True)
-        return cands
-    tf_depthwise = dict(depthwise=False)
-    cands["keras fp32 (stock layers)"] = keras_candidate(cfg, args, "float32", False)
-    if args.ablations:
-        cands["keras fp32 + fused BN"] = keras_candidate(
-            cfg, args, "float32", dict(gelu=False, depthwise=False))
-        cands["keras fp32 + GELU grad, XLA-fused"] = keras_candidate(
-            cfg, args, "float32", dict(batchnorm=False, depthwise=False))
-        cands["keras fp32 + fast depthwise"] = keras_candidate(
-            cfg, args, "float32", dict(batchnorm=False, gelu=False))
-        cands["keras fp32 + fused BN/GELU, TF depthwise"] = keras_candidate(
-            cfg, args, "float32", tf_depthwise)
-    cands["keras fp32 + fast layers"] = keras_candidate(cfg, args, "float32", True)
-    if args.ablations:
-        cands["keras bf16 (stock layers)"] = keras_candidate(cfg, args, "mixed_bfloat16", False)
-        cands["keras bf16 + fused BN/GELU, TF depthwise in fp32"] = keras_candidate(
-            cfg, args, "mixed_bfloat16", dict(depthwise=False, depthwise_float32=True))
-        cands["keras bf16 + fast layers, depthwise in fp32"] = keras_candidate(
-            cfg, args, "mixed_bfloat16", dict(depthwise_float32=True))
-    cands["keras bf16 + fast layers"] = keras_candidate(cfg, args, "mixed_bfloat16", True)
+        specs = {"keras-jax fp32 (XLA)": ("float32", False, True),
+                 "keras-jax bf16 (XLA)": ("mixed_bfloat16", False, True)}
+    else:
+        ablations = {
+            "keras fp32 + fused BN": ("float32", dict(gelu=False, depthwise=False)),
+            "keras fp32 + GELU grad, XLA-fused": ("float32", dict(batchnorm=False,
+                                                                   depthwise=False)),
+            "keras fp32 + fast depthwise": ("float32", dict(batchnorm=False, gelu=False)),
+            "keras fp32 + fused BN/GELU, TF depthwise": ("float32", dict(depthwise=False)),
+        }
+        bf16_ablations = {
+            "keras bf16 (stock layers)": ("mixed_bfloat16", False),
+            "keras bf16 + fused BN/GELU, TF depthwise in fp32": (
+                "mixed_bfloat16", dict(depthwise=False, depthwise_float32=True)),
+            "keras bf16 + fast layers, depthwise in fp32": (
+                "mixed_bfloat16", dict(depthwise_float32=True)),
+        }
+        specs = {"keras fp32 (stock layers)": ("float32", False),
+                 **(ablations if args.ablations else {}),
+                 "keras fp32 + fast layers": ("float32", True),
+                 **(bf16_ablations if args.ablations else {}),
+                 "keras bf16 + fast layers": ("mixed_bfloat16", True)}
+    cands = {}
+    for name, spec in specs.items():
+        try:
+            cands[name] = keras_candidate(cfg, args, *spec)
+        except Exception as error:  # noqa: BLE001 - a configuration this CPU cannot run
+            reason = f"{type(error).__name__}: {str(error).splitlines()[0][:300]}"
+            print(f"skipped {name}: {reason}", flush=True)
+            if skipped is not None:
+                skipped[name] = reason
     return cands
 
 
@@ -194,8 +208,8 @@ def print_torch_best(res):
 
 def train_section(cfg, args, peak, skipped=None):
     """Training images/s of ConvMixer-256/8 (k5 p2), 32x32, batch 128: ours vs every PyTorch
-    configuration (those that cannot run here go to `skipped`, {name: reason})."""
-    cands = keras_candidates(cfg, args)
+    configuration (ours or theirs that cannot run here go to `skipped`, {name: reason})."""
+    cands = keras_candidates(cfg, args, skipped=skipped)
     if not args.no_torch:
         cands.update(torch_candidates(cfg, args, skipped=skipped))
     res = interleaved(cands, args.rounds or cfg["rounds"])

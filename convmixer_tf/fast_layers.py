@@ -333,7 +333,9 @@ class FastDepthwiseConv2D(layers.DepthwiseConv2D):
 # are what cuDNN and XLA's fusions were tuned for.
 SWAPS = ("batchnorm", "gelu", "depthwise")
 FAST_LAYERS = {
-    ("CPU", "float32"): ("batchnorm", "gelu", "depthwise"),  # 1.5x per training step
+    # 1.5x per training step; 1.56x with oneDNN capped to AVX2 (an AVX2-only CPU's kernels:
+    # benchmarks/results/fast-layers-avx2-cap.log), where bf16 convolutions cannot run at all
+    ("CPU", "float32"): ("batchnorm", "gelu", "depthwise"),
     ("CPU", "bfloat16"): ("batchnorm", "gelu", "depthwise"),  # bf16 beats fp32 only with them
     ("CPU", "float16"): (),
 }
