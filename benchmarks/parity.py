@@ -218,6 +218,20 @@ def run_torch(args, seed, train, test, orders):
     return curve, time.perf_counter() - start
 
 
+def add_recipe_args(p, dim, depth, epochs, test_size, test_help):
+    """The model, data-size and schedule flags this benchmark and `time_to_accuracy` share."""
+    p.add_argument("--dim", type=int, default=dim)
+    p.add_argument("--depth", type=int, default=depth)
+    p.add_argument("--kernel-size", type=int, default=5)
+    p.add_argument("--patch-size", type=int, default=2)
+    p.add_argument("--epochs", type=int, default=epochs)
+    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--eval-batch-size", type=int, default=500)
+    p.add_argument("--train-size", type=int, default=8000, help="0 = all 60,000")
+    p.add_argument("--test-size", type=int, default=test_size, help=test_help)
+    p.add_argument("--max-lr", type=float, default=0.01)
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(prog="python -m benchmarks.parity",
                                 description=__doc__.split("\n")[0])
@@ -228,16 +242,7 @@ def parse_args(argv=None):
                    help="our model's initial weights: ours (the builder's, PyTorch's "
                         "distribution), keras (Keras layer defaults; ablation), copied (the "
                         "PyTorch side's exact tensors; ablation)")
-    p.add_argument("--dim", type=int, default=64)
-    p.add_argument("--depth", type=int, default=4)
-    p.add_argument("--kernel-size", type=int, default=5)
-    p.add_argument("--patch-size", type=int, default=2)
-    p.add_argument("--epochs", type=int, default=5)
-    p.add_argument("--batch-size", type=int, default=128)
-    p.add_argument("--eval-batch-size", type=int, default=500)
-    p.add_argument("--train-size", type=int, default=8000, help="0 = all 60,000")
-    p.add_argument("--test-size", type=int, default=0, help="0 = all 10,000")
-    p.add_argument("--max-lr", type=float, default=0.01)
+    add_recipe_args(p, dim=64, depth=4, epochs=5, test_size=0, test_help="0 = all 10,000")
     p.add_argument("--weight-decay", type=float, default=0.01)
     p.add_argument("--label-smoothing", type=float, default=0.1)
     p.add_argument("--clip-norm", type=float, default=1.0, help="0 = no clipping")

@@ -202,17 +202,9 @@ def plot(results, target, path, title):
 def parse_args(argv=None):
     p = argparse.ArgumentParser(prog="python -m benchmarks.time_to_accuracy",
                                 description=__doc__.split("\n")[0])
-    p.add_argument("--dim", type=int, default=256)
-    p.add_argument("--depth", type=int, default=8)
-    p.add_argument("--kernel-size", type=int, default=5)
-    p.add_argument("--patch-size", type=int, default=2)
-    p.add_argument("--epochs", type=int, default=4)
-    p.add_argument("--batch-size", type=int, default=128)
-    p.add_argument("--eval-batch-size", type=int, default=500)
-    p.add_argument("--train-size", type=int, default=8000, help="0 = all 60,000")
-    p.add_argument("--test-size", type=int, default=2000, help="held-out images (test split)")
+    parity.add_recipe_args(p, dim=256, depth=8, epochs=4, test_size=2000,
+                           test_help="held-out images (the test split's first)")
     p.add_argument("--evals-per-epoch", type=int, default=4)
-    p.add_argument("--max-lr", type=float, default=0.01)
     p.add_argument("--target", type=float, default=0.85, help="held-out accuracy to reach")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--ours-precision", default="mixed_bfloat16",
