@@ -209,6 +209,9 @@ def _write(builds, out_dir, name, edge):
             tflite.save(build.flat, os.path.join(out_dir, file))
 
 
+CLEARLY_FASTER = 0.9  # a float build is named beside the edge build below this latency ratio
+
+
 def _log(builds, report, name):
     """One line per build (+ XNNPACK's delegation of each fixed file written), then the
     skipped, the edge build, the refused and the failed."""
@@ -224,8 +227,9 @@ def _log(builds, report, name):
         emit(logging.INFO, f"tflite edge build: {name}_{EDGE_BUILD}.tflite = "
                            f"{report['edge_build']} (fastest int8 build; gate: {report['gate']})")
     fastest, edge = report["fastest_build"], report["edge_build"]
-    if fastest and edge and fastest != edge and fastest not in INT8_MODES:
-        ms = {b.mode: b.latency_ms for b in builds if not b.dynamic}
+    ms = {b.mode: b.latency_ms for b in builds if not b.dynamic}
+    if (fastest and edge and fastest not in INT8_MODES
+            and ms[fastest] < CLEARLY_FASTER * ms[edge]):
         emit(logging.INFO, f"tflite fastest build: {name}_{fastest}.tflite, {ms[fastest]:.2f} "
                            f"ms/image against the edge build's {ms[edge]:.2f} on this CPU (both "
                            f"passed the gate): ship it where this CPU is the target")
