@@ -3,7 +3,8 @@ PyTorch ConvMixer, each side at its fastest CPU configuration here, on real imag
 
     python -m benchmarks.time_to_accuracy \
         --json benchmarks/results/time-to-accuracy-AMX.json \
-        --png benchmarks/results/time-to-accuracy-AMX.png | tee benchmarks/results/time-to-accuracy-AMX.log
+        --png benchmarks/results/time-to-accuracy-AMX.png \
+        | tee benchmarks/results/time-to-accuracy-AMX.log
 
 Both sides train ConvMixer-256/8 (kernel 5, patch 2) on the same Fashion-MNIST images (28x28
 grey as RGB, `parity.load_fashion_mnist`), in the same batches in the same order

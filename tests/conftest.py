@@ -1,6 +1,6 @@
 """Shared test setup: quiet TF logs, float32 policy restored after every test, the `--large`
-flag, and the fixtures many test files receive (`tiny_model`, `image_folder`, `digits_export`). Plain helpers
-(ROOT, subprocess_env, worker paths) are in helpers.py."""
+flag, and the fixtures many test files receive (`tiny_model`, `image_folder`,
+`digits_export`). Plain helpers (ROOT, subprocess_env, worker paths) are in helpers.py."""
 
 import os
 

@@ -356,8 +356,9 @@ def build_datasets(dataset="digits", image_size=32, global_batch_size=64, augmen
     file count and ~64 image headers (`cache.decide`) and filled in the background while
     training starts (`cache.Store`): "auto" keeps decoded uint8 pixels in memory when they fit
     `cache_budget_mb`, else in a file in `cache_dir` (a temporary folder if None) when they fit
-    `cache_disk_budget_gb`, else streams (reads and decodes every epoch); "memory" / "disk" force one; "off" streams. Unreadable images are skipped and
-    named in the log; `strict_images` refuses them before any training instead.
+    `cache_disk_budget_gb`, else streams (reads and decodes every epoch); "memory" / "disk"
+    force one; "off" streams. Unreadable images are skipped and named in the log;
+    `strict_images` refuses them before any training instead.
     """
     augment = augment or config.AugmentConfig()
     source = sources.load_source(dataset, image_size=image_size, seed=seed,
