@@ -155,7 +155,9 @@ def test_unreadable_images_are_skipped_and_named(tmp_path, cache, crop, caplog):
     # after epoch 1's last good one is otherwise met only if prefetching got there).
     next(iter(ds.train_stream().skip(6)))
     pipeline.SkippedImages(ds).on_epoch_end(0)
-    assert re.search(r"Epoch 1: skipped [2-6] unreadable image\(s\)", caplog.text), caplog.text
+    # At least epoch 1's two; prefetching may already have met later epochs' copies of them.
+    skipped = re.search(r"Epoch 1: skipped (\d+) unreadable image\(s\)", caplog.text)
+    assert skipped and int(skipped.group(1)) >= 2, caplog.text
     ds.wait_for_cache()
     if cache == "memory":
         assert "Skipped 2 unreadable train image(s)" in caplog.text
