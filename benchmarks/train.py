@@ -110,18 +110,19 @@ TORCH_CONFIGS = {
 }
 
 
-def torch_candidates(cfg, args, make=torch_candidate, skipped=None):
-    """{name: run} for every PyTorch configuration that builds here; the others are printed
-    with the reason, recorded in `skipped` ({name: reason}) and left out."""
+def build_each(builders, skipped=None):
+    """{name: run} of `builders` ({name: a function building the run, or a string: why it is
+    not tried}) that build on this machine; the others are printed with the reason, recorded
+    in `skipped` ({name: reason}) and left out."""
     cands = {}
-    for name, options in TORCH_CONFIGS.items():
-        if options.get("compile_") and getattr(args, "quick", False):
-            reason = "--quick (compiling takes minutes)"
+    for name, build in builders.items():
+        if isinstance(build, str):
+            reason = build
         else:
             try:
-                cands[name] = make(cfg, args, **options)
+                cands[name] = build()
                 continue
-            except Exception as error:  # noqa: BLE001 - a configuration torch cannot run here
+            except Exception as error:  # noqa: BLE001 - a configuration this CPU cannot run
                 reason = f"{type(error).__name__}: {str(error).splitlines()[0][:300]}"
         print(f"skipped {name}: {reason}", flush=True)
         if skipped is not None:
@@ -129,10 +130,18 @@ def torch_candidates(cfg, args, make=torch_candidate, skipped=None):
     return cands
 
 
+def torch_candidates(cfg, args, make=torch_candidate, skipped=None):
+    """{name: run} for every PyTorch configuration that builds here (`build_each`)."""
+    quick = getattr(args, "quick", False)
+    return build_each({
+        name: ("--quick (compiling takes minutes)" if options.get("compile_") and quick else
+               lambda options=options: make(cfg, args, **options))
+        for name, options in TORCH_CONFIGS.items()}, skipped)
+
+
 def keras_candidates(cfg, args, skipped=None):
-    """{name: run} for each of our configurations; one this machine cannot run (e.g. bf16
-    convolutions with oneDNN capped to AVX2) is printed with the reason, recorded in `skipped`
-    ({name: reason}) and left out, as `torch_candidates` does."""
+    """{name: run} for each of our configurations that builds here (`build_each`; e.g. bf16
+    convolutions cannot run with oneDNN capped to AVX2)."""
     if args.backend != "tensorflow":
         specs = {"keras-jax fp32 (XLA)": ("float32", False, True),
                  "keras-jax bf16 (XLA)": ("mixed_bfloat16", False, True)}
@@ -156,16 +165,8 @@ def keras_candidates(cfg, args, skipped=None):
                  "keras fp32 + fast layers": ("float32", True),
                  **(bf16_ablations if args.ablations else {}),
                  "keras bf16 + fast layers": ("mixed_bfloat16", True)}
-    cands = {}
-    for name, spec in specs.items():
-        try:
-            cands[name] = keras_candidate(cfg, args, *spec)
-        except Exception as error:  # noqa: BLE001 - a configuration this CPU cannot run
-            reason = f"{type(error).__name__}: {str(error).splitlines()[0][:300]}"
-            print(f"skipped {name}: {reason}", flush=True)
-            if skipped is not None:
-                skipped[name] = reason
-    return cands
+    return build_each({name: lambda spec=spec: keras_candidate(cfg, args, *spec)
+                       for name, spec in specs.items()}, skipped)
 
 
 def speed_range(r):

@@ -77,8 +77,7 @@ def interleaved_latency_ms(flats, image, rounds=20, num_threads=None):
 def choose_edge_build(builds):
     """The default edge build: the int8 candidate with the lowest measured latency among
     those the gate passed (`builds`: {mode: {"latency_ms", "refused"}}); None if none did."""
-    passed = {m: b for m, b in builds.items() if m in INT8_MODES and not b.get("refused")}
-    return min(passed, key=lambda m: passed[m]["latency_ms"]) if passed else None
+    return choose_fastest_build({m: b for m, b in builds.items() if m in INT8_MODES})
 
 
 def choose_fastest_build(builds):

@@ -154,11 +154,12 @@ class _Pipeline:
             return image, (index, label, *extra)
 
         ds = indices.map(_plain(read), num_parallel_calls=AUTOTUNE)
+        skipped = skipped or cache_lib.Skipped(())
         if split.decode is not None:  # the cache: its own validity flag
-            ds = (skipped or cache_lib.Skipped(())).filter(ds.map(
-                _plain(lambda x, meta: (*split.decode(x), meta)), num_parallel_calls=AUTOTUNE))
+            ds = skipped.filter(ds.map(_plain(lambda x, meta: (*split.decode(x), meta)),
+                                       num_parallel_calls=AUTOTUNE))
         elif split.encoded:
-            ds = (skipped or cache_lib.Skipped(())).filter(cache_lib.decode_flagged(ds))
+            ds = skipped.filter(cache_lib.decode_flagged(ds))
         return ds.map(_plain(lambda image, meta: (image, *meta[1:])))
 
     def _train_image(self, image, seed_pair, cropped=False):
@@ -204,8 +205,8 @@ class _Pipeline:
         `cache.CountSkipped` appends counts). Files (not the cache's whole images) under a
         random-resized crop are decoded and cropped inside the validity check
         (`augment.decode_crop`), so a JPEG decodes only its crop's window (~half the decode
-        work on average); the rest of the
-        transform is a plain parallel map (inside the check it would be instantiated per file)."""
+        work on average); the rest of the transform is a plain parallel map (inside the check
+        it would be instantiated per file)."""
         def seed_pair(g):
             return tf.stack([tf.cast(self.seed, tf.int64), g])
 
